@@ -1,0 +1,74 @@
+"""Errors named by the boundary they cross.
+
+Every error raised to a user says what was expected, what was received and how to fix it. Tool
+errors are different: they are data shown to the model, so `ToolError` carries a `kind` that the
+executor counts in metrics and a model-facing message that never leaks host paths or tracebacks.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+from collections.abc import Iterable
+
+
+class AgentRLError(Exception):
+    """Base class of every error agentrl raises on purpose."""
+
+
+class ConfigError(AgentRLError, ValueError):
+    """A config file or override is malformed or out of bounds."""
+
+
+class RegistryError(AgentRLError, KeyError):
+    """A name is unknown to a registry, or registered twice."""
+
+    def __str__(self) -> str:  # KeyError would print the message with quotes around it
+        return str(self.args[0]) if self.args else ""
+
+
+class EnvError(AgentRLError, RuntimeError):
+    """An environment broke its contract (wrong types, step after termination, ...)."""
+
+
+class EngineError(AgentRLError, RuntimeError):
+    """An inference engine refused or failed a request."""
+
+
+class TrainerError(AgentRLError, RuntimeError):
+    """The trainer cannot go on (non-finite losses in a row, bad batch, ...)."""
+
+
+class ToolErrorKind(str, enum.Enum):
+    """The kinds of tool failure a model can cause or meet; each is counted in metrics."""
+
+    PARSE = "parse"
+    UNKNOWN_TOOL = "unknown_tool"
+    INVALID_ARGUMENTS = "invalid_arguments"
+    RUNTIME = "runtime"
+    TIMEOUT = "timeout"
+    OUTPUT_TOO_LARGE = "output_too_large"
+    RATE_LIMITED = "rate_limited"
+
+
+class ToolError(AgentRLError):
+    """A tool call failed; the message is shown to the model as the tool's output.
+
+    Args:
+        kind: Which failure this is.
+        message: Model-facing text: what went wrong and what a correct call looks like.
+    """
+
+    def __init__(self, kind: ToolErrorKind, message: str):
+        super().__init__(message)
+        self.kind = ToolErrorKind(kind)
+        self.message = message
+
+    def to_model_text(self) -> str:
+        return f"Error ({self.kind.value}): {self.message}"
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """Return ' Did you mean X?' for the closest candidate, or '' when nothing is close."""
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""

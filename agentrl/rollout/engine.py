@@ -1,0 +1,71 @@
+"""The engine contract: token ids in, token ids (with logprobs) out.
+
+Every backend — the built-in PyTorch engine, SGLang, vLLM — implements `Engine`. Text never
+crosses this boundary, so the tokens the trainer sees are exactly the tokens that were sampled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from agentrl.registry import Registry
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one response.
+
+    `temperature=0` is greedy. Reported logprobs are those of the temperature-scaled distribution
+    before top-p truncation (`log_softmax(logits / temperature)`; `temperature=0` uses 1), which is
+    what the trainer recomputes.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One response. `finish_reason` is `stop` (a stop token, included), `length` or `abort`."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    finish_reason: str
+    weight_version: int = 0
+    prompt_cached_tokens: int = 0
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the agent loop needs from an inference backend."""
+
+    async def generate(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> Generation: ...
+
+    def update_weights(self, state_dict: Mapping[str, object], version: int) -> None: ...
+
+    def sleep(self) -> None: ...
+
+    def wake(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+@dataclass
+class EngineStats:
+    """Counters a backend keeps for metrics."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    batches: int = 0
+    generate_seconds: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+ENGINES: Registry[type] = Registry("engine", group="agentrl.engines")
+ENGINES.register("embedded", "agentrl.rollout.backends.embedded:EmbeddedEngine")

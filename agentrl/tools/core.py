@@ -1,0 +1,123 @@
+"""The tool contract: a typed function plus the policy that bounds how it runs.
+
+A `Tool` is built from a plain (sync or async) Python function with `@tool`; its schema comes from
+the signature and docstring. `ToolCall` is what a parser extracts from model text and
+`ToolResult` is what goes back to the model as a tool message.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentrl.errors import ToolErrorKind
+from agentrl.registry import Registry
+from agentrl.tools.schema import function_schema
+
+
+@dataclass(frozen=True)
+class ToolPolicy:
+    """How a tool may run.
+
+    Attributes:
+        timeout_s: Wall-clock limit of one call.
+        max_concurrency: Calls of this tool running at once, across episodes.
+        max_output_chars: Longer output is truncated with a marker.
+        retries: Extra attempts after an infrastructure fault (not after a model's bad input).
+    """
+
+    timeout_s: float = 10.0
+    max_concurrency: int = 64
+    max_output_chars: int = 4096
+    retries: int = 0
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A callable the model may invoke by name."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    fn: Callable[..., Any]
+    policy: ToolPolicy = field(default_factory=ToolPolicy)
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.fn)
+
+    def schema(self) -> dict[str, Any]:
+        """OpenAI-style `{"type": "function", "function": {...}}` entry for chat templates."""
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+        }
+
+
+def tool(
+    fn: Callable[..., Any] | None = None,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    policy: ToolPolicy | None = None,
+) -> Any:
+    """Turn a typed function into a `Tool`.
+
+    Example:
+        >>> @tool(policy=ToolPolicy(timeout_s=2))
+        ... def echo(text: str) -> str:
+        ...     '''Repeat the text.
+        ...
+        ...     Args:
+        ...         text: What to repeat.
+        ...     '''
+        ...     return text
+        >>> echo.parameters["required"]
+        ['text']
+    """
+
+    def build(f: Callable[..., Any]) -> Tool:
+        schema = function_schema(f, name=name, description=description)
+        return Tool(schema["name"], schema["description"], schema["parameters"], f, policy or ToolPolicy())
+
+    return build(fn) if fn is not None else build
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One call parsed from the model's text."""
+
+    name: str
+    arguments: dict[str, Any]
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    """The outcome of one call, rendered to the model as a tool message."""
+
+    name: str
+    content: str
+    call_id: str = ""
+    error_kind: ToolErrorKind | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error_kind is None
+
+
+TOOLS: Registry[Tool] = Registry("tool", group="agentrl.tools")
+
+
+def register(id: str, entry_point: str | Tool) -> None:
+    """Register a tool by id so configs and envs can name it."""
+    TOOLS.register(id, entry_point)
+
+
+def get_tool(id: str) -> Tool:
+    obj = TOOLS.get(id)
+    if not isinstance(obj, Tool):
+        obj = tool(obj)
+    return obj

@@ -1,0 +1,1 @@
+"""Concrete environments shipped with agentrl; each subpackage registers through entry points."""
