@@ -31,13 +31,17 @@ from agentrl.trainer.packing import pack_by_token_budget, pack_sequences
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"]
 
-# ChatML with tools: the system turn lists the tools as JSON lines; tool results are `tool` turns.
+# ChatML with tools. The system turn lists each tool compactly as a signature line
+# (`name(arg: type, ...): description`) to keep prompts short for a tiny model; tool results come
+# back as `tool` turns, and calls are `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`.
 CHAT_TEMPLATE = (
     "{%- if messages and messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] %}"
     "{% set rest = messages[1:] %}{% else %}{% set sys = '' %}{% set rest = messages %}{% endif -%}"
     "{%- if sys or tools %}{{ '<|im_start|>system\\n' + sys }}"
-    "{%- if tools %}{{ '\\n<tools>' }}{% for t in tools %}{{ '\\n' + (t | tojson) }}{% endfor %}"
-    "{{ '\\n</tools>\\nCall a tool as <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>' }}{% endif %}"
+    "{%- if tools %}{{ '\\nTools:' }}{% for t in tools %}{% set f = t['function'] if 'function' in t else t %}"
+    "{{ '\\n' + f['name'] + '(' }}{% for k, v in f['parameters']['properties'].items() %}"
+    "{{ (', ' if not loop.first else '') + k + ': ' + (v['type'] if 'type' in v else 'any') }}{% endfor %}"
+    "{{ '): ' + f['description'] }}{% endfor %}{% endif %}"
     "{{ '<|im_end|>\\n' }}{% endif -%}"
     "{%- for m in rest %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor -%}"
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif -%}"
@@ -63,9 +67,7 @@ def train_tokenizer(corpus: list[str], vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -109,8 +111,11 @@ def text_corpus(env: Env, episodes: int, seed: int) -> list[str]:
     """Text the tokenizer learns from: scripted episodes laid out the way the chat template renders
     them (without the special tokens), so frequent stretches such as the tool list become few tokens."""
     rng = random.Random(seed)
-    tools = "\n<tools>" + "".join("\n" + json.dumps(s, ensure_ascii=False) for s in env.tool_schemas())
-    tools += '\n</tools>\nCall a tool as {"name": ..., "arguments": {...}}'
+    tools = "\nTools:" + "".join(
+        "\n{name}({args}): {description}".format(
+            name=f["name"], description=f["description"],
+            args=", ".join(f"{k}: {v.get('type', 'any')}" for k, v in f["parameters"]["properties"].items()))
+        for f in (s["function"] for s in env.tool_schemas()))
     corpus = []
     for i in range(episodes):
         obs, _ = env.reset(seed=10_000_000 + i, options={"split": "train"})
@@ -148,7 +153,7 @@ def supervised_warm_start(model, examples: list[tuple[list[int], list[int]]], *,
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
             print(f"  sft step {step + 1}/{steps}  loss {sum(losses[-log_every:]) / log_every:.4f}", flush=True)
     model.eval()
@@ -156,8 +161,8 @@ def supervised_warm_start(model, examples: list[tuple[list[int], list[int]]], *,
 
 
 def build_tiny_model(out: str | Path, env_id: str = "calculator-v0", *, shape: TinyModelShape = TinyModelShape(),
-                     demos: int = 2000, tool_use_prob: float = 0.5, sft_steps: int = 300, lr: float = 3e-3,
-                     batch_seqs: int = 32, seed: int = 0) -> Path:
+                     demos: int = 2000, tool_use_prob: float = 0.5, sft_steps: int = 500, lr: float = 2e-3,
+                     batch_seqs: int = 16, seed: int = 0) -> Path:
     """Make tokenizer + model + supervised warm start and save them (HF format) under `out`."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -167,7 +172,7 @@ def build_tiny_model(out: str | Path, env_id: str = "calculator-v0", *, shape: T
     env = make(env_id)
     if not hasattr(env, "scripted_action"):
         raise ConfigError(f"{env_id!r} has no scripted_action(); the tiny-model recipe imitates it")
-    tokenizer = train_tokenizer(text_corpus(env, 500, seed), shape.vocab_size)
+    tokenizer = train_tokenizer(text_corpus(env, 3000, seed), shape.vocab_size)
     renderer = ChatRenderer(tokenizer, env.tool_schemas())
     rng = random.Random(seed)
     examples = [scripted_episode(env, renderer, seed=i, rng=rng, tool_use_prob=tool_use_prob)[:2]

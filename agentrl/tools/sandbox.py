@@ -1,43 +1,40 @@
 """Run model-written Python in a separate process with hard limits.
 
-A model's code must not see host secrets, touch host files, reach the network, or outlive its
-call. Each run starts this chain, in a new session (process group):
+Model code must not see host secrets, touch host files, reach the network, or outlive its call.
+Each run is this chain, in a new session (process group):
 
-    [unshare --net --mount --pid --fork --kill-child --mount-proc --]   (when namespaces work)
-        python -I -S -c BOOTSTRAP   (root inside the namespaces: mounts, then the init process)
-            python -I -S -          (fork: rlimits, per-run uid, reads the program from stdin)
+    [unshare --net --mount --pid --fork --kill-child --mount-proc --]    (when namespaces work)
+      python -I -S -c BOOTSTRAP   root in the namespaces: mounts, then init and child subreaper
+        python -I -S -            forked: rlimits, per-run uid, program read from stdin
 
-Isolation, strongest first, each part probed once per process and used where it works:
+* Network namespace: only a down loopback device; every connect fails before a packet leaves.
+* PID namespace: the bootstrap is its init, so when it ends the kernel kills all that is left,
+  `setsid()` escapees included.
+* Mount namespace: private size-capped tmpfs on /tmp, /var/tmp and /dev/shm (writes there vanish
+  with the run), the per-run working dir bound at /tmp/work, the root mount re-bound read-only.
+* Per-run uid (when we are root): 2**31 + a pid-derived slot, not `nobody`. RLIMIT_NPROC counts
+  per real uid and is not enforced for root, so this makes the process limit real and per-run;
+  concurrent runs cannot signal or read each other; and "kill every process of this uid" is an
+  exact cleanup that also works without a pid namespace.
+* rlimits, set in the forked child rather than a `preexec_fn` (unsafe in threaded hosts):
+  RLIMIT_CPU (SIGXCPU, SIGKILL 1 s later), AS, NPROC, FSIZE, NOFILE, CORE=0; plus
+  PR_SET_NO_NEW_PRIVS, an environment of PATH/LANG/HOME only, and `-I -S` (no user site,
+  no PYTHON* variables, no site-packages: standard library only).
 
-* Network namespace: only a down loopback device, so every connect fails before a packet leaves.
-* PID namespace: the bootstrap is its init; when it exits or is killed the kernel kills every
-  process left inside, including ones that called `setsid()`, so nothing outlives the run.
-* Mount namespace: fresh size-capped tmpfs on /tmp, /var/tmp and /dev/shm (writes to
-  world-writable dirs vanish with the run), the per-run working dir bound at /tmp/work, and the
-  root mount re-bound read-only.
-* Per-run uid: as root we run the code under a uid of its own (2**31 + pid-derived slot).
-  RLIMIT_NPROC counts processes per real uid and is not enforced for root, so this makes the
-  process limit real and per-run (a shared `nobody` would let concurrent runs starve, signal and
-  read one another), and it lets the cleanup kill every process of that uid.
-* rlimits (set in the forked child, not in a `preexec_fn`, which is unsafe in threaded hosts):
-  RLIMIT_CPU (SIGXCPU at the soft limit, SIGKILL one second later), RLIMIT_AS, RLIMIT_NPROC,
-  RLIMIT_FSIZE, RLIMIT_NOFILE and RLIMIT_CORE=0; PR_SET_NO_NEW_PRIVS blocks setuid binaries.
-* An empty environment (PATH, LANG, HOME only) and `-I -S` (no user site, no PYTHON* variables,
-  no site-packages).
+Each part is probed once per process and used where it works; what is missing is logged once as
+a loud warning. Without a mount namespace /tmp is shared; without root the code has the host
+user's file permissions and RLIMIT_NPROC counts all of that user's processes (inside a user
+namespace, on kernels >= 5.14, only the namespace's). Never isolated: world-readable host files
+stay readable (the root is re-bound read-only, not replaced by a minimal one).
 
-Without namespaces a loud warning is logged once. Then /tmp is shared (a program can leave files
-there), and a descendant that calls `setsid()` escapes the group kill unless a per-run uid lets
-the uid sweep find it; without root, RLIMIT_NPROC counts all processes of the host user.
-
-stdout and stderr are read incrementally, each capped at `max_output_bytes`; past the cap, or at
-the wall-clock limit, the whole group is killed with SIGKILL and reaped.
+stdout and stderr are read as they come, each capped at `max_output_bytes`; past the cap, or at
+the wall-clock limit, every process of the run is killed with SIGKILL and reaped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -56,8 +53,7 @@ logger = logging.getLogger(__name__)
 
 KiB = 1 << 10
 MiB = 1 << 20
-_CHUNK = 64 * KiB
-_TMPFS_OPTIONS = b"size=64m,mode=1777"
+_TMPFS_OPTIONS = "size=64m,mode=1777"
 _UID_BASE = 2**31  # far above login, system and systemd container uids
 _UID_SLOTS = 256
 _SAFE_PATH = "/usr/bin:/bin"
@@ -91,6 +87,27 @@ try:
 except OSError as exc:
     report("setup-failed %s" % exc)
     sys.exit(127)
+def sweep(uid):
+    # kill every process of the run uid, reap what came back to us; True once none is left
+    alive = False
+    for e in os.listdir("/proc"):
+        try:
+            st = open("/proc/%s/status" % e).read() if e.isdigit() else ""
+        except OSError:
+            continue
+        if ("\nUid:\t%d\t" % uid) in st and "\nState:\tZ" not in st:
+            alive = True
+            try:
+                os.kill(int(e), 9)
+            except OSError:
+                pass
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+    return not alive
+check(libc.prctl(36, 1, 0, 0, 0), "subreaper")  # orphans of the run come back here and are reaped
 pid = os.fork()
 if pid == 0:
     try:
@@ -111,6 +128,12 @@ if pid == 0:
         os._exit(127)
 _, st = os.waitpid(pid, 0)
 report("signal %d" % os.WTERMSIG(st) if os.WIFSIGNALED(st) else "exit %d" % os.WEXITSTATUS(st))
+if cfg["uid"] is not None:  # background processes end with the program; a pid namespace does this too
+    import time
+    for _ in range(400):
+        if sweep(cfg["uid"]):
+            break
+        time.sleep(0.005)
 """
 
 
@@ -171,7 +194,7 @@ class SandboxResult:
 
 @dataclass(frozen=True)
 class SandboxIsolation:
-    """Which isolation this host gives (probed once per process; see `sandbox_isolation`)."""
+    """Which isolation this host gives: see the module docstring and `sandbox_isolation`."""
 
     network_namespace: bool
     pid_namespace: bool
@@ -179,10 +202,6 @@ class SandboxIsolation:
     per_run_uid: bool
     interpreter: str
     prefix: tuple[str, ...]
-
-    @property
-    def complete(self) -> bool:
-        return self.pid_namespace and self.private_mounts
 
 
 class _UidPool:
@@ -209,11 +228,8 @@ _uids = _UidPool()
 
 
 def _interpreter_candidates() -> list[str]:
-    found = [os.path.realpath(sys.executable)]
-    for name in ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3"):
-        if os.path.exists(name):
-            found.append(os.path.realpath(name))
-    return list(dict.fromkeys(found))
+    found = [sys.executable] + [p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.path.exists(p)]
+    return list(dict.fromkeys(os.path.realpath(p) for p in found))
 
 
 def _namespace_variants(network: bool) -> list[tuple[tuple[str, ...], bool, bool]]:
@@ -227,78 +243,59 @@ def _namespace_variants(network: bool) -> list[tuple[tuple[str, ...], bool, bool
         variants.append((base + net + ("--mount", "--"), False, True))
         if net:
             variants.append((base + net + ("--",), False, False))
-    variants.append(((), False, False))
-    return variants
+    return variants + [((), False, False)]
 
 
-@functools.lru_cache(maxsize=2)
-def sandbox_isolation(network: bool = False) -> SandboxIsolation:
-    """Probe (once per process and `network` flag) the strongest isolation that runs here.
+_isolation: dict[bool, SandboxIsolation] = {}
 
-    Each candidate is tried end to end: the real command chain runs `print(6*7)`.
+
+async def sandbox_isolation(network: bool = False) -> SandboxIsolation:
+    """The strongest isolation that works here, probed once per process and `network` flag.
+
+    Each candidate runs `print(6*7)` through the real chain. A partial result is logged once as a
+    warning naming what is missing and what that allows.
 
     Raises:
-        RuntimeError: No candidate ran, e.g. no Python interpreter the sandbox uid may execute.
+        RuntimeError: Nothing ran, e.g. no Python interpreter the sandbox uid may execute.
     """
+    if network in _isolation:
+        return _isolation[network]
     drop = os.geteuid() == 0
     for prefix, pid_ns, mounts in _namespace_variants(network):
         for interpreter in _interpreter_candidates():
             iso = SandboxIsolation(bool(prefix) and not network, pid_ns, mounts, drop, interpreter, prefix)
-            if _probe(iso):
-                if not iso.complete or (not network and not iso.network_namespace):
-                    logger.warning(
-                        "SANDBOX ISOLATION IS PARTIAL on this host (%s): model code may %s. Run as root "
-                        "with working `unshare` (Linux namespaces) for full isolation.",
-                        iso, "reach the network, leave files in /tmp or leave setsid() processes behind"
-                        if not prefix else "leave files in /tmp or leave setsid() processes behind",
-                    )
-                return iso
+            try:
+                result = await _run(iso, "print(6*7)", SandboxLimits(wall_seconds=20))
+            except (OSError, RuntimeError) as exc:
+                logger.debug("sandbox candidate %s failed: %s", iso, exc)
+                continue
+            if result.stdout == "42\n" and result.exit_code == 0:
+                _warn_if_partial(iso, network)
+                return _isolation.setdefault(network, iso)
     raise RuntimeError(
-        f"no way to run the Python sandbox here: tried interpreters {_interpreter_candidates()} "
-        "(as root the code runs under an unprivileged uid, so the interpreter and its standard "
-        "library must be world-readable; install python3 in /usr/bin)"
+        f"no way to run the Python sandbox here: tried {_interpreter_candidates()} (as root the code "
+        "runs under an unprivileged uid, so the interpreter and its standard library must be "
+        "world-readable; install python3 in /usr/bin)"
     )
 
 
-def _probe(iso: SandboxIsolation) -> bool:
-    read_fd, write_fd = os.pipe()
-    try:
-        with _private_workdir(iso.per_run_uid) as (workdir, uid):
-            argv = _command(iso, workdir, uid, SandboxLimits(), write_fd)
-            try:
-                done = subprocess.run(argv, input=b"print(6*7)", capture_output=True, timeout=20, env=_host_env(),
-                                      cwd="/", start_new_session=True, pass_fds=(write_fd,))
-            except (OSError, subprocess.TimeoutExpired):
-                return False
-            finally:
-                os.close(write_fd)
-                write_fd = -1
-                _kill_uid(uid)
-            status = _read_status(read_fd)
-            ok = done.returncode == 0 and done.stdout.strip() == b"42" and status == ("exit", 0)
-            if not ok:
-                logger.debug("sandbox probe %s failed: rc=%s status=%s stderr=%r", iso, done.returncode, status, done.stderr[-500:])
-            return ok
-    finally:
-        os.close(read_fd)
-        if write_fd >= 0:
-            os.close(write_fd)
-
-
-def _host_env() -> dict[str, str]:
-    return {"PATH": _SAFE_PATH, "LANG": "C.UTF-8"}
+def _warn_if_partial(iso: SandboxIsolation, network: bool) -> None:
+    gaps = [why for ok, why in (
+        (iso.network_namespace or network, "no network namespace: the code can reach the network"),
+        (iso.pid_namespace or iso.per_run_uid, "no pid namespace: setsid() descendants can outlive the run"),
+        (iso.private_mounts, "no mount namespace: the code can leave files in /tmp"),
+        (iso.per_run_uid, "not root: the code runs with the host user's file permissions"),
+    ) if not ok]
+    if gaps:
+        logger.warning("SANDBOX ISOLATION IS PARTIAL here (%s). Run as root with a working `unshare` "
+                       "(Linux namespaces) for full isolation.", "; ".join(gaps))
 
 
 def _command(iso: SandboxIsolation, workdir: str, uid: int | None, limits: SandboxLimits, status_fd: int) -> list[str]:
     cpu = max(1, math.ceil(limits.cpu_seconds))
     config = {
-        "workdir": workdir,
-        "uid": uid,
-        "status_fd": status_fd,
-        "private_mounts": iso.private_mounts,
-        "tmpfs": _TMPFS_OPTIONS.decode(),
-        "interpreter": iso.interpreter,
-        "path": _SAFE_PATH,
+        "workdir": workdir, "uid": uid, "status_fd": status_fd, "private_mounts": iso.private_mounts,
+        "tmpfs": _TMPFS_OPTIONS, "interpreter": iso.interpreter, "path": _SAFE_PATH,
         "rlimits": [
             ("RLIMIT_CPU", cpu, cpu + 1),
             ("RLIMIT_AS", limits.memory_bytes, limits.memory_bytes),
@@ -321,12 +318,13 @@ def _private_workdir(per_run_uid: bool) -> Iterator[tuple[str, int | None]]:
             os.chown(workdir, uid, uid)
         yield workdir, uid
     finally:
+        _kill_uid(uid)  # covers a cancellation that came before the run's own cleanup
         shutil.rmtree(workdir, ignore_errors=True)
         if uid is not None:
             _uids.release(uid)
 
 
-def _read_status(read_fd: int) -> tuple[str, int] | tuple[str, str] | None:
+def _read_status(read_fd: int) -> tuple[str, int | str] | None:
     """The bootstrap's report: ("exit", code), ("signal", signum), ("setup-failed", why) or None."""
     os.set_blocking(read_fd, False)
     try:
@@ -345,23 +343,19 @@ def _read_status(read_fd: int) -> tuple[str, int] | tuple[str, str] | None:
 def _live_pids_of_uid(uid: int) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
         try:
             with open(f"/proc/{entry}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
+                fields = dict(line.split(":", 1) for line in f if ":" in line) if entry.isdigit() else {}
         except OSError:
             continue
-        if int(fields.get("Uid", "-1 ").split()[0]) == uid and not fields.get("State", "").strip().startswith(("Z", "X")):
+        if fields and int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith(("Z", "X")):
             pids.append(int(entry))
     return pids
 
 
 def _kill_uid(uid: int | None) -> None:
     """SIGKILL every process of the run's own uid until none is left (no-op without one)."""
-    if uid is None:
-        return
-    for _ in range(200):
+    for _ in range(200 if uid is not None else 0):
         pids = _live_pids_of_uid(uid)
         if not pids:
             return
@@ -369,41 +363,60 @@ def _kill_uid(uid: int | None) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.005)
-    logger.error("sandbox uid %d still has processes after repeated SIGKILL", uid)
+    if uid is not None:
+        logger.error("sandbox uid %d still has processes after repeated SIGKILL", uid)
 
 
-def _kill_all(pgid: int, uid: int | None) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
+def _kill_all(transport: asyncio.SubprocessTransport, iso: SandboxIsolation, uid: int | None) -> None:
+    """Kill the group and sweep the uid.
+
+    Once the group leader is reaped its pid may be reused, so the group is then killed only in
+    the one mode that needs it (no pid namespace, no per-run uid: the group is all we know).
+    """
+    if transport.get_returncode() is None or not (iso.pid_namespace or uid is not None):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(transport.get_pid(), signal.SIGKILL)
     _kill_uid(uid)
 
 
-class _CappedBuffer:
+def _host_env() -> dict[str, str]:
+    return {"PATH": _SAFE_PATH, "LANG": "C.UTF-8"}
+
+
+class _Collector(asyncio.SubprocessProtocol):
+    """Keeps the first `cap` bytes of stdout and of stderr; later bytes are read and dropped.
+
+    Dropping (not pausing) keeps the pipes draining, so EOF and `connection_lost` arrive as soon
+    as every writer is dead.
+    """
+
     def __init__(self, cap: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.data = {1: bytearray(), 2: bytearray()}
         self.cap = cap
-        self.data = bytearray()
         self.truncated = False
+        self.overflow = loop.create_future()
+        self.exited = loop.create_future()
+        self.closed = loop.create_future()
 
-    def add(self, chunk: bytes) -> bool:
-        """Keep at most `cap` bytes in all; False once more than that arrived."""
-        room = self.cap - len(self.data)
-        self.data += chunk[:room]
-        self.truncated = len(chunk) > room
-        return not self.truncated
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        buf = self.data[fd]
+        room = self.cap - len(buf)
+        buf += data[: max(room, 0)]
+        if len(data) > room:
+            self.truncated = True
+            _settle(self.overflow)
+
+    def process_exited(self) -> None:
+        _settle(self.exited)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        _settle(self.closed)
 
 
-async def _pump(stream: asyncio.StreamReader, buf: _CappedBuffer, overflow: asyncio.Event) -> None:
-    while chunk := await stream.read(_CHUNK):
-        if not buf.add(chunk):
-            overflow.set()
-            return
-
-
-async def _feed(stdin: asyncio.StreamWriter, code: str) -> None:
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        stdin.write(code.encode("utf-8", errors="replace"))
-        await stdin.drain()
-        stdin.close()
+def _settle(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 async def run_python(code: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
@@ -425,21 +438,32 @@ async def run_python(code: str, limits: SandboxLimits = SandboxLimits()) -> Sand
         >>> result.stdout, result.exit_code
         ('42\\n', 0)
     """
-    iso = await asyncio.to_thread(sandbox_isolation, limits.network)
+    return await _run(await sandbox_isolation(limits.network), code, limits)
+
+
+async def _run(iso: SandboxIsolation, code: str, limits: SandboxLimits) -> SandboxResult:
+    loop = asyncio.get_running_loop()
     start = time.monotonic()
     read_fd, write_fd = os.pipe()
     try:
         with _private_workdir(iso.per_run_uid) as (workdir, uid):
-            proc = await asyncio.create_subprocess_exec(
-                *_command(iso, workdir, uid, limits, write_fd), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, env=_host_env(), cwd="/", start_new_session=True, pass_fds=(write_fd,),
+            transport, collector = await loop.subprocess_exec(
+                lambda: _Collector(limits.max_output_bytes), *_command(iso, workdir, uid, limits, write_fd),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_host_env(), cwd="/",
+                start_new_session=True, pass_fds=(write_fd,),
             )
             os.close(write_fd)
             write_fd = -1
             try:
-                out, err, timed_out, killed = await _supervise(proc, code, limits, uid)
+                stdin = transport.get_pipe_transport(0)
+                stdin.write(code.encode("utf-8", errors="replace"))  # buffered by the loop as the child reads
+                stdin.write_eof()
+                done, _ = await asyncio.wait({collector.exited, collector.overflow}, timeout=limits.wall_seconds,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                await _stop(transport, collector, iso, uid)
             finally:
-                _kill_all(proc.pid, uid)  # also when cancelled by the caller's own timeout
+                _kill_all(transport, iso, uid)  # also when the caller's own timeout cancels us
+                transport.close()
             status = _read_status(read_fd)
     finally:
         os.close(read_fd)
@@ -447,43 +471,31 @@ async def run_python(code: str, limits: SandboxLimits = SandboxLimits()) -> Sand
             os.close(write_fd)
     if status is not None and status[0] == "setup-failed":
         raise RuntimeError(f"sandbox setup failed: {status[1]}")
-    exit_code, killed_signal = _outcome(status, proc.returncode, killed)
+    killed = collector.exited not in done
+    exit_code, killed_signal = _outcome(status, transport.get_returncode(), killed)
     return SandboxResult(
-        stdout=out.data.decode("utf-8", errors="replace"),
-        stderr=err.data.decode("utf-8", errors="replace"),
+        stdout=collector.data[1].decode("utf-8", errors="replace"),
+        stderr=collector.data[2].decode("utf-8", errors="replace"),
         exit_code=exit_code,
         killed_signal=killed_signal,
-        timed_out=timed_out,
-        output_truncated=out.truncated or err.truncated,
+        timed_out=not done,
+        output_truncated=collector.truncated,
         duration_s=time.monotonic() - start,
     )
 
 
-async def _supervise(
-    proc: asyncio.subprocess.Process, code: str, limits: SandboxLimits, uid: int | None
-) -> tuple[_CappedBuffer, _CappedBuffer, bool, bool]:
-    """Feed the code, read both streams under the cap, and kill at the deadline or the cap.
+async def _stop(transport: asyncio.SubprocessTransport, collector: _Collector, iso: SandboxIsolation, uid: int | None) -> None:
+    """Kill every process of the run, even after a clean exit: background children must not outlive it.
 
-    Returns (stdout, stderr, timed_out, killed_by_us).
+    The uid sweep goes first so that the bootstrap, a child subreaper, reaps the dead and exits;
+    killing the group first would hand orphaned zombies to the host's init where there is no pid
+    namespace. The group kill is the last resort.
     """
-    assert proc.stdin and proc.stdout and proc.stderr
-    out, err = _CappedBuffer(limits.max_output_bytes), _CappedBuffer(limits.max_output_bytes)
-    overflow = asyncio.Event()
-    pumps = [asyncio.create_task(_pump(proc.stdout, out, overflow)), asyncio.create_task(_pump(proc.stderr, err, overflow))]
-    feeder = asyncio.create_task(_feed(proc.stdin, code))
-    exited = asyncio.create_task(proc.wait())
-    overflowed = asyncio.create_task(overflow.wait())
-    try:
-        done, _ = await asyncio.wait({exited, overflowed}, timeout=limits.wall_seconds, return_when=asyncio.FIRST_COMPLETED)
-        killed = exited not in done
-        # Kill even after a clean exit: background children must not outlive the run.
-        _kill_all(proc.pid, uid)
-        await proc.wait()
-        await asyncio.wait(pumps, timeout=1.0)  # drain what is still in the pipes
-        return out, err, not done, killed
-    finally:
-        for task in (*pumps, feeder, exited, overflowed):
-            task.cancel()
+    _kill_uid(uid)
+    if uid is not None:
+        await asyncio.wait({collector.exited}, timeout=2.0)
+    _kill_all(transport, iso, uid)
+    await asyncio.wait({collector.closed}, timeout=2.0)  # drain what is left in the pipes
 
 
 def _outcome(status: tuple | None, returncode: int | None, killed: bool) -> tuple[int | None, int | None]:

@@ -1,4 +1,4 @@
-"""`calculator-v0`: arithmetic word problems a model solves with a `calculator` tool.
+"""`calculator-v0`: arithmetic word tasks a model solves with a `calculator` tool.
 
 Each task is drawn deterministically from (split, seed). Splits are disjoint by construction: a
 problem belongs to `test` iff a hash of its text falls in one fifth of the buckets, so no seed of
@@ -20,21 +20,31 @@ import re
 
 from agentrl.envs.core import Task
 from agentrl.envs.tool_env import ToolEnv
-from agentrl.errors import ToolError, ToolErrorKind
+from agentrl.errors import EnvError, ToolError, ToolErrorKind
 from agentrl.tools.core import ToolPolicy, tool
 from environments.calculator.arith import ArithmeticError_, evaluate, format_number
 
-# (question template, expression template); a, b in 11..99 and c in 10..99.
-TEMPLATES: tuple[tuple[str, str], ...] = (
+# Expression shapes; a, b in 11..99 and c in 10..99.
+EXPRESSIONS: tuple[str, ...] = ("{a} * {b} + {c}", "{a} * {b} - {c}", "{a} + {b} * {c}", "({a} + {b}) * {c}")
+# `symbolic` tasks state the arithmetic in the question; the model must still use the tool to get
+# the number right. `story` tasks hide it in a short story, so the model must also build the
+# expression (much harder for a tiny model; meant for real models).
+SYMBOLIC_TEMPLATES: tuple[str, ...] = (
+    "What is {expr}?",
+    "Compute {expr}.",
+    "A box holds {expr} marbles. How many marbles is that?",
+    "Tom has {expr} coins. How many coins does he have?",
+    "A train carries {expr} people. How many people are on the train?",
+)
+STORY_TEMPLATES: tuple[tuple[str, str], ...] = (
     ("A shop has {a} boxes with {b} pens each and sells {c} pens. How many pens are left?", "{a} * {b} - {c}"),
     ("Ann buys {a} packs of {b} stickers and finds {c} more. How many stickers does she have?", "{a} * {b} + {c}"),
     ("There are {a} rows of {b} chairs and {c} chairs are taken away. How many chairs remain?", "{a} * {b} - {c}"),
     ("A farm has {a} hens laying {b} eggs each, plus {c} eggs from ducks. How many eggs in all?", "{a} * {b} + {c}"),
-    ("What is {a} times {b} plus {c}?", "{a} * {b} + {c}"),
-    ("What is {a} times {b} minus {c}?", "{a} * {b} - {c}"),
+    ("{a} friends each bring {b} apples and {c} pears. How many fruits are there?", "{a} * ({b} + {c})"),
 )
 TEST_BUCKETS = 5  # one bucket in five goes to `test`
-SYSTEM_PROMPT = "Solve the problem. Use the calculator tool, then give the answer."
+SYSTEM_PROMPT = "Use the calculator, then answer."
 _LAST_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
@@ -43,7 +53,7 @@ def calculator(expression: str) -> str:
     """Evaluate an arithmetic expression.
 
     Args:
-        expression: Numbers with + - * / and parentheses, e.g. "12 * 7 + 3".
+        expression: Arithmetic such as "12 * 7 + 3".
     """
     try:
         return format_number(evaluate(expression))
@@ -60,16 +70,23 @@ class CalculatorEnv(ToolEnv):
 
     splits = ("train", "test")
 
-    def __init__(self, system_prompt: str | None = SYSTEM_PROMPT, max_calls_per_turn: int = 4):
+    def __init__(self, style: str = "symbolic", system_prompt: str | None = SYSTEM_PROMPT, max_calls_per_turn: int = 4):
+        if style not in ("symbolic", "story"):
+            raise EnvError(f"style must be 'symbolic' or 'story', got {style!r}")
         super().__init__([calculator], parser="hermes", max_calls_per_turn=max_calls_per_turn,
                          system_prompt=system_prompt)
+        self.style = style
 
     def sample_task(self, split: str, seed: int) -> Task:
-        rng = random.Random(f"calculator:{split}:{seed}")
+        rng = random.Random(f"calculator:{self.style}:{split}:{seed}")
         while True:
-            template, expr = rng.choice(TEMPLATES)
             nums = {"a": rng.randint(11, 99), "b": rng.randint(11, 99), "c": rng.randint(10, 99)}
-            question = template.format(**nums)
+            if self.style == "story":
+                template, expr = rng.choice(STORY_TEMPLATES)
+                question = template.format(**nums)
+            else:
+                expr = rng.choice(EXPRESSIONS)
+                question = rng.choice(SYMBOLIC_TEMPLATES).format(expr=expr.format(**nums))
             if (_bucket(question) == 0) == (split == "test"):
                 break
         expression = expr.format(**nums)
@@ -84,8 +101,8 @@ class CalculatorEnv(ToolEnv):
     def scripted_action(self, rng: random.Random, tool_use_prob: float = 1.0, last_tool_output: str | None = None) -> str:
         """The demonstrator's next turn.
 
-        With probability `1 - tool_use_prob` it skips the tool and answers with a wrong rough
-        guess (the product alone), which is how an imperfect demonstrator fails.
+        With probability `1 - tool_use_prob` it skips the tool and lazily repeats the last number
+        of the question as the answer, which is how this imperfect demonstrator fails.
         """
         assert self.task is not None, "call reset() first"
         meta = self.task.metadata
@@ -94,4 +111,4 @@ class CalculatorEnv(ToolEnv):
         if rng.random() < tool_use_prob:
             call = {"name": "calculator", "arguments": {"expression": meta["expression"]}}
             return f"<tool_call>{json.dumps(call)}</tool_call>"
-        return f"The answer is {meta['a'] * meta['b']}."
+        return f"The answer is {meta['c']}."

@@ -1,0 +1,152 @@
+"""The `agentrl` command: train, eval, envs, tiny-model.
+
+Example:
+    agentrl tiny-model --out models/tiny-calculator
+    agentrl train examples/calculator.yaml train.steps=30
+    agentrl eval examples/calculator.yaml --model runs/calculator/final
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from agentrl.errors import AgentRLError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reinforcement learning for tool-using LLM agents.")
+console = Console()
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(code=2)
+
+
+def _fmt(metrics: dict[str, float], keys: list[str]) -> str:
+    return "  ".join(f"{k}={metrics[k]:.3g}" for k in keys if k in metrics)
+
+
+STEP_KEYS = ["reward", "success_rate", "loss", "approx_kl", "entropy", "grad_norm", "rollout_tokens_per_s",
+             "tool_errors", "step_s"]
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="YAML file of overrides of agentrl.config.Config."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="dotted.key=value overrides, e.g. train.steps=5"),
+) -> None:
+    """Train a policy with RL; prints held-out success before and after."""
+    from agentrl.config import load_config
+    from agentrl.trainer.loop import train as run_training
+
+    try:
+        cfg = load_config(config, overrides or [])
+    except AgentRLError as exc:
+        _fail(exc)
+    console.print(f"[bold]agentrl train[/] env={cfg.env.id} model={cfg.model.path} steps={cfg.train.steps} "
+                  f"run_dir={cfg.run_dir}")
+    with Progress(TextColumn("[bold blue]RL"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as progress:
+        task = progress.add_task("train", total=cfg.train.steps)
+
+        def on_step(step: int, m: dict[str, float]) -> None:
+            progress.console.print(f"step {step:>4}  {_fmt(m, STEP_KEYS)}")
+            errors = {k.split('/', 1)[1]: int(v) for k, v in m.items() if k.startswith("tool_errors/")}
+            if errors:
+                progress.console.print(f"          tool errors: {errors}")
+            progress.update(task, advance=1)
+
+        try:
+            result = run_training(cfg, on_step=on_step)
+        except AgentRLError as exc:
+            _fail(exc)
+    _print_before_after(result, cfg.eval.split)
+    (Path(cfg.run_dir) / "summary.json").write_text(json.dumps(
+        {k: v for k, v in result.items() if k != "history"}, indent=2))
+
+
+def _print_before_after(result: dict, split: str) -> None:
+    table = Table(title=f"held-out success ({split} split)")
+    table.add_column("")
+    table.add_column("success rate", justify="right")
+    table.add_column("tool calls / episode", justify="right")
+    for key in ("before", "after"):
+        if key in result:
+            m = result[key]
+            table.add_row(key, f"{m['success_rate']:.1%}", f"{m['tool_calls']:.2f}")
+    console.print(table)
+    if "before" in result and "after" in result:
+        gain = result["after"]["success_rate"] - result["before"]["success_rate"]
+        console.print(f"change: {gain * 100:+.1f} percentage points")
+
+
+@app.command("eval")
+def evaluate_cmd(
+    config: Path = typer.Argument(..., help="YAML config (its model, env and eval sections are used)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="dotted.key=value overrides"),
+    model: Optional[str] = typer.Option(None, help="Model directory to evaluate (default: model.path)."),
+    split: Optional[str] = typer.Option(None, help="Split to evaluate (default: eval.split)."),
+) -> None:
+    """Success rate of a model on a held-out split."""
+    from agentrl.config import load_config
+    from agentrl.trainer.loop import Session, evaluate
+
+    try:
+        cfg = load_config(config, overrides or [])
+        session = Session.open(cfg, model_path=model)
+        ev = cfg.eval
+        m = evaluate(session, split or ev.split, ev.num_tasks, ev.temperature, ev.seed)
+    except AgentRLError as exc:
+        _fail(exc)
+    console.print(f"{model or cfg.model.path} on {cfg.env.id}/{split or ev.split} ({ev.num_tasks} tasks): "
+                  f"success {m['success_rate']:.1%}  {_fmt(m, ['reward', 'tool_calls', 'turns', 'tool_errors'])}")
+    print(json.dumps(m, sort_keys=True))
+
+
+@app.command()
+def envs() -> None:
+    """List registered environments (including those of installed packages)."""
+    from agentrl.envs.registration import ENVS
+
+    table = Table(title="registered environments")
+    table.add_column("id")
+    table.add_column("entry point")
+    table.add_column("from")
+    for env_id in ENVS.ids():
+        spec = ENVS.spec(env_id)
+        table.add_row(env_id, spec.entry_point if isinstance(spec.entry_point, str) else repr(spec.entry_point),
+                      spec.origin)
+    console.print(table)
+
+
+@app.command("tiny-model")
+def tiny_model(
+    out: Path = typer.Option(Path("models/tiny-calculator"), help="Output directory."),
+    env: str = typer.Option("calculator-v0", help="Environment whose scripted solver provides demonstrations."),
+    demos: int = typer.Option(2000, help="Number of demonstration episodes."),
+    tool_use_prob: float = typer.Option(0.5, help="How often the demonstrator calls the tool instead of guessing."),
+    sft_steps: int = typer.Option(500, help="Supervised warm-start steps."),
+    seed: int = typer.Option(0, help="Seed."),
+) -> None:
+    """Build a tiny tool-calling model from scratch (tokenizer, transformer, warm start)."""
+    from agentrl.recipes.tiny_model import build_tiny_model
+
+    try:
+        build_tiny_model(out, env, demos=demos, tool_use_prob=tool_use_prob, sft_steps=sft_steps, seed=seed)
+    except AgentRLError as exc:
+        _fail(exc)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

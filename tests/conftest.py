@@ -1,0 +1,25 @@
+"""Shared fixtures: a tiny real model (tokenizer trained here, random or briefly trained weights)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A tiny Qwen2 model with the calculator tokenizer and chat template; a few SFT steps only."""
+    from agentrl.recipes.tiny_model import TinyModelShape, build_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    torch.manual_seed(0)
+    shape = TinyModelShape(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
+    build_tiny_model(out, "calculator-v0", shape=shape, demos=64, sft_steps=3, batch_seqs=8, seed=0)
+    return str(out)
+
+
+@pytest.fixture()
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
