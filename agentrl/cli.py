@@ -1,9 +1,10 @@
-"""The `agentrl` command: train, eval, envs, tiny-model.
+"""The `agentrl` command: train, eval, envs, tools, check-env, tiny-model.
 
 Example:
     agentrl tiny-model --out models/tiny-calculator
     agentrl train examples/calculator.yaml train.steps=30
     agentrl eval examples/calculator.yaml --model runs/calculator/final
+    agentrl check-env gym-frozenlake-v0 --episodes 20
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape as rich_escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -110,29 +112,83 @@ def evaluate_cmd(
     print(json.dumps(m, sort_keys=True))
 
 
+def _registry_table(registry, title: str) -> Table:
+    """One row per registered id: where it lives and which package registered it."""
+    from agentrl.errors import RegistryError
+
+    table = Table(title=title)
+    table.add_column("id")
+    table.add_column("entry point")
+    table.add_column("from")
+    for entry_id in registry.ids():
+        try:
+            spec = registry.spec(entry_id)
+        except RegistryError as exc:  # an id claimed by two packages: show it, keep listing
+            table.add_row(entry_id, f"[red]{exc}[/]", "")
+            continue
+        table.add_row(entry_id, spec.entry_point if isinstance(spec.entry_point, str) else repr(spec.entry_point),
+                      spec.origin)
+    return table
+
+
 @app.command()
 def envs() -> None:
     """List registered environments (including those of installed packages)."""
     from agentrl.envs.registration import ENVS
 
-    table = Table(title="registered environments")
-    table.add_column("id")
-    table.add_column("entry point")
-    table.add_column("from")
-    for env_id in ENVS.ids():
-        spec = ENVS.spec(env_id)
-        table.add_row(env_id, spec.entry_point if isinstance(spec.entry_point, str) else repr(spec.entry_point),
-                      spec.origin)
+    console.print(_registry_table(ENVS, "registered environments"))
+
+
+@app.command()
+def tools() -> None:
+    """List registered tools (including those of installed packages)."""
+    from agentrl.tools.core import TOOLS
+
+    console.print(_registry_table(TOOLS, "registered tools"))
+
+
+_STATUS_STYLE = {"pass": "[green]PASS[/]", "fail": "[bold red]FAIL[/]", "skip": "[yellow]SKIP[/]",
+                 "warn": "[yellow]WARN[/]"}
+
+
+@app.command("check-env")
+def check_env_cmd(
+    env_id: str = typer.Argument(..., help="Registered environment id, e.g. calculator-v0."),
+    episodes: int = typer.Option(10, "--episodes", "-n", min=1, help="Episodes of hostile play."),
+    seed: int = typer.Option(0, help="Base seed of every check."),
+) -> None:
+    """Check an environment against Gymnasium's and agentrl's contracts; exit 1 on any failure."""
+    from agentrl.envs.checker import check_env
+    from agentrl.envs.registration import ENVS
+
+    try:
+        ENVS.spec(env_id)
+    except AgentRLError as exc:
+        _fail(exc)
+    report = check_env(env_id, episodes=episodes, seed=seed)
+    table = Table(title=f"agentrl check-env {env_id}")
+    table.add_column("check")
+    table.add_column("result")
+    table.add_column("details", overflow="fold")
+    for row in report.results:
+        table.add_row(row.name, _STATUS_STYLE[row.status], rich_escape(row.detail))
     console.print(table)
+    counts = {s: sum(r.status == s for r in report.results) for s in _STATUS_STYLE}
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    if report.ok:
+        console.print(f"[bold green]{env_id} passed[/] ({summary})")
+        return
+    console.print(f"[bold red]{env_id} failed {counts['fail']} check(s)[/] ({summary})")
+    raise typer.Exit(code=1)
 
 
 @app.command("tiny-model")
 def tiny_model(
     out: Path = typer.Option(Path("models/tiny-calculator"), help="Output directory."),
     env: str = typer.Option("calculator-v0", help="Environment whose scripted solver provides demonstrations."),
-    demos: int = typer.Option(2000, help="Number of demonstration episodes."),
+    demos: Optional[int] = typer.Option(None, help="Demonstration episodes (default: one fresh one per SFT sample)."),
     tool_use_prob: float = typer.Option(0.5, help="How often the demonstrator calls the tool instead of guessing."),
-    sft_steps: int = typer.Option(500, help="Supervised warm-start steps."),
+    sft_steps: int = typer.Option(1000, help="Supervised warm-start steps."),
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
     """Build a tiny tool-calling model from scratch (tokenizer, transformer, warm start)."""

@@ -70,11 +70,25 @@ class Registry(Generic[T]):
         self.group = group
         self._specs: dict[str, Spec[T]] = {}
         self._plugins_loaded = group is None
+        # ids claimed by more than one installed package: looking one up raises, the rest still work
+        self._conflicts: dict[str, list[str]] = {}
         self._lock = threading.RLock()
 
     def register(self, id: str, entry_point: str | T, **kwargs: Any) -> None:
         """Add an entry; raises `RegistryError` if the id is taken."""
         self._add(Spec(id=id, entry_point=entry_point, kwargs=kwargs))
+
+    def unregister(self, id: str) -> None:
+        """Remove an entry, conflicting or not (to replace an installed package's entry, or in tests).
+
+        Unknown ids raise `RegistryError` with a suggestion.
+        """
+        self._load_plugins()
+        with self._lock:
+            if id not in self._specs:
+                self.spec(id)  # raises with a "did you mean"
+            del self._specs[id]
+            self._conflicts.pop(id, None)
 
     def decorator(self, id: str) -> Callable[[T], T]:
         """`@registry.decorator("name")` registers the decorated object under `name`."""
@@ -96,18 +110,34 @@ class Registry(Generic[T]):
             self._specs[spec.id] = spec
 
     def _load_plugins(self) -> None:
+        """Read the entry-point group once.
+
+        Two packages claiming one id do not break the whole registry: the id is marked as a
+        conflict and looking it up raises, naming both sources; every other id keeps working.
+        """
         with self._lock:
             if self._plugins_loaded:
                 return
             self._plugins_loaded = True
             for ep in importlib.metadata.entry_points(group=self.group):
-                if ep.name in self._specs and self._specs[ep.name].entry_point == ep.value:
+                origin = f"entry point of {ep.dist.name if ep.dist else '?'}"
+                old = self._specs.get(ep.name)
+                if old is not None and old.entry_point == ep.value:
                     continue  # the same package registered it in code too
-                self._add(Spec(id=ep.name, entry_point=ep.value, origin=f"entry point of {ep.dist.name if ep.dist else '?'}"))
+                if old is not None:
+                    self._conflicts.setdefault(ep.name, [f"{old.origin}: {old.entry_point!r}"])
+                    self._conflicts[ep.name].append(f"{origin}: {ep.value!r}")
+                    continue
+                self._specs[ep.name] = Spec(id=ep.name, entry_point=ep.value, origin=origin)
 
     def spec(self, id: str) -> Spec[T]:
         """Return the spec of `id`; unknown ids raise with a suggestion."""
         self._load_plugins()
+        if id in self._conflicts:
+            raise RegistryError(
+                f"{self.kind} id {id!r} is registered more than once ({'; '.join(self._conflicts[id])}); "
+                "uninstall one of the packages or register the other under a new id"
+            )
         try:
             return self._specs[id]
         except KeyError:

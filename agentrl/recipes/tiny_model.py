@@ -67,7 +67,11 @@ def train_tokenizer(corpus: list[str], vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # One token per digit: copying a number (from the question into a tool call, from the tool's
+    # output into the answer) is then the same simple operation for every number.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -161,9 +165,14 @@ def supervised_warm_start(model, examples: list[tuple[list[int], list[int]]], *,
 
 
 def build_tiny_model(out: str | Path, env_id: str = "calculator-v0", *, shape: TinyModelShape = TinyModelShape(),
-                     demos: int = 2000, tool_use_prob: float = 0.5, sft_steps: int = 500, lr: float = 2e-3,
+                     demos: int | None = None, tool_use_prob: float = 0.5, sft_steps: int = 1000, lr: float = 3e-3,
                      batch_seqs: int = 16, seed: int = 0) -> Path:
-    """Make tokenizer + model + supervised warm start and save them (HF format) under `out`."""
+    """Make tokenizer + model + supervised warm start and save them (HF format) under `out`.
+
+    `demos` defaults to `sft_steps * batch_seqs`: every step sees fresh demonstrations. With a few
+    thousand demonstrations repeated for several epochs the tiny model memorises answers instead of
+    learning to copy numbers, and never succeeds on held-out tasks.
+    """
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     t0 = time.perf_counter()
@@ -175,6 +184,7 @@ def build_tiny_model(out: str | Path, env_id: str = "calculator-v0", *, shape: T
     tokenizer = train_tokenizer(text_corpus(env, 3000, seed), shape.vocab_size)
     renderer = ChatRenderer(tokenizer, env.tool_schemas())
     rng = random.Random(seed)
+    demos = demos if demos is not None else sft_steps * batch_seqs
     examples = [scripted_episode(env, renderer, seed=i, rng=rng, tool_use_prob=tool_use_prob)[:2]
                 for i in range(demos)]
     config = Qwen2Config(
