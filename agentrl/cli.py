@@ -188,7 +188,7 @@ def tiny_model(
     env: str = typer.Option("calculator-v0", help="Environment whose scripted solver provides demonstrations."),
     demos: Optional[int] = typer.Option(None, help="Demonstration episodes (default: one fresh one per SFT sample)."),
     tool_use_prob: float = typer.Option(0.5, help="How often the demonstrator calls the tool instead of guessing."),
-    sft_steps: int = typer.Option(1000, help="Supervised warm-start steps."),
+    sft_steps: int = typer.Option(1400, help="Supervised warm-start steps."),
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
     """Build a tiny tool-calling model from scratch (tokenizer, transformer, warm start)."""

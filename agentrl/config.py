@@ -62,6 +62,7 @@ class OptimConfig(_Frozen):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas.")
     grad_clip: float = Field(1.0, gt=0.0, description="Global gradient-norm clip.")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warmup, in optimizer steps.")
 
 
 class TrainConfig(_Frozen):

@@ -20,6 +20,9 @@ from agentrl.tools.core import Tool, ToolCall, ToolResult
 from agentrl.tools.parsers import ParseIssue
 
 TRUNCATION_MARKER = "\n...[output truncated: {n} more characters]"
+# A name the model wrote is echoed back (message and tool message name) only this far: a hostile
+# turn can name a tool with up to a megabyte of text, which must not be copied into the context.
+MAX_ECHOED_NAME_CHARS = 80
 
 
 class InfrastructureFault(Exception):
@@ -79,7 +82,7 @@ class ToolExecutor:
         over = calls[self.max_calls_per_turn :]
         results += await asyncio.gather(*(self._run_one(c) for c in allowed))
         for c in over:
-            results.append(self._error(c.name, ToolError(
+            results.append(self._error(c.name[:MAX_ECHOED_NAME_CHARS], ToolError(
                 ToolErrorKind.RATE_LIMITED,
                 f"at most {self.max_calls_per_turn} tool calls are allowed per turn; this call was not run",
             ), c.id))
@@ -94,9 +97,10 @@ class ToolExecutor:
         tool = self.tools.get(call.name)
         if tool is None:
             known = ", ".join(sorted(self.tools))
-            return self._error(call.name, ToolError(
-                ToolErrorKind.UNKNOWN_TOOL,
-                f"no tool named {call.name[:80]!r}.{did_you_mean(call.name, self.tools)} Available: {known}",
+            shown = call.name[:MAX_ECHOED_NAME_CHARS]
+            hint = did_you_mean(call.name, self.tools) if len(call.name) <= MAX_ECHOED_NAME_CHARS else ""
+            return self._error(shown, ToolError(
+                ToolErrorKind.UNKNOWN_TOOL, f"no tool named {shown!r}.{hint} Available: {known}",
             ), call.id)
         err = jsonschema.exceptions.best_match(self._validators[tool.name].iter_errors(call.arguments))
         if err is not None:

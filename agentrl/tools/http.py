@@ -164,13 +164,16 @@ def _checked_url(url: str | httpx.URL, what: str = "the URL") -> httpx.URL:
     """Parse and check the parts of a URL that need no network: scheme, host, credentials."""
     try:
         parsed = url if isinstance(url, httpx.URL) else httpx.URL(url)
-    except (httpx.InvalidURL, TypeError, ValueError) as exc:
+        host = parsed.host  # decodes the IDNA labels: `xn--` garbage fails here, not inside a later error message
+    except (httpx.InvalidURL, TypeError, ValueError) as exc:  # IDNAError is a ValueError
         raise ToolError(ToolErrorKind.INVALID_ARGUMENTS, f"{what} is not a valid URL ({exc}); give an absolute URL like https://example.com/page") from None
     if parsed.scheme not in ("http", "https"):
         scheme = f"{parsed.scheme}://" if parsed.scheme else "a relative"
         raise ToolError(ToolErrorKind.INVALID_ARGUMENTS, f"{what} is {scheme} URL; only absolute http:// and https:// URLs can be fetched")
-    if not parsed.host:
+    if not host:
         raise ToolError(ToolErrorKind.INVALID_ARGUMENTS, f"{what} has no host; give an absolute URL like https://example.com/page")
+    if parsed.port is not None and not 0 < parsed.port < 65536:  # httpx accepts any number; connect() would not
+        raise ToolError(ToolErrorKind.INVALID_ARGUMENTS, f"{what} has port {parsed.port}; ports are 1 to 65535")
     if parsed.userinfo:
         raise ToolError(ToolErrorKind.INVALID_ARGUMENTS, f"{what} contains credentials (user:password@), which are not supported")
     return parsed

@@ -105,25 +105,32 @@ def call_from_object(obj: object, index: int, snippet: str = "") -> ToolCall | P
     return ToolCall(name=name, arguments=args, id=f"call_{index}")
 
 
-_HERMES = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
+_HERMES_OPEN, _HERMES_CLOSE = "<tool_call>", "</tool_call>"
 
 
 @PARSERS.decorator("hermes")
 def parse_hermes(text: str) -> ParsedTurn:
     """Hermes / Qwen format: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, any number.
 
-    An unterminated final block (the turn ran out of tokens) is reported as an issue.
+    A call ends at the first `</tool_call>` after its opening tag, as in the serving engines' hermes
+    parsers (inside a JSON string a model writes `<\\/tool_call>`). An unterminated final block
+    (the turn ran out of tokens) is reported as an issue. The tags are found with `str.find`,
+    not a lazy regular expression, so a 50 MB turn costs milliseconds, not seconds.
     """
     calls: list[ToolCall] = []
     issues: list[ParseIssue] = []
-    first = text.find("<tool_call>")
+    first = text.find(_HERMES_OPEN)
     content = text if first < 0 else text[:first]
-    for i, m in enumerate(_HERMES.finditer(text)):
-        if not m.group(0).endswith("</tool_call>"):
-            issues.append(ParseIssue("tool call is not closed with </tool_call>", m.group(1)[:200]))
-            continue
-        out = call_from_json(m.group(1).strip(), i)
+    start, i = first, 0
+    while start >= 0:
+        body_start = start + len(_HERMES_OPEN)
+        end = text.find(_HERMES_CLOSE, body_start)
+        if end < 0:
+            issues.append(ParseIssue("tool call is not closed with </tool_call>", text[body_start : body_start + 200]))
+            break
+        out = call_from_json(text[body_start:end].strip(), i)
         (calls if isinstance(out, ToolCall) else issues).append(out)
+        start, i = text.find(_HERMES_OPEN, end + len(_HERMES_CLOSE)), i + 1
     return ParsedTurn(content=content.strip(), calls=tuple(calls), issues=tuple(issues))
 
 

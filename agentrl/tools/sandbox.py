@@ -7,6 +7,8 @@ Each run is this chain, in a new session (process group):
       python -I -S -c BOOTSTRAP   root in the namespaces: mounts, then init and child subreaper
         python -I -S -            forked: rlimits, per-run uid, program read from stdin
 
+(BOOTSTRAP is `agentrl.tools.sandbox_bootstrap`, sent as source text.)
+
 * Network namespace: only a down loopback device; every connect fails before a packet leaves.
 * PID namespace: the bootstrap is its init, so when it ends the kernel kills all that is left,
   `setsid()` escapees included.
@@ -35,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import os
@@ -49,6 +50,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from agentrl.tools.sandbox_bootstrap import bootstrap_argv, live_pids_of_uid, read_status
+
 logger = logging.getLogger(__name__)
 
 KiB = 1 << 10
@@ -57,84 +60,6 @@ _TMPFS_OPTIONS = "size=64m,mode=1777"
 _UID_BASE = 2**31  # far above login, system and systemd container uids
 _UID_SLOTS = 256
 _SAFE_PATH = "/usr/bin:/bin"
-
-_BOOTSTRAP = r"""# agentrl-sandbox-bootstrap
-import ctypes, json, os, resource, sys
-cfg = json.loads(sys.argv[1])
-status = cfg["status_fd"]
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-def check(rc, what):
-    if rc != 0:
-        raise OSError(ctypes.get_errno(), what + ": " + os.strerror(ctypes.get_errno()))
-def report(line):
-    os.write(status, (line + "\n").encode())
-cwd = cfg["workdir"]
-try:
-    if cfg["private_mounts"]:
-        RDONLY, NOSUID, NODEV, REMOUNT, BIND = 1, 2, 4, 32, 4096
-        work = os.open(cwd, os.O_PATH | os.O_DIRECTORY)
-        for d in ("/tmp", "/var/tmp", "/dev/shm"):
-            if os.path.isdir(d) and not os.path.islink(d):
-                check(libc.mount(b"tmpfs", d.encode(), b"tmpfs", NOSUID | NODEV, cfg["tmpfs"].encode()), "tmpfs " + d)
-        os.mkdir("/tmp/work")
-        check(libc.mount(("/proc/self/fd/%d" % work).encode(), b"/tmp/work", None, BIND, None), "bind workdir")
-        os.close(work)
-        cwd = "/tmp/work"
-        # MS_BIND makes this a per-mount flag of our namespace; without it the host fs would go read-only
-        libc.mount(None, b"/", None, REMOUNT | BIND | RDONLY, None)  # best effort
-except OSError as exc:
-    report("setup-failed %s" % exc)
-    sys.exit(127)
-def sweep(uid):
-    # kill every process of the run uid, reap what came back to us; True once none is left
-    alive = False
-    for e in os.listdir("/proc"):
-        try:
-            st = open("/proc/%s/status" % e).read() if e.isdigit() else ""
-        except OSError:
-            continue
-        if ("\nUid:\t%d\t" % uid) in st and "\nState:\tZ" not in st:
-            alive = True
-            try:
-                os.kill(int(e), 9)
-            except OSError:
-                pass
-    try:
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
-    except ChildProcessError:
-        pass
-    return not alive
-check(libc.prctl(36, 1, 0, 0, 0), "subreaper")  # orphans of the run come back here and are reaped
-pid = os.fork()
-if pid == 0:
-    try:
-        for name, soft, hard in cfg["rlimits"]:
-            resource.setrlimit(getattr(resource, name), (soft, hard))
-        if cfg["uid"] is not None:
-            os.setgroups([])
-            os.setgid(cfg["uid"])
-            os.setuid(cfg["uid"])
-        check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS
-        check(libc.prctl(1, 9, 0, 0, 0), "pdeathsig")  # SIGKILL when the bootstrap dies
-        os.chdir(cwd)
-        os.set_inheritable(status, False)
-        env = {"PATH": cfg["path"], "LANG": "C.UTF-8", "HOME": cwd}
-        os.execve(cfg["interpreter"], [cfg["interpreter"], "-I", "-S", "-"], env)
-    except BaseException as exc:
-        report("setup-failed %s: %s" % (type(exc).__name__, exc))
-        os._exit(127)
-_, st = os.waitpid(pid, 0)
-report("signal %d" % os.WTERMSIG(st) if os.WIFSIGNALED(st) else "exit %d" % os.WEXITSTATUS(st))
-if cfg["uid"] is not None:  # background processes end with the program; a pid namespace does this too
-    import time
-    for _ in range(400):
-        if sweep(cfg["uid"]):
-            break
-        time.sleep(0.005)
-"""
 
 
 @dataclass(frozen=True)
@@ -305,7 +230,7 @@ def _command(iso: SandboxIsolation, workdir: str, uid: int | None, limits: Sandb
             ("RLIMIT_CORE", 0, 0),
         ],
     }
-    return [*iso.prefix, iso.interpreter, "-I", "-S", "-c", _BOOTSTRAP, json.dumps(config)]
+    return bootstrap_argv(iso.prefix, iso.interpreter, config)
 
 
 @contextlib.contextmanager
@@ -324,39 +249,10 @@ def _private_workdir(per_run_uid: bool) -> Iterator[tuple[str, int | None]]:
             _uids.release(uid)
 
 
-def _read_status(read_fd: int) -> tuple[str, int | str] | None:
-    """The bootstrap's report: ("exit", code), ("signal", signum), ("setup-failed", why) or None."""
-    os.set_blocking(read_fd, False)
-    try:
-        text = os.read(read_fd, 4096).decode(errors="replace")
-    except BlockingIOError:
-        return None
-    for line in text.splitlines():
-        kind, _, value = line.partition(" ")
-        if kind == "setup-failed":
-            return kind, value
-        if kind in ("exit", "signal") and value.lstrip("-").isdigit():
-            return kind, int(value)
-    return None
-
-
-def _live_pids_of_uid(uid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line) if entry.isdigit() else {}
-        except OSError:
-            continue
-        if fields and int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith(("Z", "X")):
-            pids.append(int(entry))
-    return pids
-
-
 def _kill_uid(uid: int | None) -> None:
     """SIGKILL every process of the run's own uid until none is left (no-op without one)."""
     for _ in range(200 if uid is not None else 0):
-        pids = _live_pids_of_uid(uid)
+        pids = live_pids_of_uid(uid)
         if not pids:
             return
         for pid in pids:
@@ -464,7 +360,7 @@ async def _run(iso: SandboxIsolation, code: str, limits: SandboxLimits) -> Sandb
             finally:
                 _kill_all(transport, iso, uid)  # also when the caller's own timeout cancels us
                 transport.close()
-            status = _read_status(read_fd)
+            status = read_status(read_fd)
     finally:
         os.close(read_fd)
         if write_fd >= 0:

@@ -109,6 +109,8 @@ def train(cfg: Config, on_step: Callable[[int, dict[str, float]], None] | None =
                             temperature=r.temperature if r.temperature > 0 else 1.0, old_logprobs=a.old_logprobs)
     optimizer = torch.optim.AdamW(s.policy.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay)
+    warmup = cfg.optim.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / (warmup + 1)))
     adv_options = {"norm_by_std": a.norm_by_std} if a.advantage == "grpo" else {}
     for step in range(cfg.train.steps):
         t0 = time.perf_counter()
@@ -124,6 +126,7 @@ def train(cfg: Config, on_step: Callable[[int, dict[str, float]], None] | None =
             upd = policy_update(s.policy, optimizer, [trajectories[i] for i in idx], [advantages[i] for i in idx],
                                 settings, micro_batch_tokens=cfg.train.micro_batch_tokens,
                                 grad_clip=cfg.optim.grad_clip, logprob_chunk=cfg.train.logprob_chunk)
+            scheduler.step()
         metrics.update(upd)
         s.engine.update_weights(s.policy.state_dict(), version=step + 1)
         metrics.update(step=step + 1, rollout_s=t_rollout, step_s=time.perf_counter() - t0)

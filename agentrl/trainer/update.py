@@ -105,7 +105,7 @@ def policy_update(
         loss.backward()
         loss_total += loss.item()
         weight = float(mask.sum()) / total_tokens
-        sums["entropy"] = sums.get("entropy", 0.0) + float((entropy * mask).sum()) / total_tokens
+        sums["entropy"] = sums.get("entropy", 0.0) + float((entropy.detach() * mask).sum()) / total_tokens
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v * weight
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

@@ -70,12 +70,14 @@ def test_multi_turn_mask_covers_exactly_sampled_tokens(env_and_renderer):
     # Each request's prompt is the whole token history so far: history is appended, never re-tokenized.
     for prompt, (start, _) in zip(engine.prompts, traj.turn_spans):
         assert prompt == list(traj.token_ids[:start])
-    # The token ids decode to the conversation as the chat template renders it.
-    rendered = renderer.render([m.as_dict() for m in messages])
+    # The token ids decode to the conversation as the chat template renders it (observations escaped:
+    # the parse error names </tool_call>, a control token of this tokenizer).
+    opening = next(i for i, m in enumerate(messages) if m.role == "assistant")
+    rendered = renderer.render_episode(messages[:opening], messages[opening:])
     decoded = renderer.decode(traj.token_ids)
     assert rendered.startswith(decoded) and rendered[len(decoded):] == renderer._after_turn
-    assert messages[2].role == "tool" and messages[2].content.startswith("Error (parse)")
-    assert messages[4] == Message("tool", answer, name="calculator")
+    assert messages[3].role == "tool" and messages[3].content.startswith("Error (parse)")
+    assert messages[5] == Message("tool", answer, name="calculator")
 
 
 def test_max_turns_and_total_tokens_truncate(env_and_renderer):

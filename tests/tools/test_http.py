@@ -168,6 +168,15 @@ def test_bad_urls_and_schemes_are_invalid_arguments(url, loopback_only):
     assert loopback_only == []
 
 
+@pytest.mark.parametrize("url", ["http://xn--/", "http://127.0.0.1:99999/", "http://127.0.0.1:0/"])
+def test_malformed_host_or_port_is_invalid_arguments(url, loopback_only):
+    # Allowed by the policy, so only the URL check stands between these and a crash further on
+    # (an IDNAError while formatting a message, an OverflowError from connect()).
+    err = error_of(url, FetchPolicy(deadline_s=5.0, allow_networks=("127.0.0.1/32",), allow_hosts=frozenset({"xn--"})))
+    assert err.kind is ToolErrorKind.INVALID_ARGUMENTS and ("valid URL" in err.message or "port" in err.message)
+    assert loopback_only == []
+
+
 @pytest.mark.parametrize("target", ["http://10.0.0.1/secret", "http://169.254.169.254/latest/meta-data/",
                                     "http://[::ffff:10.0.0.1]/", "file:///etc/passwd", "http://127.0.0.2/"])
 def test_redirect_to_a_forbidden_target_is_refused_at_the_hop(server, loopback_only, target):

@@ -46,3 +46,43 @@ def test_parser_registry_suggests_names():
     assert get_parser("hermes") is parse_hermes
     with pytest.raises(RegistryError, match="Did you mean 'hermes'"):
         get_parser("hermez")
+
+
+def _hermes_reference(text: str):
+    """The obvious implementation (a lazy regular expression), slow on huge turns: what parse_hermes must match."""
+    import re
+
+    from agentrl.tools.parsers import ParseIssue, ToolCall, call_from_json
+
+    calls, issues = [], []
+    for i, m in enumerate(re.finditer(r"<tool_call>(.*?)(?:</tool_call>|$)", text, re.S)):
+        if not m.group(0).endswith("</tool_call>"):
+            issues.append(ParseIssue("tool call is not closed with </tool_call>"))
+            continue
+        out = call_from_json(m.group(1).strip(), i)
+        (calls if isinstance(out, ToolCall) else issues).append(out)
+    first = text.find("<tool_call>")
+    return (text if first < 0 else text[:first]).strip(), calls, [x.message for x in issues]
+
+
+def test_hermes_matches_the_reference_on_random_turns():
+    import random
+
+    rng = random.Random(0)
+    pieces = ["<tool_call>", "</tool_call>", '{"name": "a", "arguments": {"x": 1}}', '{"name": "b"}', "{", "}",
+              "text", "\n", " ", '"', "</tool_call", "<tool_call"]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 10)))
+        turn = parse_hermes(text)
+        content, calls, issues = _hermes_reference(text)
+        assert (turn.content, list(turn.calls), [x.message for x in turn.issues]) == (content, calls, issues), text
+
+
+def test_a_huge_turn_is_cheap():
+    import time
+
+    text = '<tool_call>{"name": "a", "arguments": {"x": "' + "x" * 50_000_000 + '"}}</tool_call>'
+    start = time.perf_counter()
+    turn = parse_hermes(text)
+    assert "limit is" in turn.issues[0].message
+    assert time.perf_counter() - start < 1.0  # the lazy regex took ~2 s here on a loaded 2-core host
