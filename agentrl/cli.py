@@ -186,16 +186,20 @@ def check_env_cmd(
 def tiny_model(
     out: Path = typer.Option(Path("models/tiny-calculator"), help="Output directory."),
     env: str = typer.Option("calculator-v0", help="Environment whose scripted solver provides demonstrations."),
-    demos: Optional[int] = typer.Option(None, help="Demonstration episodes (default: one fresh one per SFT sample)."),
-    tool_use_prob: float = typer.Option(0.5, help="How often the demonstrator calls the tool instead of guessing."),
-    sft_steps: int = typer.Option(1400, help="Supervised warm-start steps."),
+    demos: Optional[int] = typer.Option(None, help="Demonstration episodes (default: a fresh one per SFT sample)."),
+    tool_use_prob: Optional[float] = typer.Option(None, help="How often the demonstrator calls the tool."),
+    sft_steps: Optional[int] = typer.Option(None, help="Supervised warm-start steps."),
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
-    """Build a tiny tool-calling model from scratch (tokenizer, transformer, warm start)."""
+    """Build a tiny tool-calling model from scratch (tokenizer, transformer, warm start).
+
+    Unset options keep the defaults of `agentrl.recipes.tiny_model.build_tiny_model`.
+    """
     from agentrl.recipes.tiny_model import build_tiny_model
 
+    given = {"demos": demos, "tool_use_prob": tool_use_prob, "sft_steps": sft_steps}
     try:
-        build_tiny_model(out, env, demos=demos, tool_use_prob=tool_use_prob, sft_steps=sft_steps, seed=seed)
+        build_tiny_model(out, env, seed=seed, **{k: v for k, v in given.items() if v is not None})
     except AgentRLError as exc:
         _fail(exc)
 
