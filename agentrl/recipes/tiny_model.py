@@ -165,7 +165,7 @@ def supervised_warm_start(model, examples: list[tuple[list[int], list[int]]], *,
 
 
 def build_tiny_model(out: str | Path, env_id: str = "calculator-v0", *, shape: TinyModelShape = TinyModelShape(),
-                     demos: int | None = None, tool_use_prob: float = 0.5, sft_steps: int = 1500, lr: float = 1e-3,
+                     demos: int | None = None, tool_use_prob: float = 0.5, sft_steps: int = 2000, lr: float = 1e-3,
                      batch_seqs: int = 16, seed: int = 0) -> Path:
     """Make tokenizer + model + supervised warm start and save them (HF format) under `out`.
 
