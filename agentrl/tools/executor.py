@@ -75,9 +75,15 @@ class ToolExecutor:
 
     async def execute(self, calls: Sequence[ToolCall], issues: Sequence[ParseIssue] = ()) -> list[ToolResult]:
         """Run `calls` concurrently; return results in order, parse issues first."""
-        results: list[ToolResult] = [
-            self._error("", ToolError(ToolErrorKind.PARSE, f"{i.message}")) for i in issues
-        ]
+        # Unreadable calls have no id to answer, so past the per-turn limit they are summarised in
+        # one message (still counted one by one) instead of flooding the context.
+        shown = issues[: self.max_calls_per_turn]
+        results: list[ToolResult] = [self._error("", ToolError(ToolErrorKind.PARSE, i.message)) for i in shown]
+        if len(issues) > len(shown):
+            extra = len(issues) - len(shown)
+            results.append(self._error("", ToolError(
+                ToolErrorKind.PARSE, f"{extra} more malformed tool calls in this turn were not read")))
+            self.error_counts[ToolErrorKind.PARSE.value] += extra - 1
         allowed = list(calls[: self.max_calls_per_turn])
         over = calls[self.max_calls_per_turn :]
         results += await asyncio.gather(*(self._run_one(c) for c in allowed))

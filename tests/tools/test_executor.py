@@ -115,3 +115,13 @@ def test_huge_arguments_do_not_crash():
     big = "x" * 5_000_000
     [r] = asyncio.run(ex.execute([ToolCall("shout", {"text": big})]))
     assert r.error_kind == ToolErrorKind.OUTPUT_TOO_LARGE and len(r.content) < 200
+
+
+def test_many_malformed_calls_are_summarised_but_counted():
+    ex = ToolExecutor([add], max_calls_per_turn=3)
+    results = _run(ex, "<tool_call>{bad</tool_call>" * 1000)
+    # 3 issues shown one by one, then one summary for the other 997; all 1000 are counted.
+    assert len(results) == 4
+    assert all(r.error_kind == ToolErrorKind.PARSE for r in results)
+    assert "997 more malformed tool calls" in results[-1].content
+    assert ex.error_counts == {"parse": 1000}
