@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from agentrl.envs.core import Env, Message
-from agentrl.errors import AgentRLError
 from agentrl.rollout.chat import ChatRenderer
 from agentrl.rollout.engine import Engine, SamplingParams
 from agentrl.rollout.trajectory import Trajectory
@@ -106,7 +105,7 @@ async def run_episode(
                 truncation = "max_total_tokens"
                 break
             b.add_observation(obs_ids)
-    except (AgentRLError, Exception) as exc:  # noqa: BLE001 - a broken episode is data, not a crash
+    except Exception as exc:  # noqa: BLE001 - a broken episode is data, not a crash
         error = f"{type(exc).__name__}: {str(exc)[:500]}"
         truncation = "error"
     traj = Trajectory(

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from leftovers import scan_leftover_processes
 
 from agentrl.envs.core import Message, Task
 from agentrl.envs.tool_env import ToolEnv
@@ -134,26 +135,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 # -- host-side observations ------------------------------------------------------------------
-def leftover_processes() -> list[tuple[int, str, str]]:
-    """Children of this process and processes of its sandbox uids (without root: sandboxed interpreters)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-            with open(f"/proc/{entry}/status") as f:
-                status = dict(line.split(":", 1) for line in f if ":" in line)
-        except OSError:
-            continue
-        uid, ppid = int(status["Uid"].split()[0]), int(status["PPid"])
-        user_code = os.geteuid() != 0 and uid == os.geteuid() and cmdline.endswith(b"-I\x00-S\x00-\x00")
-        if SANDBOX_UID_BASE <= uid < SANDBOX_UID_BASE + 256 or ppid == os.getpid() or user_code:
-            found.append((int(entry), status["State"].strip(), cmdline[:80].decode(errors="replace")))
-    return found
-
-
 TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 
 
@@ -468,7 +449,7 @@ def test_hostile_call(ctx: Ctx, env: HostileEnv, label: str) -> None:
     obs, reward, terminated, truncated, info = env.step(text)
     elapsed = time.monotonic() - start
     # what the host looks like now, taken (and cleaned) before any assertion can stop the test
-    processes = leftover_processes()
+    processes = scan_leftover_processes()
     marker_after = tree_digest(ctx.marker)
     new_temp = suspicious({p: uid for p, uid in temp_entries().items() if p not in temp_before})
     leaked = [p for p in (case.host_paths(ctx) if case.host_paths else []) if os.path.lexists(p)

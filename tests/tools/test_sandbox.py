@@ -13,6 +13,7 @@ import time
 import uuid
 
 import pytest
+from leftovers import scan_leftover_processes
 
 from agentrl.errors import ToolError, ToolErrorKind
 from agentrl.tools.builtin.python import python_tool
@@ -29,34 +30,8 @@ def isolation():
     return asyncio.run(sandbox_isolation())
 
 
-def sandbox_processes() -> list[tuple[int, str]]:
-    """Every live or zombie process left by this test process's runs, found by a plain /proc scan.
-
-    That is: a process under one of the per-run uids this process hands out (2**31 + pid-derived
-    slot, see `_UidPool`), a child of this process (unshare or the bootstrap, not reaped), or,
-    without root, a `python -I -S -` interpreter (forked children inherit its argv).
-    """
-    base = 2**31 + (os.getpid() % 2**22) * 256
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-            with open(f"/proc/{entry}/status") as f:
-                status = dict(line.split(":", 1) for line in f if ":" in line)
-        except OSError:
-            continue
-        uid, ppid = int(status["Uid"].split()[0]), int(status["PPid"])
-        user_code = os.geteuid() != 0 and uid == os.geteuid() and cmdline.endswith(b"-I\x00-S\x00-\x00")
-        if base <= uid < base + 256 or ppid == os.getpid() or user_code:
-            found.append((int(entry), status["State"].strip()))
-    return found
-
-
 def assert_nothing_left() -> None:
-    assert sandbox_processes() == []
+    assert scan_leftover_processes() == []
 
 
 def test_normal_code_runs():
