@@ -75,7 +75,8 @@ def test_write_kv_puts_each_token_in_its_slot_and_skips_negative_slots():
     assert int((k_cache != 0).any(-1).any(-1).sum()) == 2  # nothing else written
 
 
-@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,block_size", [(14, 2, 64, 16), (4, 4, 32, 8), (6, 2, 24, 5)])
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,block_size",
+                         [(14, 2, 64, 16), (4, 4, 32, 8), (6, 2, 24, 5)])
 def test_decode_reference_matches_dense_attention(num_q_heads, num_kv_heads, head_dim, block_size):
     gen = torch.Generator().manual_seed(0)
     lens = [1, 7, 16, 17, 40, 33]  # block-aligned and not, single-token

@@ -174,6 +174,7 @@ def paged_prefill_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_
 # ----------------------------------------------------------------------------------------------
 
 _DECODE_BLOCK_N = 64  # tokens per inner step of the decode kernel
+_DECODE_WARPS = 4
 _PREFILL_BLOCK_M, _PREFILL_BLOCK_N = 64, 64
 
 
@@ -220,7 +221,7 @@ def _triton_decode(q, k_cache, v_cache, block_table, seq_lens, scale, num_splits
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_table.stride(0), *part_strides,
         GROUP=group, BLOCK_G=max(16, _next_pow2(group)), HEAD_DIM=head_dim, BLOCK_D=_next_pow2(head_dim),
-        BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N, SPLITS=num_splits, num_warps=4, num_stages=2)
+        BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N, SPLITS=num_splits, num_warps=_DECODE_WARPS, num_stages=2)
     if num_splits > 1:
         kern.decode_merge[(batch, num_q_heads)](
             part, lse, out, part.stride(0), part.stride(1), part.stride(2), out.stride(0), out.stride(1),

@@ -1,0 +1,287 @@
+"""Benchmark of the paged-attention kernels on one CUDA GPU (Qwen2-0.5B heads: 14 query, 2 KV, dim 64).
+
+Decode is timed as the engine runs it: inside a CUDA graph, over LAYERS distinct layer caches in a row
+(so the K/V of one call is not still in L2 from the last), divided by LAYERS. Each row prints the
+time per call, the K/V bytes it must read over that time, and the floor: those bytes over the
+device's bandwidth (measured here by a large copy, and the nominal 3 TB/s of an H100).
+
+Also probes `torch.nn.attention.varlen.varlen_attn`: whether its causal mask is bottom-right aligned
+when seqlen_k > seqlen_q, and whether it takes a paged cache (`block_table`) at block size 16.
+
+Run: `PYTHONPATH=. python3 bench/paged_attention.py`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import statistics
+
+import torch
+
+from agentrl.rollout.backends.kernels import paged_attention as pa
+
+HQ, HKV, D, PAGE = 14, 2, 64, 16
+LAYERS = 8
+NOMINAL_BW = 3.0e12
+DT = torch.bfloat16
+
+
+def time_graph(fn, reps: int = 15, inner: int = 20) -> float:
+    """Median seconds of one `fn()` replayed from a CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / inner)
+    return statistics.median(times)
+
+
+def time_eager(fn, reps: int = 15, inner: int = 10) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / inner)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 1 GiB device-to-device copy."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / time_eager(lambda: dst.copy_(src), reps=5, inner=5)
+
+
+def make_layers(lens: list[int], width: int, gen: torch.Generator):
+    """LAYERS caches, each holding the sequences in shuffled blocks; one shared block table."""
+    per_seq = [-(-n // PAGE) for n in lens]
+    num_blocks = sum(per_seq) + 8
+    pool = torch.randperm(num_blocks, generator=gen)
+    table = torch.full((len(lens), width), -1, dtype=torch.int32)
+    used = 0
+    for b, nb in enumerate(per_seq):
+        table[b, :nb] = pool[used:used + nb].int()
+        used += nb
+    caches = [(torch.randn(num_blocks, PAGE, HKV, D, device="cuda", dtype=DT),
+               torch.randn(num_blocks, PAGE, HKV, D, device="cuda", dtype=DT)) for _ in range(LAYERS)]
+    return caches, table.cuda(), torch.tensor(lens, dtype=torch.int32, device="cuda")
+
+
+def decode_rows(batch: int, context: int, bandwidth: float, gen) -> list[tuple]:
+    rows = []
+    kv_bytes = batch * context * HKV * D * 2 * 2  # K and V, bf16
+    floor_nominal, floor_measured = kv_bytes / NOMINAL_BW, kv_bytes / bandwidth
+    q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
+    scale = D ** -0.5
+    for width in (context // PAGE, 4096 // PAGE):
+        caches, table, seq_lens = make_layers([context] * batch, width, gen)
+
+        def layers(fn):
+            return lambda: [fn(q, k, v, table, seq_lens, scale) for k, v in caches]
+
+        default_splits = pa.default_num_splits(batch, HKV, width * PAGE, torch.cuda.get_device_properties(0)
+                                               .multi_processor_count)
+        variants = [(f"triton S={s}{'*' if s == default_splits else ''}",
+                     lambda *a, s=s: pa.paged_decode_attention(*a, num_splits=s)) for s in (1, 2, 4, 8, 16)]
+        if width == context // PAGE:
+            variants.append(("torch reference", pa.paged_decode_attention_reference))
+        for name, fn in variants:
+            try:
+                t = time_graph(layers(fn)) / LAYERS
+            except Exception as exc:  # noqa: BLE001 - a bench row that fails is reported, not fatal
+                print(f"  {name} B={batch} width={width}: failed: {str(exc)[:200]}")
+                continue
+            rows.append((f"decode B={batch} ctx={context} M={width}", name, t, kv_bytes / t / 1e9,
+                         t / floor_measured, t / floor_nominal))
+        for block_n, warps in ((32, 2), (64, 2), (128, 4), (128, 8)):
+            pa._DECODE_BLOCK_N, pa._DECODE_WARPS = block_n, warps
+            try:
+                t = time_graph(layers(pa.paged_decode_attention)) / LAYERS
+                rows.append((f"decode B={batch} ctx={context} M={width}", f"triton BN={block_n} w={warps}", t,
+                             kv_bytes / t / 1e9, t / floor_measured, t / floor_nominal))
+            finally:
+                pa._DECODE_BLOCK_N, pa._DECODE_WARPS = 64, 4
+        t = time_eager(lambda: pa.paged_decode_attention(q, *caches[0], table, seq_lens, scale))
+        rows.append((f"decode B={batch} ctx={context} M={width}", "triton default, eager, 1 layer", t,
+                     kv_bytes / t / 1e9, t / floor_measured, t / floor_nominal))
+    print(f"  floor B={batch} ctx={context}: {kv_bytes / 1e6:.1f} MB of K/V, {floor_measured * 1e6:.1f} us at "
+          f"{bandwidth / 1e12:.2f} TB/s measured, {floor_nominal * 1e6:.1f} us at 3 TB/s")
+    return rows
+
+
+def write_rows(gen) -> list[tuple]:
+    k_cache = torch.randn(4096, PAGE, HKV, D, device="cuda", dtype=DT)
+    v_cache = torch.randn_like(k_cache)
+    rows = []
+    for n in (256, 16384):
+        k, v = (torch.randn(n, HKV, D, device="cuda", dtype=DT) for _ in range(2))
+        slots = torch.randperm(4096 * PAGE, generator=gen)[:n].cuda()
+        flat_k, flat_v = k_cache.view(-1, HKV, D), v_cache.view(-1, HKV, D)
+        for name, fn in (("triton write_kv", lambda: pa.write_kv(k_cache, v_cache, k, v, slots)),
+                         ("2x index_copy_", lambda: (flat_k.index_copy_(0, slots, k),
+                                                     flat_v.index_copy_(0, slots, v)))):
+            t = time_graph(fn)
+            rows.append((f"write_kv N={n}", name, t, 4 * k.numel() * 2 / t / 1e9, float("nan"), float("nan")))
+    return rows
+
+
+def _varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError as exc:
+        print(f"varlen_attn: not importable ({exc})")
+        return None, set()
+    params = set(inspect.signature(varlen_attn).parameters)
+    print(f"varlen_attn parameters: {sorted(params)}")
+    return varlen_attn, params
+
+
+def _causal_kwargs(params) -> dict:
+    return {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+
+
+def probe_varlen_alignment(varlen_attn, params) -> None:
+    """seqlen_q 3 < seqlen_k 8: compare with both ways of aligning the causal mask."""
+    torch.manual_seed(0)
+    q = torch.randn(3, 2, 64, device="cuda", dtype=DT)
+    k, v = (torch.randn(8, 2, 64, device="cuda", dtype=DT) for _ in range(2))
+    cu_q = torch.tensor([0, 3], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, 8], dtype=torch.int32, device="cuda")
+    out = varlen_attn(q, k, v, cu_q, cu_k, 3, 8, **_causal_kwargs(params)).float()
+
+    def masked(q_pos):
+        scores = torch.einsum("nhd,lhd->hnl", q.float(), k.float()) / 8.0
+        visible = torch.arange(8, device="cuda")[None, :] <= q_pos[:, None]
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1)
+        return torch.einsum("hnl,lhd->nhd", probs, v.float())
+
+    bottom_right = (out - masked(torch.arange(5, 8, device="cuda"))).abs().max().item()
+    top_left = (out - masked(torch.arange(0, 3, device="cuda"))).abs().max().item()
+    verdict = "BOTTOM-RIGHT" if bottom_right < 2e-2 < top_left else "TOP-LEFT" if top_left < 2e-2 else "NEITHER"
+    print(f"varlen_attn causal alignment: {verdict} (diff vs bottom-right {bottom_right:.3g}, "
+          f"vs top-left {top_left:.3g})")
+
+
+def varlen_paged_call(varlen_attn, params, q, k_cache, v_cache, table, cu_q, seq_lens, max_q, max_k):
+    cu_k = torch.nn.functional.pad(seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
+    return varlen_attn(q, k_cache, v_cache, cu_q, cu_k, max_q, max_k, scale=D ** -0.5, enable_gqa=True,
+                       seqused_k=seq_lens, block_table=table, **_causal_kwargs(params))
+
+
+def prefill_rows(varlen_attn, params, gen) -> list[tuple]:
+    rows = []
+    scale = D ** -0.5
+    for batch, prefix, new in ((64, 0, 256), (32, 256, 32), (4, 0, 2048)):
+        lens = [prefix + new] * batch
+        caches, table, seq_lens = make_layers(lens, -(-(prefix + new) // PAGE), gen)
+        k_cache, v_cache = caches[0]
+        cu_q = torch.arange(0, (batch + 1) * new, new, dtype=torch.int32, device="cuda")
+        q = torch.randn(batch * new, HQ, D, device="cuda", dtype=DT)
+        args = (q, k_cache, v_cache, table, cu_q, seq_lens, scale)
+        ref = pa.paged_prefill_attention_reference(*args)
+        label = f"prefill B={batch} prefix={prefix} new={new}"
+        out = pa.paged_prefill_attention(*args, new, prefix + new)
+        print(f"  {label}: triton max abs diff vs reference {(out.float() - ref.float()).abs().max().item():.3g}")
+        flops = 4 * batch * HQ * D * (new * prefix + new * (new + 1) / 2)
+        t = time_eager(lambda: pa.paged_prefill_attention(*args, new, prefix + new))
+        rows.append((label, "triton", t, flops / t / 1e12, float("nan"), float("nan")))
+        if varlen_attn is None:
+            continue
+        if "block_table" in params:
+            try:
+                got = varlen_paged_call(varlen_attn, params, q, k_cache, v_cache, table, cu_q, seq_lens, new,
+                                        prefix + new)
+                print(f"  {label}: varlen_attn paged max abs diff {(got.float() - ref.float()).abs().max().item():.3g}")
+                t = time_eager(lambda: varlen_paged_call(varlen_attn, params, q, k_cache, v_cache, table, cu_q,
+                                                         seq_lens, new, prefix + new))
+                rows.append((label, "varlen_attn paged", t, flops / t / 1e12, float("nan"), float("nan")))
+            except Exception as exc:  # noqa: BLE001
+                print(f"  {label}: varlen_attn paged failed: {str(exc)[:300]}")
+
+        def gathered():  # gather each sequence's K/V densely, repeat heads, then varlen_attn
+            pos = torch.arange(prefix + new, device="cuda")
+            blocks = table[:, pos // PAGE].long()
+            k = k_cache[blocks, pos % PAGE].flatten(0, 1).repeat_interleave(HQ // HKV, 1)
+            v = v_cache[blocks, pos % PAGE].flatten(0, 1).repeat_interleave(HQ // HKV, 1)
+            cu_k = torch.arange(0, (batch + 1) * (prefix + new), prefix + new, dtype=torch.int32, device="cuda")
+            return varlen_attn(q, k, v, cu_q, cu_k, new, prefix + new, scale=scale, **_causal_kwargs(params))
+        try:
+            got = gathered()
+            print(f"  {label}: gather+varlen_attn max abs diff {(got.float() - ref.float()).abs().max().item():.3g}")
+            t = time_eager(gathered)
+            rows.append((label, "gather + varlen_attn", t, flops / t / 1e12, float("nan"), float("nan")))
+        except Exception as exc:  # noqa: BLE001
+            print(f"  {label}: gather+varlen_attn failed: {str(exc)[:300]}")
+    return rows
+
+
+def varlen_decode_rows(varlen_attn, params, bandwidth, gen) -> list[tuple]:
+    rows = []
+    for batch in (64, 256):
+        caches, table, seq_lens = make_layers([512] * batch, 32, gen)
+        q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
+        cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+        kv_bytes = batch * 512 * HKV * D * 4
+        try:
+            ref = pa.paged_decode_attention_reference(q, *caches[0], table, seq_lens, D ** -0.5)
+            got = varlen_paged_call(varlen_attn, params, q, *caches[0], table, cu_q, seq_lens, 1, 512)
+            diff = (got.float() - ref.float()).abs().max().item()
+            print(f"  varlen_attn paged decode B={batch}: max abs diff {diff:.3g}")
+            t = time_graph(lambda: [varlen_paged_call(varlen_attn, params, q, k, v, table, cu_q, seq_lens, 1, 512)
+                                    for k, v in caches]) / LAYERS
+            rows.append((f"decode B={batch} ctx=512 M=32", "varlen_attn paged", t, kv_bytes / t / 1e9,
+                         t * bandwidth / kv_bytes, t * NOMINAL_BW / kv_bytes))
+        except Exception as exc:  # noqa: BLE001
+            print(f"  varlen_attn paged decode B={batch} failed: {str(exc)[:300]}")
+    return rows
+
+
+def main() -> None:
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    print(f"torch {torch.__version__}, triton {triton.__version__}, {props.name}, {props.multi_processor_count} SMs")
+    gen = torch.Generator().manual_seed(0)
+    bandwidth = copy_bandwidth()
+    print(f"device-to-device copy: {bandwidth / 1e12:.2f} TB/s (read + write)")
+    varlen_attn, params = _varlen()
+    if varlen_attn is not None:
+        try:
+            probe_varlen_alignment(varlen_attn, params)
+        except Exception as exc:  # noqa: BLE001
+            print(f"varlen_attn alignment probe failed: {str(exc)[:300]}")
+    rows = []
+    for batch in (64, 256):
+        rows += decode_rows(batch, 512, bandwidth, gen)
+    rows += write_rows(gen)
+    rows += prefill_rows(varlen_attn, params, gen)
+    if "block_table" in params:  # last: a failed graph capture could spoil what follows
+        rows += varlen_decode_rows(varlen_attn, params, bandwidth, gen)
+    print(f"\n{'case':34} {'impl':32} {'us/call':>9} {'GB/s|TF/s':>10} {'x floor':>8} {'x 3TB/s':>8}")
+    for case, impl, t, rate, x_meas, x_nom in rows:
+        print(f"{case:34} {impl:32} {t * 1e6:9.1f} {rate:10.1f} {x_meas:8.2f} {x_nom:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
