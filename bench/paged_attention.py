@@ -114,14 +114,18 @@ def decode_rows(batch: int, context: int, bandwidth: float, gen) -> list[tuple]:
                 continue
             rows.append((f"decode B={batch} ctx={context} M={width}", name, t, kv_bytes / t / 1e9,
                          t / floor_measured, t / floor_nominal))
-        for block_n, warps in ((32, 2), (64, 2), (128, 4), (128, 8)):
-            pa._DECODE_BLOCK_N, pa._DECODE_WARPS = block_n, warps
+        for block_n, warps, stages in ((32, 2, 2), (64, 2, 2), (64, 4, 1), (64, 4, 3), (128, 4, 2)):
+            pa._DECODE_BLOCK_N, pa._DECODE_WARPS, pa._DECODE_STAGES = block_n, warps, stages
             try:
                 t = time_graph(layers(pa.paged_decode_attention)) / LAYERS
-                rows.append((f"decode B={batch} ctx={context} M={width}", f"triton BN={block_n} w={warps}", t,
-                             kv_bytes / t / 1e9, t / floor_measured, t / floor_nominal))
+                rows.append((f"decode B={batch} ctx={context} M={width}", f"triton BN={block_n} w={warps} st={stages}",
+                             t, kv_bytes / t / 1e9, t / floor_measured, t / floor_nominal))
             finally:
-                pa._DECODE_BLOCK_N, pa._DECODE_WARPS = 64, 4
+                pa._DECODE_BLOCK_N, pa._DECODE_WARPS, pa._DECODE_STAGES = 64, 4, 2
+        ones = torch.ones_like(seq_lens)  # what a call costs with (almost) nothing to read
+        t = time_graph(lambda: [pa.paged_decode_attention(q, k, v, table, ones, scale) for k, v in caches]) / LAYERS
+        rows.append((f"decode B={batch} ctx={context} M={width}", "triton default, seq_len=1", t, float("nan"),
+                     float("nan"), float("nan")))
         t = time_eager(lambda: pa.paged_decode_attention(q, *caches[0], table, seq_lens, scale))
         rows.append((f"decode B={batch} ctx={context} M={width}", "triton default, eager, 1 layer", t,
                      kv_bytes / t / 1e9, t / floor_measured, t / floor_nominal))
@@ -205,7 +209,9 @@ def prefill_rows(varlen_attn, params, gen) -> list[tuple]:
         print(f"  {label}: triton max abs diff vs reference {(out.float() - ref.float()).abs().max().item():.3g}")
         flops = 4 * batch * HQ * D * (new * prefix + new * (new + 1) / 2)
         t = time_eager(lambda: pa.paged_prefill_attention(*args, new, prefix + new))
-        rows.append((label, "triton", t, flops / t / 1e12, float("nan"), float("nan")))
+        rows.append((label, "triton, eager", t, flops / t / 1e12, float("nan"), float("nan")))
+        t = time_graph(lambda: pa.paged_prefill_attention(*args, new, prefix + new))
+        rows.append((label, "triton, graph", t, flops / t / 1e12, float("nan"), float("nan")))
         if varlen_attn is None:
             continue
         if "block_table" in params:

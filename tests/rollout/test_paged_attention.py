@@ -175,6 +175,22 @@ def test_triton_decode_matches_reference(batch, max_len, heads, num_splits):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("num_splits", [None, 1, 8])
+def test_triton_decode_gives_zeros_for_padding_rows(num_splits):
+    gen = torch.Generator().manual_seed(6)
+    k_cache, v_cache, table, _, _ = build_paged_cache([300, 20, 5], 2, 64, 16, gen, torch.bfloat16)
+    table[1] = -1  # a padding row of a CUDA-graph batch: no blocks, seq_len 0
+    q = torch.randn(3, 14, 64, generator=gen).to(torch.bfloat16)
+    q, k_cache, v_cache, table, seq_lens = _to_cuda(q, k_cache, v_cache, table, torch.tensor([300, 0, 5],
+                                                                                          dtype=torch.int32))
+    out = paged_decode_attention(q, k_cache, v_cache, table, seq_lens, 0.125, num_splits=num_splits)
+    ref = paged_decode_attention_reference(q, k_cache, v_cache, table, seq_lens, 0.125)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    _assert_close_bf16(out, ref, f"decode with a padding row, splits={num_splits}")
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("batch,max_len,heads", [(1, 4096, (14, 2, 64)), (9, 300, (14, 2, 64)),
                                                  (40, 1100, (14, 2, 64)), (4, 700, (32, 8, 128))])
 def test_triton_prefill_matches_reference(batch, max_len, heads):
