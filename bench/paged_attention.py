@@ -114,14 +114,14 @@ def decode_rows(batch: int, context: int, bandwidth: float, gen) -> list[tuple]:
                 continue
             rows.append((f"decode B={batch} ctx={context} M={width}", name, t, kv_bytes / t / 1e9,
                          t / floor_measured, t / floor_nominal))
-        for block_n, warps, stages in ((32, 2, 2), (64, 2, 2), (64, 4, 1), (64, 4, 3), (128, 4, 2)):
+        for block_n, warps, stages in ((32, 2, 2), (64, 4, 2), (64, 2, 3), (128, 4, 2)):
             pa._DECODE_BLOCK_N, pa._DECODE_WARPS, pa._DECODE_STAGES = block_n, warps, stages
             try:
                 t = time_graph(layers(pa.paged_decode_attention)) / LAYERS
                 rows.append((f"decode B={batch} ctx={context} M={width}", f"triton BN={block_n} w={warps} st={stages}",
                              t, kv_bytes / t / 1e9, t / floor_measured, t / floor_nominal))
             finally:
-                pa._DECODE_BLOCK_N, pa._DECODE_WARPS, pa._DECODE_STAGES = 64, 4, 2
+                pa._DECODE_BLOCK_N, pa._DECODE_WARPS, pa._DECODE_STAGES = 64, 2, 2
         ones = torch.ones_like(seq_lens)  # what a call costs with (almost) nothing to read
         t = time_graph(lambda: [pa.paged_decode_attention(q, k, v, table, ones, scale) for k, v in caches]) / LAYERS
         rows.append((f"decode B={batch} ctx={context} M={width}", "triton default, seq_len=1", t, float("nan"),
@@ -131,6 +131,21 @@ def decode_rows(batch: int, context: int, bandwidth: float, gen) -> list[tuple]:
                      kv_bytes / t / 1e9, t / floor_measured, t / floor_nominal))
     print(f"  floor B={batch} ctx={context}: {kv_bytes / 1e6:.1f} MB of K/V, {floor_measured * 1e6:.1f} us at "
           f"{bandwidth / 1e12:.2f} TB/s measured, {floor_nominal * 1e6:.1f} us at 3 TB/s")
+    return rows
+
+
+def ragged_rows(batch: int, bandwidth: float, gen) -> list[tuple]:
+    """Lengths uniform in 1..1023 (mean ~512): one long sequence can hold up a program with no splits."""
+    lens = torch.randint(1, 1024, (batch,), generator=gen).tolist()
+    kv_bytes = sum(lens) * HKV * D * 2 * 2
+    caches, table, seq_lens = make_layers(lens, 1024 // PAGE, gen)
+    q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
+    rows = []
+    for splits in (None, 1, 2, 4):
+        t = time_graph(lambda s=splits: [pa.paged_decode_attention(q, k, v, table, seq_lens, D ** -0.5,
+                                                                   num_splits=s) for k, v in caches]) / LAYERS
+        rows.append((f"decode B={batch} ragged 1..1023", f"triton S={splits or 'default'}", t, kv_bytes / t / 1e9,
+                     t * bandwidth / kv_bytes, t * NOMINAL_BW / kv_bytes))
     return rows
 
 
@@ -280,6 +295,7 @@ def main() -> None:
     rows = []
     for batch in (64, 256):
         rows += decode_rows(batch, 512, bandwidth, gen)
+        rows += ragged_rows(batch, bandwidth, gen)
     rows += write_rows(gen)
     rows += prefill_rows(varlen_attn, params, gen)
     if "block_table" in params:  # last: a failed graph capture could spoil what follows
