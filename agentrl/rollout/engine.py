@@ -18,8 +18,9 @@ class SamplingParams:
     """How to sample one response.
 
     `temperature=0` is greedy. Reported logprobs are those of the temperature-scaled distribution
-    before top-p truncation (`log_softmax(logits / temperature)`; `temperature=0` uses 1), which is
-    what the trainer recomputes.
+    before top-k / top-p / min-p truncation (`log_softmax(logits / temperature)`; `temperature=0`
+    uses 1), which is what the trainer recomputes. A stop token or the token that completes a stop
+    string is the last token of the response (finish reason `stop`).
     """
 
     temperature: float = 1.0
@@ -27,6 +28,12 @@ class SamplingParams:
     max_tokens: int = 256
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
+    top_k: int = 0
+    """Keep only the k most likely tokens (0: off)."""
+    min_p: float = 0.0
+    """Drop tokens less likely than `min_p` times the most likely one (0: off)."""
+    stop: tuple[str, ...] = ()
+    """Stop strings, matched on the decoded response (needs the engine's tokenizer)."""
 
 
 @dataclass(frozen=True)

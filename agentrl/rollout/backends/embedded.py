@@ -1,12 +1,27 @@
-"""The built-in PyTorch engine: batched sampling with a KV cache over any HF causal LM.
+"""The built-in PyTorch engine: continuous batching over a paged KV cache, on CPU or GPU.
 
-It runs wherever SGLang and vLLM are not installed (CPU, tests, laptops). Requests that arrive
-while the event loop is busy are gathered into one batch; the batch is prefilled once (left
-padded), then decoded step by step with the model's KV cache, every row with its own sampling
-parameters. The forward passes run in a worker thread, so tools keep running while it decodes.
+It runs wherever SGLang and vLLM are not installed (CPU, tests, laptops) and is the baseline the
+other backends are held to. The parts, each in its own module:
 
-This first version batches in waves (a batch runs until its last row finishes); continuous
-batching and a paged cache come later without changing the `Engine` contract.
+- `kv_cache.py`: the block pool, reference counts and the prefix cache of full blocks;
+- `scheduler.py`: continuous batching under the KV budget (admission, preemption, shared prefixes);
+- `step_inputs.py` + `model_runner.py` + `attention.py`: one forward pass over a flat batch of
+  decode tokens and prefill chunks, writing and reading the paged cache;
+- `sampling.py`: batched sampling with per-row parameters, logprobs in float32.
+
+This module is the front: `generate` is a coroutine that hands the request to one background
+thread, which runs model steps back to back while any request is in flight (requests join and
+leave at every step) and resolves each request's future on its own event loop. The thread exits
+when idle, so nothing lingers between `asyncio.run` calls, and tools keep running on the event
+loop while the model computes.
+
+Partial rollouts: `abort()` ends every request in flight at the next step boundary; each returns
+what it has (`finish_reason="abort"`, its tokens and logprobs). `update_weights()` copies new
+weights in place between two steps and empties the prefix cache (its KV is stale); sequences in
+flight go on with the new weights, and `EmbeddedGeneration.token_weight_versions` records which
+version sampled each token. `sleep()` aborts what is in flight and frees the KV cache (level 2
+also moves the weights to host memory on an accelerator); `generate()` while asleep raises
+`EngineError` rather than silently retaking memory the trainer may be using; `wake()` undoes it.
 """
 
 from __future__ import annotations
@@ -20,56 +35,54 @@ from dataclasses import dataclass
 import torch
 
 from agentrl.errors import EngineError
+from agentrl.rollout.backends.kv_cache import BlockAllocator, PagedKVCache
+from agentrl.rollout.backends.model_runner import ModelRunner
+from agentrl.rollout.backends.sampling import SamplingBatch, StopStrings, sample, validate
+from agentrl.rollout.backends.scheduler import Scheduler, StepPlan
+from agentrl.rollout.backends.scheduler import Sequence as Seq
+from agentrl.rollout.backends.step_inputs import build_step_inputs
 from agentrl.rollout.engine import EngineStats, Generation, SamplingParams
 
+_CPU_KV_BYTES = 256 * 2**20  # default KV budget on CPU
+_GPU_KV_FRACTION = 0.5  # default share of free accelerator memory for the KV cache
 
-@dataclass
+
+@dataclass(frozen=True)
+class EmbeddedGeneration(Generation):
+    """A `Generation` with the weight version that sampled each token (they differ across an update)."""
+
+    token_weight_versions: tuple[int, ...] = ()
+
+
+@dataclass(eq=False)
 class _Request:
-    prompt_ids: list[int]
+    prompt: list[int]
     sampling: SamplingParams
     future: asyncio.Future
+    stop_check: StopStrings | None
+    epoch: int = 0
+    cancelled: bool = False
 
 
-def sample_tokens(
-    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, generators: list[torch.Generator | None]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row and return (tokens [B], logprobs [B]).
-
-    Args:
-        logits: [B, V] next-token logits.
-        temperature: [B]; 0 means greedy.
-        top_p: [B] nucleus mass in (0, 1].
-        generators: per-row RNGs (None: the global RNG).
-    """
-    logits = logits.float()
-    greedy = temperature <= 0
-    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(-1)  # [B, V]
-    logprobs_all = torch.log_softmax(scaled, dim=-1)  # [B, V]
-    probs = logprobs_all.exp()
-    if bool((top_p < 1).any()):
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p.unsqueeze(-1)  # keep the smallest prefix reaching top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    if all(g is None for g in generators):
-        tokens[:] = torch.multinomial(probs, 1).squeeze(-1)
-    else:
-        for i, g in enumerate(generators):
-            tokens[i] = torch.multinomial(probs[i], 1, generator=g).squeeze(-1)
-    tokens = torch.where(greedy, logits.argmax(-1), tokens)
-    return tokens, logprobs_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+def _resolve(fut: asyncio.Future, value: object) -> None:
+    if not fut.done():
+        (fut.set_exception if isinstance(value, BaseException) else fut.set_result)(value)
 
 
 class EmbeddedEngine:
-    """A pure-PyTorch engine.
+    """A pure-PyTorch engine with continuous batching and a paged, prefix-shared KV cache.
 
     Args:
-        model: A path to a Hugging Face causal LM directory, or a loaded model.
+        model: A path to a Hugging Face causal LM directory (Qwen2/Llama family), or a loaded model.
         device: Where to run (`cpu`, `cuda`).
         dtype: Weights dtype (float32 on CPU keeps logprobs exact).
-        max_batch_size: Most sequences decoded together.
+        max_batch_size: Most sequences running at once.
         max_model_len: Longest prompt + response accepted.
+        block_size: Tokens per KV block (the unit of sharing and of allocation).
+        kv_cache_tokens: KV budget in tokens; default: 512 MiB worth on CPU, half the free memory on CUDA.
+        max_step_tokens: Most tokens one step computes (long prompts are prefilled in chunks).
+        enable_prefix_caching: Share and reuse KV blocks of common prefixes (GRPO groups, later turns).
+        tokenizer: For stop strings; loaded from `model` when it is a path.
 
     Example:
         >>> engine = EmbeddedEngine("runs/tiny-model")                            # doctest: +SKIP
@@ -77,136 +90,234 @@ class EmbeddedEngine:
     """
 
     def __init__(self, model, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 max_batch_size: int = 256, max_model_len: int = 4096):
+                 max_batch_size: int = 256, max_model_len: int = 4096, *, block_size: int = 16,
+                 kv_cache_tokens: int | None = None, max_step_tokens: int = 4096,
+                 enable_prefix_caching: bool = True, tokenizer=None):
         if isinstance(model, str):
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation="sdpa")
-        self.model = model.to(device=device, dtype=dtype).eval()
-        self.model.config._attn_implementation = "sdpa"
+            path, model = model, AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+            tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(path)
         self.device = torch.device(device)
+        self.model = model.to(device=self.device, dtype=dtype).eval()
+        self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_model_len = max_model_len
-        self.pad_id = 0
+        self.block_size = block_size
+        self.max_step_tokens = max(max_step_tokens, max_batch_size)
+        self.enable_prefix_caching = enable_prefix_caching
+        self.runner = ModelRunner(self.model, max_model_len)
+        self.vocab_size = self.runner.embed.shape[0]
+        self.kv_cache_tokens = kv_cache_tokens or self._default_kv_tokens()
         self.weight_version = 0
         self.stats = EngineStats()
-        self._pending: list[_Request] = []
-        self._worker: asyncio.Task | None = None
-        self._wakeup: asyncio.Event | None = None
-        self._abort = threading.Event()
-        self._lock = threading.Lock()
+        self._cache: PagedKVCache | None = None
+        self._sched = self._new_scheduler()
+        self._lock = threading.Lock()  # held by a model step; weight updates and sleep wait for it
+        self._cv = threading.Condition()  # guards the inbox, the abort epoch, the thread handle, sleep state
+        self._inbox: list[_Request] = []
+        self._abort_epoch = 0
+        self._thread: threading.Thread | None = None
+        self._asleep = 0
+        self._counts = {"steps": 0, "cached_prompt_tokens": 0}
 
     # -- the Engine contract -----------------------------------------------------------------
     async def generate(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> Generation:
         prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise EngineError("prompt_ids is empty; a request needs at least one token")
-        if len(prompt) >= self.max_model_len:
-            raise EngineError(f"prompt has {len(prompt)} tokens; max_model_len is {self.max_model_len}")
+        self._validate(prompt, sampling)
+        stop_check = StopStrings(self.tokenizer, sampling.stop) if sampling.stop else None
+        if sampling.max_tokens == 0:
+            return EmbeddedGeneration((), (), "length", self.weight_version)
         loop = asyncio.get_running_loop()
-        if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
-            self._wakeup = asyncio.Event()
-            self._worker = loop.create_task(self._serve())
-        fut = loop.create_future()
-        self._pending.append(_Request(prompt, sampling, fut))
-        self._wakeup.set()
-        return await fut
+        req = _Request(prompt, sampling, loop.create_future(), stop_check)
+        with self._cv:
+            if self._asleep:
+                raise EngineError("the engine is asleep (sleep() was called); call wake() before generate()")
+            req.epoch = self._abort_epoch
+            self._inbox.append(req)
+            idle = self._thread is None
+        if idle:  # start after the coroutines scheduled with this one have submitted too: one first batch
+            loop.call_soon(self._ensure_thread)
+        try:
+            return await req.future
+        except asyncio.CancelledError:
+            req.cancelled = True  # the engine drops it at the next step
+            raise
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
-        """Copy new weights in place (between batches; the lock keeps a batch from seeing half)."""
+        """Copy new weights in place between two steps and drop the (now stale) prefix cache."""
         with self._lock, torch.no_grad():
             missing, unexpected = self.model.load_state_dict(dict(state_dict), strict=False)
             if unexpected or [k for k in missing if "rotary" not in k]:
-                raise EngineError(f"weights do not match the engine's model: missing={missing[:5]} unexpected={unexpected[:5]}")
+                raise EngineError(f"weights do not match the engine's model: missing={missing[:5]} "
+                                  f"unexpected={unexpected[:5]}")
             self.weight_version = version
+            self._sched.reset_prefix_cache()
 
-    def sleep(self) -> None:
-        """Nothing is cached between batches in this version, so there is nothing to free."""
+    def sleep(self, level: int = 1) -> None:
+        """Abort requests in flight and free the KV cache; level 2 also moves weights to host memory."""
+        with self._cv:
+            self._asleep = level
+        self.abort()
+        self._join()
+        with self._lock:
+            self._cache = None
+            self._sched = self._new_scheduler()
+            if level >= 2 and self.device.type != "cpu":
+                self.model.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def wake(self) -> None:
-        """Counterpart of `sleep`."""
+        """Undo `sleep`: weights back on the device; the KV cache is re-allocated by the next step."""
+        with self._lock:
+            if self._asleep >= 2 and self.device.type != "cpu":
+                self.model.to(self.device)
+                self.runner.bind()
+        with self._cv:
+            self._asleep = 0
 
     def abort(self) -> None:
-        """Stop the running batch; its requests return what they have with finish_reason `abort`."""
-        self._abort.set()
+        """End every request in flight at the next step; each returns its partial output (`abort`)."""
+        with self._cv:
+            self._abort_epoch += 1
 
-    # -- batching ------------------------------------------------------------------------------
-    async def _serve(self) -> None:
+    # -- requests ------------------------------------------------------------------------------
+    def _validate(self, prompt: list[int], sampling: SamplingParams) -> None:
+        if not prompt:
+            raise EngineError("prompt_ids is empty; a request needs at least one token")
+        if len(prompt) >= self.max_model_len:
+            raise EngineError(f"prompt has {len(prompt)} tokens; max_model_len is {self.max_model_len}. "
+                              "Shorten the prompt or raise max_model_len")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise EngineError(f"prompt token ids must be in [0, {self.vocab_size}); got min {min(prompt)}, "
+                              f"max {max(prompt)}")
+        validate(sampling)
+
+    def _sequence(self, req: _Request) -> Seq:
+        s = req.sampling
+        room = min(self.max_model_len, (self._sched.alloc.capacity) * self.block_size) - len(req.prompt)
+        return Seq(seq_id=id(req), tokens=list(req.prompt), max_new=max(1, min(s.max_tokens, room)),
+                   stop_token_ids=frozenset(s.stop_token_ids), stop_check=req.stop_check, payload=req)
+
+    def _deliver(self, seqs: list[Seq]) -> None:
+        for seq in seqs:
+            req: _Request = seq.payload
+            self.stats.requests += 1
+            self.stats.prompt_tokens += seq.prompt_len
+            self._counts["cached_prompt_tokens"] += max(seq.cached_tokens, 0)
+            gen = EmbeddedGeneration(tuple(seq.output), tuple(seq.logprobs), seq.finish_reason,
+                                     seq.versions[0] if seq.versions else self.weight_version,
+                                     max(seq.cached_tokens, 0), tuple(seq.versions))
+            self._post(req, gen)
+
+    @staticmethod
+    def _post(req: _Request, value: object) -> None:
+        try:
+            req.future.get_loop().call_soon_threadsafe(_resolve, req.future, value)
+        except RuntimeError:  # its event loop is gone; nobody is waiting
+            pass
+
+    # -- the engine thread ---------------------------------------------------------------------
+    def _ensure_thread(self) -> None:
+        with self._cv:
+            if self._thread is None and self._inbox:
+                self._thread = threading.Thread(target=self._run, name="agentrl-embedded-engine", daemon=True)
+                self._thread.start()
+
+    def _join(self) -> None:
+        with self._cv:
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _run(self) -> None:
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            # Let every coroutine that is about to submit do so, so they share one batch.
-            for _ in range(3):
-                await asyncio.sleep(0)
-            while self._pending:
-                batch, self._pending = self._pending[: self.max_batch_size], self._pending[self.max_batch_size :]
-                try:
-                    outs = await asyncio.to_thread(self._run_batch, [(r.prompt_ids, r.sampling) for r in batch])
-                except Exception as exc:  # a failed batch fails its requests, not the engine
-                    for r in batch:
-                        if not r.future.done():
-                            r.future.set_exception(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
-                    continue
-                for r, out in zip(batch, outs):
-                    if not r.future.done():
-                        r.future.set_result(out)
+            with self._cv:
+                new, self._inbox = self._inbox, []
+                epoch = self._abort_epoch
+                if not new and not self._sched.has_work:
+                    self._thread = None
+                    self._cv.notify_all()
+                    return
+            try:
+                self._step(new, epoch)
+            except Exception as exc:  # a failed step fails its requests, not the engine
+                self._fail_all(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
 
-    @torch.no_grad()
-    def _run_batch(self, requests: list[tuple[list[int], SamplingParams]]) -> list[Generation]:
+    def _step(self, new: list[_Request], epoch: int) -> None:
         with self._lock:
             t0 = time.perf_counter()
-            self._abort.clear()
-            outs = self._decode(requests)
-            self.stats.batches += 1
-            self.stats.requests += len(requests)
-            self.stats.prompt_tokens += sum(len(p) for p, _ in requests)
-            self.stats.generated_tokens += sum(len(o.token_ids) for o in outs)
+            for req in new:
+                try:
+                    self._sched.add(self._sequence(req))
+                except EngineError as exc:
+                    self._post(req, exc)
+            done = self._sched.abort_where(lambda s: s.payload.epoch < epoch or s.payload.cancelled)
+            if self._sched.has_work:
+                if self._cache is None:
+                    self._cache = self.runner.new_cache(self._sched.alloc.num_blocks, self.block_size)
+                plan = self._sched.schedule()
+                if not plan.chunks:
+                    raise EngineError("the scheduler found nothing to run while requests wait (scheduler bug)")
+                done += self._run_plan(plan)
+                self.stats.batches += plan.admitted > 0
+            self._deliver(done)
             self.stats.generate_seconds += time.perf_counter() - t0
-            return outs
+            self._update_extra()
 
-    def _decode(self, requests: list[tuple[list[int], SamplingParams]]) -> list[Generation]:
-        B = len(requests)
-        dev = self.device
-        lengths = [len(p) for p, _ in requests]
-        width = max(lengths)
-        input_ids = torch.full((B, width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((B, width), dtype=torch.long)
-        for i, (p, _) in enumerate(requests):  # left padding keeps every row's last token in the last column
-            input_ids[i, width - len(p):] = torch.tensor(p)
-            attn[i, width - len(p):] = 1
-        input_ids, attn = input_ids.to(dev), attn.to(dev)
-        positions = (attn.cumsum(-1) - 1).clamp(min=0)  # [B, W]
-        temperature = torch.tensor([s.temperature for _, s in requests], device=dev)
-        top_p = torch.tensor([s.top_p for _, s in requests], device=dev)
-        gens = [None if s.seed is None else torch.Generator(device=dev).manual_seed(s.seed) for _, s in requests]
-        budget = [min(s.max_tokens, self.max_model_len - n) for (_, s), n in zip(requests, lengths)]
-        stops = [set(s.stop_token_ids) for _, s in requests]
-        out_tokens: list[list[int]] = [[] for _ in range(B)]
-        out_lps: list[list[float]] = [[] for _ in range(B)]
-        reason: list[str | None] = [None] * B
-        out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=positions, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
-        next_pos = positions[:, -1:] + 1  # [B, 1]
-        while True:
-            tokens, lps = sample_tokens(logits, temperature, top_p, gens)
-            tok_list, lp_list = tokens.tolist(), lps.tolist()
-            for i in range(B):
-                if reason[i] is not None:
-                    continue
-                out_tokens[i].append(tok_list[i])
-                out_lps[i].append(lp_list[i])
-                if tok_list[i] in stops[i]:
-                    reason[i] = "stop"
-                elif len(out_tokens[i]) >= budget[i]:
-                    reason[i] = "length"
-            if self._abort.is_set():
-                reason = [r or "abort" for r in reason]
-            if all(r is not None for r in reason):
-                break
-            attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=dev)], dim=1)
-            out = self.model(input_ids=tokens.unsqueeze(-1), attention_mask=attn, position_ids=next_pos,
-                             past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1]
-            next_pos = next_pos + 1
-        return [Generation(tuple(t), tuple(lp), r or "length", self.weight_version)
-                for t, lp, r in zip(out_tokens, out_lps, reason)]
+    def _run_plan(self, plan: StepPlan) -> list[Seq]:
+        inputs = build_step_inputs(plan, self._sched.block_table, self.block_size, self.device)
+        logits = self.runner.forward(inputs, self._cache)  # [S, V]
+        self._cache.copy_blocks(plan.copies)
+        rows = [c for c in plan.chunks if c.sample]
+        batch = SamplingBatch.build([c.seq.payload.sampling for c in rows], [c.seq.num_output for c in rows],
+                                    self.device)
+        tokens, logprobs = sample(logits, batch)
+        self._counts["steps"] += 1
+        self.stats.generated_tokens += len(rows)
+        return self._sched.finish_step(plan, tokens.tolist(), logprobs.tolist(), self.weight_version)
+
+    def _fail_all(self, exc: EngineError) -> None:
+        with self._lock:
+            seqs = [*self._sched.running, *self._sched.waiting]
+            self._sched = self._new_scheduler()
+        for seq in seqs:
+            self._post(seq.payload, exc)
+
+    # -- sizing and metrics --------------------------------------------------------------------
+    def _default_kv_tokens(self) -> int:
+        r = self.runner
+        per_token = PagedKVCache.bytes_per_token(r.num_layers, r.num_kv_heads, r.head_dim, r.dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * _GPU_KV_FRACTION)
+        else:
+            budget = _CPU_KV_BYTES
+        return max(self.max_model_len, min(budget // per_token, self.max_batch_size * self.max_model_len))
+
+    def _new_scheduler(self) -> Scheduler:
+        blocks = -(-self.kv_cache_tokens // self.block_size) + 1  # + the reserved null block
+        alloc = BlockAllocator(blocks, self.block_size, self.enable_prefix_caching)
+        return Scheduler(alloc, self.max_batch_size, self.max_step_tokens, self.max_model_len)
+
+    def _update_extra(self) -> None:
+        s, c = self._sched, self._counts
+        self.stats.extra.update(
+            steps=float(c["steps"]),
+            cached_prompt_tokens=float(c["cached_prompt_tokens"]),
+            prefix_cache_hit_rate=c["cached_prompt_tokens"] / max(1, self.stats.prompt_tokens),
+            kv_blocks=float(s.alloc.capacity), kv_block_size=float(self.block_size),
+            kv_blocks_peak=float(max(s.alloc.peak_used, self.stats.extra.get("kv_blocks_peak", 0.0))),
+            **{k: float(v) for k, v in s.counters.items()},
+        )
+
+
+def _load_tokenizer(path: str):
+    """The tokenizer saved with the model, or None (then stop strings are refused with a clear error)."""
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None

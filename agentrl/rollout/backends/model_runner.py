@@ -1,0 +1,162 @@
+"""The forward pass of the built-in engine over Hugging Face Qwen2 / Llama-family weights.
+
+One call computes a whole step: a flat batch of new tokens (decode tokens and prefill chunks of
+many sequences, no padding) at their positions, writing their K/V into the paged cache and
+attending over it, and returns the logits of only the positions that will be sampled.
+
+The weights stay owned by the Hugging Face model, so `load_state_dict` with the trainer's names
+keeps working. At bind time q/k/v and gate/up are concatenated into one matrix each (one matmul
+instead of three or two) and the model's own parameters are re-pointed at slices of it, so a
+weight update writes straight into the fused matrices and no weight is stored twice.
+
+Letters: N new tokens in the step, S sampled rows, H hidden size, Hq / Hkv query / KV heads,
+D head dim, I MLP width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from agentrl.errors import EngineError
+from agentrl.rollout.backends.attention import StepMetadata, make_attention
+from agentrl.rollout.backends.kv_cache import PagedKVCache
+
+
+@dataclass
+class StepInputs:
+    """Token-level tensors of one step (see `step_inputs.build_step_inputs`)."""
+
+    input_ids: torch.Tensor  # [N] int64
+    positions: torch.Tensor  # [N] int64
+    logits_index: torch.Tensor  # [S] int64: row of each sampled sequence's last token
+    meta: StepMetadata
+
+
+@dataclass
+class _Layer:
+    qkv_w: torch.Tensor  # [(Hq + 2 Hkv) D, H]
+    qkv_b: torch.Tensor | None
+    o_w: torch.Tensor  # [H, Hq D]
+    o_b: torch.Tensor | None
+    ln1: torch.Tensor  # [H]
+    ln2: torch.Tensor  # [H]
+    gate_up_w: torch.Tensor  # [2 I, H]
+    down_w: torch.Tensor  # [H, I]
+
+
+def _fuse(linears: list[torch.nn.Linear], name: str) -> torch.Tensor | None:
+    """Concatenate `linears`' weights (or biases) along dim 0 and make each one a view of the result."""
+    parts = [getattr(m, name) for m in linears]
+    if all(p is None for p in parts):
+        return None
+    if any(p is None for p in parts):
+        raise EngineError(f"some of {len(parts)} projections have a {name} and some do not; unsupported model")
+    fused = torch.cat([p.data for p in parts])
+    start = 0
+    for p in parts:
+        p.data = fused[start:start + p.shape[0]]
+        start += p.shape[0]
+    return fused
+
+
+class ModelRunner:
+    """Runs steps of a decoder-only HF model (Qwen2, Llama, Mistral-style blocks) on a paged KV cache.
+
+    Args:
+        model: A loaded `*ForCausalLM` whose blocks have `self_attn.{q,k,v,o}_proj`,
+            `mlp.{gate,up,down}_proj` and RMSNorms; already on its device and dtype.
+        max_model_len: Longest sequence (size of the rotary table).
+    """
+
+    def __init__(self, model: torch.nn.Module, max_model_len: int):
+        cfg = model.config
+        if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
+            raise EngineError("sliding-window attention is not supported by the built-in engine")
+        inner = getattr(model, "model", None)
+        if inner is None or not hasattr(inner, "layers") or not hasattr(inner.layers[0], "self_attn"):
+            raise EngineError(f"{type(model).__name__} is not a Qwen2/Llama-style decoder; the built-in engine runs "
+                              "models with model.layers[i].self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj")
+        self.model = model
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        self.num_layers = cfg.num_hidden_layers
+        self.eps = cfg.rms_norm_eps
+        self.scale = self.head_dim ** -0.5
+        self.max_model_len = max_model_len
+        self.bind()
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def bind(self) -> None:
+        """(Re)build the fused views, the rotary table and the attention backend from the model.
+
+        Call again after the model moved (`.to()` replaces parameter storage and breaks the views).
+        """
+        inner = self.model.model
+        self.layers = []
+        for blk in inner.layers:
+            at, mlp = blk.self_attn, blk.mlp
+            self.layers.append(_Layer(
+                qkv_w=_fuse([at.q_proj, at.k_proj, at.v_proj], "weight"),
+                qkv_b=_fuse([at.q_proj, at.k_proj, at.v_proj], "bias"),
+                o_w=at.o_proj.weight, o_b=at.o_proj.bias,
+                ln1=blk.input_layernorm.weight, ln2=blk.post_attention_layernorm.weight,
+                gate_up_w=_fuse([mlp.gate_proj, mlp.up_proj], "weight"), down_w=mlp.down_proj.weight,
+            ))
+        self.embed = inner.embed_tokens.weight
+        self.final_norm = inner.norm.weight
+        self.lm_head = self.model.get_output_embeddings().weight
+        self.qk_width = (self.num_heads + self.num_kv_heads) * self.head_dim
+        self.inter = self.layers[0].down_w.shape[1]
+        pos = torch.arange(self.max_model_len, device=self.device).unsqueeze(0)
+        probe = torch.zeros((), device=self.device, dtype=self.dtype)
+        cos, sin = inner.rotary_emb(probe, pos)  # [1, P, D] each, in the model dtype, HF's own rope variant
+        half = self.head_dim // 2
+        self.cos = cos[0].contiguous()  # [P, D]
+        # rotate_half(x) * sin == roll(x, D/2) * [-sin_lo, sin_hi]: one roll instead of slice+neg+cat.
+        self.sin_signed = torch.cat([-sin[0, :, :half], sin[0, :, half:]], -1).contiguous()  # [P, D]
+        self.attention = make_attention(self.device)
+
+    def new_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
+        return PagedKVCache(self.num_layers, num_blocks, block_size, self.num_kv_heads, self.head_dim,
+                            self.dtype, self.device)
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), w, self.eps)
+        # Hugging Face's order for half precision: normalise in float32, round, then scale.
+        xf = x.float()
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    @torch.no_grad()
+    def forward(self, inp: StepInputs, cache: PagedKVCache) -> torch.Tensor:
+        """Compute one step; returns logits [S, V] of the rows in `inp.logits_index`."""
+        Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        x = F.embedding(inp.input_ids, self.embed)  # [N, H]
+        N = x.shape[0]
+        cos = self.cos.index_select(0, inp.positions).unsqueeze(1)  # [N, 1, D]
+        sin = self.sin_signed.index_select(0, inp.positions).unsqueeze(1)
+        last = len(self.layers) - 1
+        for i, lw in enumerate(self.layers):
+            qkv = F.linear(self._norm(x, lw.ln1), lw.qkv_w, lw.qkv_b)  # [N, (Hq + 2 Hkv) D]
+            qk = qkv[:, : self.qk_width].view(N, Hq + Hkv, D)
+            qk = qk * cos + qk.roll(D // 2, -1) * sin  # rotary on q and k at once
+            v = qkv[:, self.qk_width:].view(N, Hkv, D)
+            self.attention.write(cache.k[i], cache.v[i], qk[:, Hq:], v, inp.meta.slots)
+            attn = self.attention(qk[:, :Hq], cache.k[i], cache.v[i], inp.meta, self.scale)  # [N, Hq, D]
+            x = x + F.linear(attn.reshape(N, Hq * D), lw.o_w, lw.o_b)
+            if i == last:  # the MLP and the head only matter for the rows that are sampled
+                x = x.index_select(0, inp.logits_index)  # [S, H]
+            gate_up = F.linear(self._norm(x, lw.ln2), lw.gate_up_w)  # [*, 2 I]
+            x = x + F.linear(F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter:], lw.down_w)
+        return F.linear(self._norm(x, self.final_norm), self.lm_head)  # [S, V]
