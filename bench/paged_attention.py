@@ -9,6 +9,15 @@ Also probes `torch.nn.attention.varlen.varlen_attn`: whether its causal mask is 
 when seqlen_k > seqlen_q, and whether it takes a paged cache (`block_table`) at block size 16.
 
 Run: `PYTHONPATH=. python3 bench/paged_attention.py`.
+
+Measured on an H100 80GB HBM3 (torch 2.11.0+cu130, triton 3.6.0; 2.98 TB/s copy), context 512,
+per layer call, graph-replayed:
+
+    decode B=64    triton 11.6 us (1.45 TB/s, 2.1x floor 5.6 us; 5.2 us of it is fixed cost)
+                   torch reference 194 us
+    decode B=256   triton 28.5 us (2.36 TB/s, 1.27x floor 22.4 us); torch reference 645 us
+    write_kv N=256 triton 3.2 us; two index_copy_ 6.0 us
+    prefill 64 x 256 new tokens: triton 56 us; gather + varlen_attn 235-373 us
 """
 
 from __future__ import annotations
