@@ -5,10 +5,11 @@ handful of tensor ops and no per-row Python. Reported logprobs are those of the 
 under `log_softmax(logits / temperature)` in float32, before any truncation (`temperature = 0`
 is greedy and reports `temperature = 1`), which is what the trainer recomputes.
 
-Sampling is an exponential race: `argmax(p_i / E_i)` with `E_i ~ Exp(1)` draws index i with
-probability `p_i`. Unseeded rows take E from torch's generator; a seeded row takes it from a
-counter-based hash of (seed, output position, token id), so a seeded request gives the same tokens
-whatever else shares its batch, after preemption, and on any device.
+Sampling inverts the CDF: one uniform number per row, searched in the cumulative sum of the
+(truncated) probabilities, which costs S random numbers rather than S * V. Unseeded rows take it
+from torch's generator; a seeded row takes it from a counter-based hash of (seed, output position),
+so a seeded request gives the same tokens whatever else shares its batch, after preemption, and
+on any device.
 
 Truncation order: top-k, then top-p over what top-k kept (renormalised), then min-p (relative to
 the most likely token). Tokens tied with a cut-off value are kept.
@@ -31,39 +32,39 @@ _M32 = 0xFFFFFFFF
 
 @dataclass
 class SamplingBatch:
-    """Per-row parameters as device tensors, plus flags that let `sample` skip unused filters."""
+    """Per-row parameters as device tensors; a filter nobody uses is None and costs nothing."""
 
-    temperature: torch.Tensor  # [S] float32, 0 = greedy
-    top_p: torch.Tensor  # [S] float32
-    top_k: torch.Tensor  # [S] int64, 0 = off
-    min_p: torch.Tensor  # [S] float32
+    temperature: torch.Tensor | None  # [S, 1] float32 (greedy rows hold 1); None: every row uses 1
+    greedy_rows: torch.Tensor | None  # [S] bool, rows with temperature 0; None: there are none
+    top_p: torch.Tensor | None  # [S] float32
+    top_k: torch.Tensor | None  # [S] int64, 0 = off
+    min_p: torch.Tensor | None  # [S] float32
     seeded_rows: torch.Tensor | None  # [R] int64 row indices with a seed
     seeds: torch.Tensor | None  # [R] int64
     positions: torch.Tensor | None  # [R] int64: index of the token being sampled in the output
     all_greedy: bool
-    any_top_k: bool
-    any_top_p: bool
-    any_min_p: bool
 
     @classmethod
     def build(cls, params: Sequence[SamplingParams], positions: Sequence[int], device: torch.device) -> SamplingBatch:
         """`params[i]` samples row i, whose new token is output token number `positions[i]`."""
         temps = [p.temperature for p in params]
+        sampled = [p for p in params if p.temperature > 0]
+
+        def tensor(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
         seeded = [i for i, p in enumerate(params) if p.seed is not None and p.temperature > 0]
-        f32 = dict(dtype=torch.float32, device=device)
         return cls(
-            temperature=torch.tensor(temps, **f32),
-            top_p=torch.tensor([p.top_p for p in params], **f32),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
-            min_p=torch.tensor([p.min_p for p in params], **f32),
-            seeded_rows=torch.tensor(seeded, dtype=torch.long, device=device) if seeded else None,
-            seeds=torch.tensor([params[i].seed % 2**63 for i in seeded], dtype=torch.long, device=device)
-            if seeded else None,
-            positions=torch.tensor([positions[i] for i in seeded], dtype=torch.long, device=device) if seeded else None,
-            all_greedy=all(t <= 0 for t in temps),
-            any_top_k=any(p.top_k > 0 and p.temperature > 0 for p in params),
-            any_top_p=any(p.top_p < 1 and p.temperature > 0 for p in params),
-            any_min_p=any(p.min_p > 0 and p.temperature > 0 for p in params),
+            temperature=tensor([t if t > 0 else 1.0 for t in temps]).unsqueeze(-1)
+            if any(t not in (0, 1) for t in temps) else None,
+            greedy_rows=tensor([t <= 0 for t in temps], torch.bool) if len(sampled) < len(params) else None,
+            top_p=tensor([p.top_p for p in params]) if any(p.top_p < 1 for p in sampled) else None,
+            top_k=tensor([p.top_k for p in params], torch.long) if any(p.top_k > 0 for p in sampled) else None,
+            min_p=tensor([p.min_p for p in params]) if any(p.min_p > 0 for p in sampled) else None,
+            seeded_rows=tensor(seeded, torch.long) if seeded else None,
+            seeds=tensor([params[i].seed % 2**63 for i in seeded], torch.long) if seeded else None,
+            positions=tensor([positions[i] for i in seeded], torch.long) if seeded else None,
+            all_greedy=not sampled,
         )
 
 
@@ -93,36 +94,44 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def seeded_exponential(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Exp(1) noise [R, V], a pure function of (seed, position, token id).
+def seeded_uniform(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Uniform numbers in (0, 1), a pure function of (seed, position).
 
     Args:
         seeds: [R] int64, non-negative.
         positions: [R] int64 output positions.
-        vocab: V.
+
+    Returns:
+        [R] float64 (48 random bits).
     """
-    row = _mix32(_mix32(_mix32(seeds & _M32) ^ ((seeds >> 32) & _M32)) ^ (positions & _M32))  # [R]
-    col = _mix32(torch.arange(vocab, device=seeds.device, dtype=torch.long) + 0x9E3779B)  # [V]
-    bits = _mix32(row.unsqueeze(-1) ^ col) >> 8  # [R, V], 24 random bits
-    return -torch.log((bits.float() + 0.5) * 2.0**-24)
+    lo, hi = seeds & _M32, (seeds >> 32) & _M32
+    a = _mix32(_mix32(_mix32(lo) ^ hi) ^ (positions & _M32))  # [R]
+    b = _mix32(a ^ 0x5BD1E995)
+    bits = (a << 16) | (b >> 16)  # 48 bits
+    return (bits.double() + 0.5) * 2.0**-48
 
 
 def _truncate(logp: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     """Set the log-probabilities of tokens outside top-k / top-p / min-p to -inf. logp: [S, V]."""
     S, V = logp.shape
     out = logp
-    if b.any_top_k or b.any_top_p:
+    if b.top_p is not None:
         sorted_lp = logp.sort(dim=-1, descending=True).values  # [S, V]
-        k = torch.where(b.top_k > 0, b.top_k.clamp(max=V), V)  # [S]
-        keep = k
-        if b.any_top_p:
-            probs = sorted_lp.exp() * (torch.arange(V, device=logp.device) < k.unsqueeze(-1))  # [S, V]
-            cum = probs.cumsum(-1)
-            before = cum - probs  # mass strictly ahead of each token
-            keep = torch.minimum(k, (before < b.top_p.unsqueeze(-1) * cum[:, -1:]).sum(-1))
-        cut = sorted_lp.gather(-1, (keep - 1).unsqueeze(-1))  # [S, 1]
+        k = torch.full((S,), V, device=logp.device) if b.top_k is None else torch.where(
+            b.top_k > 0, b.top_k.clamp(max=V), V)  # [S]
+        probs = sorted_lp.exp() * (torch.arange(V, device=logp.device) < k.unsqueeze(-1))  # [S, V]
+        cum = probs.cumsum(-1)
+        ahead = cum - probs  # mass strictly ahead of each token
+        keep = torch.minimum(k, (ahead < b.top_p.unsqueeze(-1) * cum[:, -1:]).sum(-1))  # [S]
+        out = out.masked_fill(logp < sorted_lp.gather(-1, (keep - 1).unsqueeze(-1)), float("-inf"))
+    elif b.top_k is not None:
+        k_max = int(b.top_k.max())
+        top = logp.topk(min(k_max, V), dim=-1).values  # [S, k_max]
+        k = torch.where(b.top_k > 0, b.top_k.clamp(max=V), k_max).clamp(max=top.shape[-1])
+        cut = top.gather(-1, (k - 1).unsqueeze(-1))  # [S, 1]
+        cut = torch.where((b.top_k > 0).unsqueeze(-1), cut, float("-inf"))
         out = out.masked_fill(logp < cut, float("-inf"))
-    if b.any_min_p:
+    if b.min_p is not None:
         floor = logp.max(-1, keepdim=True).values + torch.log(b.min_p).unsqueeze(-1)  # [S, 1]; log 0 = -inf
         out = out.masked_fill(logp < floor, float("-inf"))
     return out
@@ -139,14 +148,17 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.
     if b.all_greedy:
         tokens = logits.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    greedy = b.temperature <= 0
-    scale = torch.where(greedy, torch.ones_like(b.temperature), b.temperature)
-    logp = torch.log_softmax(logits / scale.unsqueeze(-1), -1)  # [S, V], what is reported
-    noise = torch.empty_like(logp).exponential_()  # [S, V]
+    logp = torch.log_softmax(logits if b.temperature is None else logits / b.temperature, -1)  # [S, V], reported
+    cdf = _truncate(logp, b).exp().cumsum(-1)  # [S, V]
+    u = torch.rand(cdf.shape[0], device=cdf.device, dtype=torch.float64)  # [S]
     if b.seeded_rows is not None:
-        noise[b.seeded_rows] = seeded_exponential(b.seeds, b.positions, logp.shape[-1])
-    tokens = (_truncate(logp, b) - noise.log()).argmax(-1)
-    tokens = torch.where(greedy, logits.argmax(-1), tokens)
+        u[b.seeded_rows] = seeded_uniform(b.seeds, b.positions)
+    total = cdf[:, -1:]  # [S, 1]
+    target = (u.unsqueeze(-1) * total.double()).to(cdf.dtype)  # [S, 1]
+    target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))  # rounding must not reach the end
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+    if b.greedy_rows is not None:
+        tokens = torch.where(b.greedy_rows, logits.argmax(-1), tokens)
     return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 

@@ -1,0 +1,232 @@
+"""Rollout throughput: the built-in engine vs Hugging Face `generate`, same model, same prompts, one run.
+
+Workloads (every response is exactly `new` tokens long: no stop tokens, HF gets `min_new_tokens`):
+
+- (a) `plain`: P random prompts of `prompt_len` tokens, `new` sampled tokens each.
+- (b) `grpo`: G prompts x n samples (the GRPO shape); the engine gets the G*n requests at once and
+  should prefill each prompt once (its prefix-cache hit rate is printed); HF generates the
+  G*n rows as one batch (`num_return_sequences=n`).
+- (c) `turns`: E episodes of 4 turns: each turn appends `obs` random observation tokens to the
+  whole conversation so far and generates `turn_new` tokens. HF re-prefills the conversation
+  every turn; the engine runs twice, with prefix caching on and off.
+
+Output: one row per (workload, backend) with generated tokens/s and the ratio to HF `generate`.
+Each measurement is repeated `--repeats` times after a warm-up, backends interleaved, and the
+best run is kept (the CPU machines this runs on are shared, so the best run is the least noisy).
+
+Example:
+    PYTHONPATH=. python bench/rollout.py --cpu-small                       # CPU, tiny quickstart shape
+    PYTHONPATH=. python bench/rollout.py --random-qwen2-0.5b --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from agentrl.rollout.backends.embedded import EmbeddedEngine
+from agentrl.rollout.engine import SamplingParams
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    prompts: int = 256
+    prompt_len: int = 256
+    new: int = 256
+    groups: int = 32
+    n: int = 8
+    episodes: int = 64
+    turns: int = 4
+    obs: int = 32
+    turn_new: int = 64
+
+
+CPU_SMALL = Sizes(prompts=64, prompt_len=64, new=64, groups=8, n=8, episodes=16, turns=4, obs=32, turn_new=32)
+
+
+def build_model(args):
+    """A local HF model, a random Qwen2-0.5B-shaped one, or (default) the quickstart tiny shape."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    if args.model:
+        return AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype])
+    if args.random_qwen2_0_5b:
+        cfg = Qwen2Config(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                          intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True,
+                          max_position_embeddings=4096)
+    else:
+        from agentrl.recipes.tiny_model import TinyModelShape
+
+        s = TinyModelShape()
+        cfg = Qwen2Config(hidden_size=s.hidden_size, num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads,
+                          num_key_value_heads=s.num_kv_heads, intermediate_size=s.intermediate_size,
+                          vocab_size=s.vocab_size, max_position_embeddings=s.max_positions, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(cfg).to(DTYPES[args.dtype])
+
+
+def random_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(count)]
+
+
+def hf_generate(model, prompts: list[list[int]], new: int, num_return: int = 1) -> int:
+    """Batched `generate`, left padded, sampling, exactly `new` tokens per row; returns tokens generated."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    dev = model.device
+    with torch.no_grad():
+        out = model.generate(ids.to(dev), attention_mask=mask.to(dev), do_sample=True, max_new_tokens=new,
+                             min_new_tokens=new, num_return_sequences=num_return, pad_token_id=0, eos_token_id=None)
+    return (out.shape[1] - width) * out.shape[0]
+
+
+def engine_generate(engine: EmbeddedEngine, prompts: list[list[int]], new: int) -> int:
+    async def run():
+        sp = SamplingParams(temperature=1.0, max_tokens=new)
+        return await asyncio.gather(*(engine.generate(p, sp) for p in prompts))
+
+    return sum(len(g.token_ids) for g in asyncio.run(run()))
+
+
+def episodes(generate, starts: list[list[int]], turns: int, obs: int, new: int, vocab: int) -> int:
+    """Multi-turn: each turn = conversation + new observation tokens; `generate(prompts) -> outputs`."""
+    rng = random.Random(1)
+    convs = [list(p) for p in starts]
+    total = 0
+    for _ in range(turns):
+        for c in convs:
+            c += [rng.randrange(3, vocab) for _ in range(obs)]
+        outs = generate(convs, new)
+        for c, o in zip(convs, outs):
+            c += o
+        total += sum(len(o) for o in outs)
+    return total
+
+
+def hf_turn(model, new):
+    def gen(convs, _new):
+        width = max(len(c) for c in convs)
+        ids = torch.tensor([[0] * (width - len(c)) + c for c in convs], device=model.device)
+        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in convs], device=model.device)
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, do_sample=True, max_new_tokens=new, min_new_tokens=new,
+                                 pad_token_id=0, eos_token_id=None)
+        return out[:, width:].tolist()
+    return gen
+
+
+def engine_turn(engine):
+    def gen(convs, new):
+        async def run():
+            sp = SamplingParams(temperature=1.0, max_tokens=new)
+            return await asyncio.gather(*(engine.generate(c, sp) for c in convs))
+        return [list(g.token_ids) for g in asyncio.run(run())]
+    return gen
+
+
+def best_of(fns: dict, repeats: int, sync) -> dict[str, tuple[float, int]]:
+    """Run each fn once to warm up, then `repeats` times interleaved; keep each one's fastest run."""
+    for fn in fns.values():
+        fn()
+    best: dict[str, tuple[float, int]] = {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            tokens = fn()
+            sync()
+            dt = time.perf_counter() - t0
+            if name not in best or dt < best[name][0]:
+                best[name] = (dt, tokens)
+    return best
+
+
+def report(workload: str, results: dict[str, tuple[float, int]], extra: dict[str, dict] | None = None) -> list[dict]:
+    rows = []
+    base = results["hf_generate"][1] / results["hf_generate"][0]
+    for name, (dt, tokens) in results.items():
+        row = dict(workload=workload, backend=name, tokens=tokens, seconds=round(dt, 3),
+                   tok_per_s=round(tokens / dt, 1), vs_hf=round(tokens / dt / base, 2), **(extra or {}).get(name, {}))
+        rows.append(row)
+        info = "  ".join(f"{k}={v}" for k, v in (extra or {}).get(name, {}).items())
+        print(f"{workload:7s} {name:22s} {tokens:8d} tok {dt:8.2f} s {tokens / dt:10.1f} tok/s "
+              f"{tokens / dt / base:6.2f}x HF  {info}", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="a local Hugging Face model directory")
+    ap.add_argument("--random-qwen2-0.5b", dest="random_qwen2_0_5b", action="store_true", help="random-init Qwen2-0.5B shape")
+    ap.add_argument("--cpu-small", action="store_true", help="CPU sizes: 64x64x64, 8x8 GRPO, 16 episodes")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES))
+    ap.add_argument("--workloads", default="plain,grpo,turns")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--json", help="also write the rows here")
+    args = ap.parse_args()
+    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sz = CPU_SMALL if args.cpu_small else Sizes()
+    model = build_model(args).to(args.device).eval()
+    vocab = model.config.vocab_size
+    longest = max(sz.prompt_len + sz.new, sz.prompt_len + sz.turns * (sz.obs + sz.turn_new))
+    engine = EmbeddedEngine(model, device=args.device, dtype=DTYPES[args.dtype], max_model_len=longest + 8,
+                            max_batch_size=max(sz.prompts, sz.groups * sz.n, sz.episodes))
+    no_cache = EmbeddedEngine(model, device=args.device, dtype=DTYPES[args.dtype], max_model_len=longest + 8,
+                              max_batch_size=max(sz.prompts, sz.groups * sz.n, sz.episodes),
+                              enable_prefix_caching=False)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} "
+          f"params={sum(p.numel() for p in model.parameters()) / 1e6:.1f}M sizes={sz}", flush=True)
+    rows: list[dict] = []
+    work = args.workloads.split(",")
+    if "plain" in work:
+        prompts = random_prompts(sz.prompts, sz.prompt_len, vocab, 0)
+        res = best_of({"hf_generate": lambda: hf_generate(model, prompts, sz.new),
+                       "embedded": lambda: engine_generate(engine, prompts, sz.new)}, args.repeats, sync)
+        rows += report(f"a:{sz.prompts}x{sz.prompt_len}x{sz.new}", res)
+    if "grpo" in work:
+        groups = random_prompts(sz.groups, sz.prompt_len, vocab, 1)
+        expanded = [p for p in groups for _ in range(sz.n)]
+        before = dict(engine.stats.extra), engine.stats.prompt_tokens
+        res = best_of({"hf_generate": lambda: hf_generate(model, groups, sz.new, num_return=sz.n),
+                       "embedded": lambda: engine_generate(engine, expanded, sz.new)}, args.repeats, sync)
+        cached = engine.stats.extra["cached_prompt_tokens"] - before[0].get("cached_prompt_tokens", 0)
+        hit = cached / (engine.stats.prompt_tokens - before[1])
+        rows += report(f"b:{sz.groups}x{sz.n}", res, {"embedded": {"prompt_cache_hit_rate": round(hit, 4),
+                                                                   "ideal": round((sz.n - 1) / sz.n, 4)}})
+    if "turns" in work:
+        starts = random_prompts(sz.episodes, sz.prompt_len, vocab, 2)
+        run = lambda gen: episodes(gen, starts, sz.turns, sz.obs, sz.turn_new, vocab)  # noqa: E731
+        before = dict(engine.stats.extra), engine.stats.prompt_tokens
+        res = best_of({"hf_generate": lambda: run(hf_turn(model, sz.turn_new)),
+                       "embedded": lambda: run(engine_turn(engine)),
+                       "embedded_no_prefix_cache": lambda: run(engine_turn(no_cache))}, args.repeats, sync)
+        cached = engine.stats.extra["cached_prompt_tokens"] - before[0].get("cached_prompt_tokens", 0)
+        hit = cached / (engine.stats.prompt_tokens - before[1])
+        reuse = res["embedded_no_prefix_cache"][0] / res["embedded"][0]
+        rows += report(f"c:{sz.episodes}x{sz.turns}t", res, {"embedded": {"prompt_cache_hit_rate": round(hit, 4),
+                                                                          "speedup_vs_no_cache": round(reuse, 2)}})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

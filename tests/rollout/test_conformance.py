@@ -1,0 +1,197 @@
+"""The engine conformance suite: what every backend (embedded, sglang, vllm) must do, on a real tiny model.
+
+Parameterised by backend name. A backend runs here when its package imports and it is registered
+in `agentrl.rollout.engine.ENGINES`; otherwise its cases are skipped, so SGLang and vLLM join the
+suite by registering themselves. Every reference is computed independently with Hugging Face
+`transformers` on the same weights: `generate` for greedy decoding, a full forward pass with
+`log_softmax(logits / T)` for logprobs (what the trainer recomputes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from agentrl.rollout.engine import ENGINES, Engine, SamplingParams
+
+BACKENDS = ["embedded", "sglang", "vllm"]
+BLOCK = 16  # the embedded engine's block size; the others cache at least at this granularity
+
+
+def make_engine(name: str, model_dir: str, **kwargs) -> Engine:
+    if name != "embedded" and importlib.util.find_spec(name) is None:
+        pytest.skip(f"{name} is not installed")
+    if name not in ENGINES:
+        pytest.skip(f"no {name!r} backend is registered")
+    return ENGINES.get(name)(model_dir, **kwargs)
+
+
+@pytest.fixture(params=BACKENDS, scope="module")
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def engine(backend, tiny_model_dir) -> Engine:
+    """One engine per backend, shared by the read-only cases (they never change weights)."""
+    return make_engine(backend, tiny_model_dir, max_model_len=4096)
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_model_dir) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = ["What is 12 times 13 plus 5?", "A shop has 40 boxes of 12 pens; it sells 7 boxes.",
+             "Ann buys 3 packs of 9 stickers and finds 2 more. How many stickers does Ann have now?"]
+    return [tok.encode(t) for t in texts]
+
+
+def run(engine: Engine, prompts, sampling: SamplingParams | list[SamplingParams]):
+    samplings = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+
+    async def go():
+        return await asyncio.gather(*(engine.generate(p, s) for p, s in zip(prompts, samplings)))
+
+    return asyncio.run(go())
+
+
+def recompute_logprobs(hf, prompt: list[int], output: tuple[int, ...], temperature: float) -> torch.Tensor:
+    """Trainer-style: one forward over prompt + output, log_softmax(logits / T) at each output token. [T_out, V]."""
+    ids = torch.tensor([prompt + list(output)])
+    with torch.no_grad():
+        logits = hf(ids).logits[0, len(prompt) - 1:-1].float()  # [T_out, V]
+    return torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), -1)
+
+
+def test_greedy_matches_hf_generate(engine, hf, prompts):
+    outs = run(engine, prompts, SamplingParams(temperature=0.0, max_tokens=24))
+    for p, out in zip(prompts, outs):
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, len(p):].tolist()
+        assert list(out.token_ids) == ref
+        assert out.finish_reason == "length" and len(out.logprobs) == 24
+
+
+def test_sampled_logprobs_match_trainer_recompute(engine, hf, prompts):
+    sps = [SamplingParams(temperature=0.7, max_tokens=32, seed=i) for i in range(len(prompts))]
+    outs = run(engine, prompts, sps)
+    for p, out in zip(prompts, outs):
+        ref = recompute_logprobs(hf, p, out.token_ids, 0.7)
+        got = torch.tensor(out.logprobs)
+        expect = ref.gather(-1, torch.tensor(out.token_ids).unsqueeze(-1)).squeeze(-1)
+        assert (got - expect).abs().max() < 1e-4
+
+
+def test_stop_tokens_and_max_tokens(engine, prompts):
+    p = prompts[0]
+    greedy = run(engine, [p], SamplingParams(temperature=0.0, max_tokens=12))[0]
+    assert len(greedy.token_ids) == 12 and greedy.finish_reason == "length"
+    stop_at = greedy.token_ids[5]
+    first = greedy.token_ids.index(stop_at)
+    out = run(engine, [p], SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=(stop_at,)))[0]
+    assert out.token_ids == greedy.token_ids[: first + 1] and out.finish_reason == "stop"
+    assert len(out.logprobs) == len(out.token_ids)
+
+
+def test_stop_strings(engine, prompts, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    p = prompts[1]
+    greedy = run(engine, [p], SamplingParams(temperature=0.0, max_tokens=16))[0].token_ids
+    stop = tok.decode(list(greedy[5:7]))
+    assert stop
+    # The response ends at the first token whose decoded prefix contains the stop string.
+    end = next(k for k in range(1, 17) if stop in tok.decode(list(greedy[:k])))
+    out = run(engine, [p], SamplingParams(temperature=0.0, max_tokens=16, stop=(stop,)))[0]
+    assert out.token_ids == greedy[:end] and out.finish_reason == "stop"
+
+
+def test_seeds_are_reproducible_whatever_the_batch(engine, prompts):
+    p = prompts[2]
+    a = run(engine, [p], SamplingParams(max_tokens=16, seed=11))[0]
+    together = run(engine, prompts, [SamplingParams(max_tokens=16, seed=s) for s in (3, 4, 11)])
+    assert together[2].token_ids == a.token_ids and together[2].logprobs == pytest.approx(a.logprobs, abs=1e-5)
+    other = run(engine, [p], SamplingParams(max_tokens=16, seed=12))[0]
+    assert other.token_ids != a.token_ids
+
+
+@pytest.mark.parametrize("field,value", [("top_k", 3), ("min_p", 0.3), ("top_p", 0.5)])
+def test_truncation_keeps_sampled_tokens_in_the_allowed_set(engine, hf, prompts, field, value):
+    sps = [SamplingParams(temperature=1.5, max_tokens=24, seed=i, **{field: value}) for i in range(len(prompts))]
+    outs = run(engine, prompts, sps)
+    for p, out in zip(prompts, outs):
+        logp = recompute_logprobs(hf, p, out.token_ids, 1.5)  # [T, V]
+        tok = torch.tensor(out.token_ids)
+        chosen = logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+        if field == "top_k":  # fewer than k tokens are strictly more likely (small slack for float noise)
+            assert ((logp > chosen.unsqueeze(-1) + 1e-5).sum(-1) < value).all()
+        elif field == "min_p":
+            assert (chosen >= logp.max(-1).values + torch.log(torch.tensor(value)) - 1e-5).all()
+        else:  # top_p: the mass strictly more likely than the chosen token is below p
+            ahead = torch.where(logp > chosen.unsqueeze(-1) + 1e-6, logp.exp(), 0.0).sum(-1)
+            assert (ahead < value + 1e-5).all()
+
+
+def test_abort_returns_partial_outputs(backend, tiny_model_dir):
+    engine = make_engine(backend, tiny_model_dir, max_model_len=8192)
+
+    async def go():
+        task = asyncio.ensure_future(engine.generate([5, 6, 7, 8], SamplingParams(max_tokens=6000)))
+        for _ in range(200):  # wait until it is decoding, then abort
+            await asyncio.sleep(0.05)
+            if getattr(engine, "stats", None) is None or engine.stats.generated_tokens >= 4:
+                break
+        engine.abort()
+        return await asyncio.wait_for(task, 30)
+
+    out = asyncio.run(go())
+    assert out.finish_reason == "abort"
+    assert 1 <= len(out.token_ids) < 6000 and len(out.logprobs) == len(out.token_ids)
+    again = run(engine, [[5, 6, 7, 8]], SamplingParams(max_tokens=3))[0]  # the engine serves on after an abort
+    assert again.finish_reason == "length" and len(again.token_ids) == 3
+
+
+def test_update_weights_changes_outputs_and_drops_cached_kv(backend, tiny_model_dir, prompts):
+    engine = make_engine(backend, tiny_model_dir, max_model_len=4096)
+    p = prompts[2]  # longer than two blocks: a stale prefix cache would be hit
+    before = run(engine, [p], SamplingParams(temperature=0.0, max_tokens=12))[0]
+    new = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for w in new.parameters():
+            w.add_(torch.randn_like(w) * 0.5)
+    engine.update_weights(new.state_dict(), version=7)
+    after = run(engine, [p], SamplingParams(temperature=0.0, max_tokens=12))[0]
+    ref = new.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                       pad_token_id=0)[0, len(p):].tolist()
+    assert list(after.token_ids) == ref and after.token_ids != before.token_ids
+    assert after.weight_version == 7 and after.prompt_cached_tokens == 0
+
+
+def test_identical_prompts_share_their_prefill(backend, tiny_model_dir):
+    engine = make_engine(backend, tiny_model_dir, max_model_len=4096)
+    n, prompt = 8, list(range(10, 50))  # 40 tokens: 2 full blocks of 16
+    outs = run(engine, [prompt] * n, SamplingParams(max_tokens=8))
+    full_block_tokens = len(prompt) // BLOCK * BLOCK
+    assert sum(o.prompt_cached_tokens for o in outs) >= (n - 1) * full_block_tokens
+    if backend == "embedded":
+        assert engine.stats.extra["prefix_cache_hit_rate"] >= (n - 1) / n * full_block_tokens / len(prompt)
+
+
+def test_next_turn_reuses_the_previous_turns_blocks(engine, prompts):
+    first = run(engine, [prompts[0] + [3] * 20], SamplingParams(temperature=0.0, max_tokens=20))[0]
+    prev = prompts[0] + [3] * 20 + list(first.token_ids)
+    second = run(engine, [prev + [4] * 12], SamplingParams(temperature=0.0, max_tokens=4))[0]
+    # KV exists for all of `prev` but its last sampled token; every full block of that is reused.
+    assert second.prompt_cached_tokens >= (len(prev) - 1) // BLOCK * BLOCK
