@@ -27,7 +27,7 @@ console = Console()
 
 
 def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+    console.print(f"[bold red]error:[/] {rich_escape(str(exc))}", soft_wrap=True)  # paths stay copy-pasteable
     raise typer.Exit(code=2)
 
 
@@ -36,13 +36,14 @@ def _fmt(metrics: dict[str, float], keys: list[str]) -> str:
 
 
 STEP_KEYS = ["reward", "success_rate", "loss", "approx_kl", "entropy", "grad_norm", "rollout_tokens_per_s",
-             "tool_errors", "step_s"]
+             "tool_errors", "nonfinite_steps", "step_s"]
 
 
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="YAML file of overrides of agentrl.config.Config."),
     overrides: Optional[list[str]] = typer.Argument(None, help="dotted.key=value overrides, e.g. train.steps=5"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in run_dir from its latest checkpoint."),
 ) -> None:
     """Train a policy with RL; prints held-out success before and after."""
     from agentrl.config import load_config
@@ -57,6 +58,11 @@ def train(
     with Progress(TextColumn("[bold blue]RL"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as progress:
         task = progress.add_task("train", total=cfg.train.steps)
+        if resume:
+            from agentrl.trainer.checkpoint import latest_checkpoint
+
+            last = latest_checkpoint(cfg.run_dir)
+            progress.update(task, completed=int(last.name.split("-")[-1]) if last else 0)
 
         def on_step(step: int, m: dict[str, float]) -> None:
             progress.console.print(f"step {step:>4}  {_fmt(m, STEP_KEYS)}")
@@ -66,7 +72,7 @@ def train(
             progress.update(task, advance=1)
 
         try:
-            result = run_training(cfg, on_step=on_step)
+            result = run_training(cfg, on_step=on_step, resume=resume)
         except AgentRLError as exc:
             _fail(exc)
     _print_before_after(result, cfg.eval.split)
@@ -75,6 +81,8 @@ def train(
 
 
 def _print_before_after(result: dict, split: str) -> None:
+    if "before" not in result and "after" not in result:
+        return
     table = Table(title=f"held-out success ({split} split)")
     table.add_column("")
     table.add_column("success rate", justify="right")

@@ -20,10 +20,22 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class LoraConfig(_Frozen):
+    rank: int = Field(0, ge=0, le=1024, description="LoRA rank; 0 trains all weights (needs peft when > 0).")
+    alpha: float = Field(16.0, gt=0.0, description="LoRA scaling numerator (scale = alpha / rank).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: tuple[str, ...] = Field(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        description="Names of the linear layers that get adapters.")
+
+
 class ModelConfig(_Frozen):
     path: str = Field(description="Local directory of a Hugging Face causal LM with a chat-template tokenizer.")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Training and rollout dtype.")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Rollout-engine dtype, and the trainer's parameter dtype unless "
+        "train.mixed_precision is bf16 (then the trainer keeps float32 master weights).")
     device: str = Field("cpu", description="Device of the trainer and the embedded engine (cpu, cuda).")
+    lora: LoraConfig = LoraConfig()
 
 
 class EnvConfig(_Frozen):
@@ -41,6 +53,9 @@ class RolloutConfig(_Frozen):
     max_tokens_per_turn: int = Field(64, ge=1, description="Most tokens the model may write in one turn.")
     max_turns: int = Field(4, ge=1, le=1000, description="Most model turns per episode.")
     max_total_tokens: int = Field(512, ge=8, description="Most tokens per episode, prompt and observations included.")
+    lockstep: Literal["auto", "on", "off"] = Field(
+        "auto", description="Submit each turn of all episodes together so batches, and results, are reproducible "
+        "bit for bit (exact --resume); auto: on for CPU, off elsewhere (where tool time overlaps generation).")
 
 
 class AlgorithmConfig(_Frozen):
@@ -55,6 +70,17 @@ class AlgorithmConfig(_Frozen):
     old_logprobs: Literal["rollout", "recompute"] = Field(
         "rollout", description="Ratio denominator: the engine's sampled logprobs, or a trainer forward pass "
         "before the update (use recompute when engine and trainer numerics differ).")
+    kl_coef: float = Field(0.0, ge=0.0, description="Weight of KL(policy || reference); the reference is the "
+                           "starting policy. 0 loads no reference.")
+    kl_kind: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator (Schulman's k1, k2, k3).")
+    kl_mode: Literal["loss", "reward"] = Field(
+        "loss", description="Add the KL as a loss term, or subtract kl_coef x summed KL from each episode's score.")
+    tis: Literal["none", "token", "sequence"] = Field(
+        "none", description="Truncated importance sampling with the engine's logprobs (needs old_logprobs=recompute).")
+    tis_cap: float = Field(2.0, gt=0.0, description="Truncation of the TIS weight pi_old / pi_rollout.")
+    dynamic_sampling: bool = Field(False, description="DAPO dynamic sampling: drop groups whose rewards are all "
+                                   "equal and sample more tasks to refill the batch.")
+    max_sampling_rounds: int = Field(3, ge=1, le=100, description="Most rollout rounds per step when refilling.")
 
 
 class OptimConfig(_Frozen):
@@ -71,6 +97,13 @@ class TrainConfig(_Frozen):
     micro_batch_tokens: int = Field(8192, ge=64, description="Token budget of one packed micro-batch.")
     seed: int = Field(0, ge=0, description="Seed of the data order, sampling and initialisation.")
     logprob_chunk: int = Field(2048, ge=16, description="Tokens per chunk of the vocabulary projection.")
+    gradient_checkpointing: bool = Field(False, description="Recompute block activations in backward (less memory).")
+    mixed_precision: Literal["none", "bf16"] = Field(
+        "none", description="bf16: float32 master weights, bfloat16 compute (on GPUs).")
+    checkpoint_every: int = Field(10, ge=0, description="Save a resumable checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (older ones are deleted).")
+    max_nonfinite_steps: int = Field(
+        3, ge=1, description="Stop the run after this many consecutive steps with a non-finite loss or gradient.")
 
 
 class EvalConfig(_Frozen):
@@ -99,6 +132,9 @@ class Config(_Frozen):
         if self.algorithm.advantage in ("grpo", "rloo", "dr_grpo") and self.rollout.samples_per_prompt < 2:
             raise ValueError(f"advantage {self.algorithm.advantage!r} compares samples of one task, so "
                              "rollout.samples_per_prompt must be at least 2")
+        if self.algorithm.tis != "none" and self.algorithm.old_logprobs != "recompute":
+            raise ValueError("algorithm.tis corrects the trainer's old logprobs towards the engine's, so it needs "
+                             "algorithm.old_logprobs=recompute (with 'rollout' every weight would be exactly 1)")
         return self
 
 

@@ -23,3 +23,16 @@ def tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def stopping_model_dir(tmp_path_factory) -> str:
+    """Like `tiny_model_dir` but warm-started enough (40 steps at lr 1e-2) to end its turns with the
+    end-of-turn token, so episodes reach the env and earn rewards that differ within a group."""
+    from agentrl.recipes.tiny_model import TinyModelShape, build_tiny_model
+
+    out = tmp_path_factory.mktemp("stopping-model")
+    torch.manual_seed(0)
+    shape = TinyModelShape(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
+    build_tiny_model(out, "calculator-v0", shape=shape, demos=64, sft_steps=40, batch_seqs=8, lr=1e-2, seed=0)
+    return str(out)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
 from agentrl.envs.core import Env, Message
@@ -35,6 +35,36 @@ class EpisodeSpec:
     seed: int
     split: str = "train"
     group_id: int = 0
+
+
+class Lockstep:
+    """A turn barrier: every live episode submits its next request together, in episode order.
+
+    With continuous batching, which requests share a forward pass depends on when env and tool
+    calls return, and float results (logprobs, and so rare sampled tokens) depend slightly on the
+    batch. Holding each turn's requests until all live episodes are ready makes the batches, and
+    so the whole rollout, a pure function of the seeds (what exact `--resume` needs), at the cost
+    of not overlapping tool time with generation.
+    """
+
+    def __init__(self, n: int):
+        self.active = n
+        self.waiting: dict[int, asyncio.Future] = {}
+
+    async def wait(self, index: int) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self.waiting[index] = fut
+        self._maybe_release()
+        await fut
+
+    def leave(self) -> None:
+        self.active -= 1
+        self._maybe_release()
+
+    def _maybe_release(self) -> None:
+        if self.waiting and len(self.waiting) >= self.active:
+            for i in sorted(self.waiting):  # futures resolve, and so resume, in episode order
+                self.waiting.pop(i).set_result(None)
 
 
 class _Builder:
@@ -64,9 +94,12 @@ class _Builder:
 
 async def run_episode(
     engine: Engine, env: Env, renderer: ChatRenderer, sampling: SamplingParams, limits: EpisodeLimits,
-    spec: EpisodeSpec, env_id: str = "",
+    spec: EpisodeSpec, env_id: str = "", gate: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[Trajectory, list[Message]]:
-    """Play one episode; return the trajectory and the conversation as messages."""
+    """Play one episode; return the trajectory and the conversation as messages.
+
+    `gate`, when given, is awaited before every engine request (see `Lockstep`).
+    """
     sampling = replace(sampling, stop_token_ids=tuple(sampling.stop_token_ids) or (renderer.end_of_turn_id,))
     rewards: list[float] = []
     tool_errors: Counter[str] = Counter()
@@ -79,12 +112,16 @@ async def run_episode(
         obs, info = await env.areset(seed=spec.seed, options={"split": spec.split})
         messages = list(obs)
         b = _Builder(renderer.prompt_ids(messages))
-        for _ in range(limits.max_turns):
+        for turn in range(limits.max_turns):
             room = limits.max_total_tokens - len(b.ids)
             if room <= 0:
                 truncation = "max_total_tokens"
                 break
-            gen = await engine.generate(b.ids, replace(sampling, max_tokens=min(sampling.max_tokens, room)))
+            # A seeded episode gives every turn its own seed, so turns do not replay one random stream.
+            seed = None if sampling.seed is None else (sampling.seed + 1_000_033 * turn) % 2**63
+            if gate is not None:
+                await gate()
+            gen = await engine.generate(b.ids, replace(sampling, max_tokens=min(sampling.max_tokens, room), seed=seed))
             b.add_model(gen.token_ids, gen.logprobs, gen.weight_version)
             text = renderer.decode(renderer.strip_end_of_turn(gen.token_ids))
             messages.append(Message("assistant", text))
@@ -140,17 +177,24 @@ class EnvPool:
 
 async def run_episodes(
     engine: Engine, pool: EnvPool, renderer: ChatRenderer, sampling: SamplingParams, limits: EpisodeLimits,
-    specs: Sequence[EpisodeSpec], env_id: str = "",
+    specs: Sequence[EpisodeSpec], env_id: str = "", lockstep: bool = False,
 ) -> list[Trajectory]:
-    """Run all `specs` concurrently on one engine (the engine batches their turns)."""
+    """Run all `specs` concurrently on one engine (the engine batches their turns).
+
+    `lockstep=True` submits each turn of all episodes together (reproducible batches; see `Lockstep`).
+    """
+    barrier = Lockstep(len(specs)) if lockstep else None
 
     async def one(i: int, spec: EpisodeSpec) -> Trajectory:
         env = pool.take()
         try:
             seeded = sampling if sampling.seed is None else replace(sampling, seed=sampling.seed * 1_000_003 + i)
-            traj, _ = await run_episode(engine, env, renderer, seeded, limits, spec, env_id)
+            gate = (lambda: barrier.wait(i)) if barrier is not None else None
+            traj, _ = await run_episode(engine, env, renderer, seeded, limits, spec, env_id, gate)
             return traj
         finally:
             pool.give(env)
+            if barrier is not None:
+                barrier.leave()
 
     return list(await asyncio.gather(*(one(i, s) for i, s in enumerate(specs))))

@@ -124,7 +124,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not _complete(path):
         raise TrainerError(f"{path} is not a complete checkpoint (expected state.pt and meta.json)")
     try:
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
         meta = json.loads((path / "meta.json").read_text())
     except Exception as exc:  # noqa: BLE001 - a corrupt file is reported, not raised raw
         raise TrainerError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None

@@ -2,11 +2,16 @@
 
 This is the algorithm in one place; each stage is a named call:
 
-    for step in range(steps):
-        trajectories = collect(step)                      # engine + envs, many episodes at once
-        advantages   = outcome_advantages(trajectories)   # group-normalised (GRPO by default)
-        metrics      = policy_update(trajectories, advantages)
-        engine.update_weights(policy.state_dict())        # rollouts of the next step use the new policy
+    for step in range(start, steps):
+        trajectories = collect(session, step)                  # engine + envs, many episodes at once
+        advantages   = outcome_advantages(trajectories)        # group-normalised (GRPO by default)
+        metrics      = policy_update(trajectories, advantages) # packed micro-batches, one optimizer step
+        engine.update_weights(policy weights)                  # rollouts of the next step use them
+        guard(metrics); maybe save_checkpoint(step)            # stop on repeated non-finite steps
+
+Everything a step consumes is a function of (config, step) or of the saved state: task seeds come
+from the step number, sampling seeds from the step and the episode index, and a checkpoint holds
+the weights, optimizer, scheduler and RNG states, so `--resume` repeats an uninterrupted run exactly.
 """
 
 from __future__ import annotations
@@ -22,13 +27,18 @@ import torch
 
 from agentrl.config import Config
 from agentrl.envs.registration import make
+from agentrl.errors import ConfigError
 from agentrl.rollout.agent_loop import EnvPool, EpisodeLimits, EpisodeSpec, run_episodes
 from agentrl.rollout.backends.embedded import EmbeddedEngine
 from agentrl.rollout.chat import ChatRenderer
 from agentrl.rollout.engine import SamplingParams
+from agentrl.rollout.trajectory import Trajectory
+from agentrl.trainer.algos import filter_uniform_groups
 from agentrl.trainer.attention import register_varlen_attention
 from agentrl.trainer.metrics import MetricsWriter, rollout_metrics
-from agentrl.trainer.update import LossSettings, outcome_advantages, policy_update
+from agentrl.trainer.policy import export_hf, load_policy, merged_state_dict
+from agentrl.trainer.resume import NonFiniteGuard, restore_run, save_run
+from agentrl.trainer.update import LossSettings, outcome_advantages, policy_update, recompute_logprobs
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -46,18 +56,20 @@ class Session:
 
     @classmethod
     def open(cls, cfg: Config, model_path: str | None = None) -> Session:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         path = model_path or cfg.model.path
         if not Path(path).is_dir():
-            from agentrl.errors import ConfigError
-
             raise ConfigError(f"model.path {path!r} is not a directory; build one with `agentrl tiny-model --out {path}`")
-        dtype = _DTYPES[cfg.model.dtype]
+        engine_dtype = _DTYPES[cfg.model.dtype]
+        train_dtype = torch.float32 if cfg.train.mixed_precision == "bf16" else engine_dtype
+        lora = cfg.model.lora
         tokenizer = AutoTokenizer.from_pretrained(path)
-        policy = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=register_varlen_attention())
-        policy.to(cfg.model.device).eval()
-        engine = EmbeddedEngine(path, device=cfg.model.device, dtype=dtype,
+        policy = load_policy(path, dtype=train_dtype, device=cfg.model.device,
+                             attn_implementation=register_varlen_attention(), lora_rank=lora.rank,
+                             lora_alpha=lora.alpha, lora_dropout=lora.dropout, lora_targets=lora.target_modules,
+                             gradient_checkpointing=cfg.train.gradient_checkpointing)
+        engine = EmbeddedEngine(path, device=cfg.model.device, dtype=engine_dtype,
                                 max_model_len=cfg.rollout.max_total_tokens + 1)
         pool = EnvPool(lambda: make(cfg.env.id, **cfg.env.kwargs))
         probe = pool.take()
@@ -72,71 +84,146 @@ class Session:
     def limits(self) -> EpisodeLimits:
         return EpisodeLimits(max_turns=self.cfg.rollout.max_turns, max_total_tokens=self.cfg.rollout.max_total_tokens)
 
-    def play(self, specs: list[EpisodeSpec], temperature: float):
-        return asyncio.run(run_episodes(self.engine, self.pool, self.renderer, self.sampling(temperature),
-                                        self.limits(), specs, env_id=self.cfg.env.id))
+    def play(self, specs: list[EpisodeSpec], temperature: float, seed: int | None = None) -> list[Trajectory]:
+        lock = self.cfg.rollout.lockstep
+        lockstep = lock == "on" or (lock == "auto" and torch.device(self.cfg.model.device).type == "cpu")
+        return asyncio.run(run_episodes(self.engine, self.pool, self.renderer, self.sampling(temperature, seed),
+                                        self.limits(), specs, env_id=self.cfg.env.id, lockstep=lockstep))
+
+    def push_weights(self, version: int) -> None:
+        self.engine.update_weights(merged_state_dict(self.policy), version=version)
 
 
 def evaluate(session: Session, split: str, num_tasks: int, temperature: float, seed: int) -> dict[str, float]:
     """Success rate on tasks 0..num_tasks-1 of a held-out split (one episode each)."""
-    torch.manual_seed(seed)
     t0 = time.perf_counter()
-    trajs = session.play([EpisodeSpec(seed=i, split=split, group_id=i) for i in range(num_tasks)], temperature)
+    trajs = session.play([EpisodeSpec(seed=i, split=split, group_id=i) for i in range(num_tasks)], temperature, seed)
     return rollout_metrics(trajs, time.perf_counter() - t0)
 
 
-def task_seeds(step: int, prompts_per_step: int, seed: int) -> list[int]:
-    """The data order: a fixed shuffled stream of training-task seeds, sliced by step."""
-    rng = random.Random(seed * 7919 + step)
+def task_seeds(step: int, prompts_per_step: int, seed: int, round: int = 0) -> list[int]:
+    """The data order: a fixed shuffled stream of training-task seeds, sliced by step (and refill round)."""
+    rng = random.Random(seed * 7919 + step if round == 0 else ((seed * 7919 + step) * 31 + round) * 17)
     return [rng.randrange(2**31 - 1) for _ in range(prompts_per_step)]
 
 
-def train(cfg: Config, on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, object]:
-    """Run `cfg` end to end; returns {"before": ..., "after": ..., "history": [...]}."""
+def collect(s: Session, step: int) -> tuple[list[Trajectory], dict[str, float]]:
+    """One step's episodes. With dynamic sampling, groups whose rewards are all equal are dropped and
+    more tasks are played (up to `max_sampling_rounds` rounds) until `prompts_per_step` groups remain."""
+    cfg, r, a = s.cfg, s.cfg.rollout, s.cfg.algorithm
+    t0 = time.perf_counter()
+    played: list[Trajectory] = []
+    kept: list[Trajectory] = []
+    rounds = a.max_sampling_rounds if a.dynamic_sampling else 1
+    for rnd in range(rounds):
+        specs = [EpisodeSpec(seed=seed, split=cfg.env.train_split, group_id=rnd * r.prompts_per_step + g)
+                 for g, seed in enumerate(task_seeds(step, r.prompts_per_step, cfg.train.seed, rnd))
+                 for _ in range(r.samples_per_prompt)]
+        trajs = s.play(specs, r.temperature, seed=(cfg.train.seed * 100_003 + step) * 101 + rnd)
+        played += trajs
+        if not a.dynamic_sampling:
+            kept = trajs
+            break
+        keep = filter_uniform_groups(torch.tensor([t.reward for t in trajs]), torch.tensor([t.group_id for t in trajs]))
+        kept += [t for t, k in zip(trajs, keep.tolist()) if k]
+        if len(kept) >= r.prompts_per_step * r.samples_per_prompt:
+            break
+    metrics = rollout_metrics(played, time.perf_counter() - t0)
+    kept = kept[: r.prompts_per_step * r.samples_per_prompt]
+    metrics.update(sampling_rounds=float(rnd + 1), kept_groups=float(len({t.group_id for t in kept})))
+    return kept, metrics
+
+
+def reference_logprobs(s: Session, ref: torch.nn.Module | None, trajs: list[Trajectory]) -> list[list[float]]:
+    """Logprob rows of the starting policy (LoRA: the same model with its adapters switched off)."""
+    t = s.cfg.train
+    temp = s.cfg.rollout.temperature if s.cfg.rollout.temperature > 0 else 1.0
+    if ref is None:  # LoRA
+        with s.policy.disable_adapter():
+            return recompute_logprobs(s.policy, trajs, t.micro_batch_tokens, temp, t.logprob_chunk)
+    return recompute_logprobs(ref, trajs, t.micro_batch_tokens, temp, t.logprob_chunk)
+
+
+def train_step(s: Session, optimizer, scheduler, ref, step: int) -> dict[str, float]:
+    """Collect, score, update; returns the step's metrics."""
+    cfg, a, r = s.cfg, s.cfg.algorithm, s.cfg.rollout
+    t0 = time.perf_counter()
+    trajectories, metrics = collect(s, step)
+    metrics["rollout_s"] = time.perf_counter() - t0
+    refs = reference_logprobs(s, ref, trajectories) if a.kl_coef > 0 else None
+    scores = [t.reward for t in trajectories]
+    if refs is not None and a.kl_mode == "reward":  # the KL becomes part of each episode's score
+        scores = [sc - a.kl_coef * _episode_kl(t, row, a.kl_kind) for sc, t, row in zip(scores, trajectories, refs)]
+        refs = None
+    settings = LossSettings(a.policy_loss, a.agg_mode, a.clip_low, a.clip_high, a.entropy_coef,
+                            temperature=r.temperature if r.temperature > 0 else 1.0, old_logprobs=a.old_logprobs,
+                            kl_coef=a.kl_coef if refs is not None else 0.0, kl_kind=a.kl_kind, tis=a.tis,
+                            tis_cap=a.tis_cap)
+    advantages = outcome_advantages(trajectories, a.advantage, scores,
+                                    **({"norm_by_std": a.norm_by_std} if a.advantage == "grpo" else {}))
+    compute = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else None
+    for idx in _mini_batches(len(trajectories), cfg.train.mini_batches, r.samples_per_prompt):
+        upd = policy_update(s.policy, optimizer, [trajectories[i] for i in idx], [advantages[i] for i in idx],
+                            settings, micro_batch_tokens=cfg.train.micro_batch_tokens, grad_clip=cfg.optim.grad_clip,
+                            logprob_chunk=cfg.train.logprob_chunk, compute_dtype=compute,
+                            ref_logprobs=[refs[i] for i in idx] if refs is not None else None)
+        scheduler.step()
+        metrics.update({k: max(v, metrics.get(k, 0.0)) if k == "nonfinite" else v for k, v in upd.items()})
+    s.push_weights(version=step + 1)
+    metrics.update(step=step + 1, step_s=time.perf_counter() - t0)
+    return metrics
+
+
+def _episode_kl(t: Trajectory, ref_row: list[float], kind: str) -> float:
+    from agentrl.trainer.actor import shift_to_next_token
+    from agentrl.trainer.algos import kl_penalty
+
+    mask = torch.tensor(shift_to_next_token(list(t.loss_mask), 0), dtype=torch.bool)
+    logp = torch.tensor(shift_to_next_token(list(t.rollout_logprobs), 0.0))
+    return float(kl_penalty(logp, torch.tensor(ref_row), kind)[mask].sum())
+
+
+def train(cfg: Config, on_step: Callable[[int, dict[str, float]], None] | None = None,
+          resume: bool = False) -> dict[str, object]:
+    """Run `cfg` end to end (or continue it from its latest checkpoint); returns
+    {"before": ..., "after": ..., "history": [...], "resumed_from": step or None}."""
     torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     s = Session.open(cfg)
-    writer = MetricsWriter(run_dir / "metrics.jsonl")
-    ev = cfg.eval
-    result: dict[str, object] = {"history": []}
-    if ev.before and ev.num_tasks:
-        result["before"] = evaluate(s, ev.split, ev.num_tasks, ev.temperature, ev.seed)
-        writer.write({"event": "eval_before", **result["before"]})
-    a, r = cfg.algorithm, cfg.rollout
-    settings = LossSettings(a.policy_loss, a.agg_mode, a.clip_low, a.clip_high, a.entropy_coef,
-                            temperature=r.temperature if r.temperature > 0 else 1.0, old_logprobs=a.old_logprobs)
-    optimizer = torch.optim.AdamW(s.policy.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                  weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in s.policy.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                                  betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
     warmup = cfg.optim.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / (warmup + 1)))
-    adv_options = {"norm_by_std": a.norm_by_std} if a.advantage == "grpo" else {}
-    for step in range(cfg.train.steps):
-        t0 = time.perf_counter()
-        specs = [EpisodeSpec(seed=seed, split=cfg.env.train_split, group_id=g)
-                 for g, seed in enumerate(task_seeds(step, r.prompts_per_step, cfg.train.seed))
-                 for _ in range(r.samples_per_prompt)]
-        trajectories = s.play(specs, r.temperature)
-        t_rollout = time.perf_counter() - t0
-        advantages = outcome_advantages(trajectories, a.advantage, **adv_options)
-        metrics = rollout_metrics(trajectories, t_rollout)
-        chunks = _mini_batches(len(trajectories), cfg.train.mini_batches, r.samples_per_prompt)
-        for idx in chunks:
-            upd = policy_update(s.policy, optimizer, [trajectories[i] for i in idx], [advantages[i] for i in idx],
-                                settings, micro_batch_tokens=cfg.train.micro_batch_tokens,
-                                grad_clip=cfg.optim.grad_clip, logprob_chunk=cfg.train.logprob_chunk)
-            scheduler.step()
-        metrics.update(upd)
-        s.engine.update_weights(s.policy.state_dict(), version=step + 1)
-        metrics.update(step=step + 1, rollout_s=t_rollout, step_s=time.perf_counter() - t0)
+    ref = _reference_model(cfg) if cfg.algorithm.kl_coef > 0 and cfg.model.lora.rank == 0 else None
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
+    writer = MetricsWriter(run_dir / "metrics.jsonl")
+    ev = cfg.eval
+    result: dict[str, object] = {"history": [], "resumed_from": None}
+    start = 0
+    if resume:
+        start = restore_run(run_dir, cfg, s.policy, optimizer, scheduler, guard)
+        s.push_weights(version=start)
+        result["resumed_from"] = start
+        writer.write({"event": "resume", "from_step": start})
+    else:
+        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+        if ev.before and ev.num_tasks:
+            result["before"] = evaluate(s, ev.split, ev.num_tasks, ev.temperature, ev.seed)
+            writer.write({"event": "eval_before", **result["before"]})
+    for step in range(start, cfg.train.steps):
+        metrics = train_step(s, optimizer, scheduler, ref, step)
+        metrics["nonfinite_steps"] = guard.observe(bool(metrics.get("nonfinite", 0.0)))
         writer.write(metrics)
         result["history"].append(metrics)
         if on_step:
             on_step(step + 1, metrics)
-    final = run_dir / "final"
-    s.policy.save_pretrained(final)
-    s.tokenizer.save_pretrained(final)
+        guard.check(step + 1, run_dir)  # stops before checkpointing a run that has gone bad
+        every = cfg.train.checkpoint_every
+        if (every and (step + 1) % every == 0) or step + 1 == cfg.train.steps:
+            save_run(run_dir, cfg, step + 1, s.policy, optimizer, scheduler, guard)
+    export_hf(s.policy, s.tokenizer, run_dir / "final")
     if ev.after and ev.num_tasks:
         result["after"] = evaluate(s, ev.split, ev.num_tasks, ev.temperature, ev.seed)
         writer.write({"event": "eval_after", **result["after"]})
@@ -145,8 +232,16 @@ def train(cfg: Config, on_step: Callable[[int, dict[str, float]], None] | None =
     return result
 
 
+def _reference_model(cfg: Config) -> torch.nn.Module:
+    """A frozen copy of the starting policy for the KL term."""
+    ref = load_policy(cfg.model.path, dtype=_DTYPES[cfg.model.dtype], device=cfg.model.device,
+                      attn_implementation=register_varlen_attention())
+    return ref.requires_grad_(False)
+
+
 def _mini_batches(n: int, k: int, group: int) -> list[list[int]]:
     """Split n trajectories into k mini-batches along group boundaries (groups stay together)."""
     groups = [list(range(i, min(i + group, n))) for i in range(0, n, group)]
     k = max(1, min(k, len(groups)))
     return [[i for g in groups[j::k] for i in g] for j in range(k)]
+

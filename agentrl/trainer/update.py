@@ -109,7 +109,9 @@ def policy_update(
         compute_dtype: Autocast dtype (bf16 mixed precision without FSDP), or None.
 
     Trajectories without model tokens (failed episodes) carry no gradient and are skipped.
-    Returns metrics; `skipped` is 1 when the loss or gradient norm was not finite (no step taken).
+    Returns metrics; `skipped` is 1 when no step was taken: `nonfinite` is 1 when that was because
+    the loss or gradient norm was not finite (the same decision on every rank), 0 when there was
+    nothing to train on.
     """
     keep = [i for i, t in enumerate(trajectories) if t.num_model_tokens > 0]
     trajs = [trajectories[i] for i in keep]
@@ -117,7 +119,7 @@ def policy_update(
     refs = [ref_logprobs[i] for i in keep] if ref_logprobs is not None else None
     total_tokens, total_seqs = all_reduce_sum([float(sum(t.num_model_tokens for t in trajs)), float(len(trajs))])
     if total_tokens == 0:
-        return {"loss": 0.0, "skipped": 1.0, "grad_norm": 0.0, "trained_tokens": 0.0}
+        return {"loss": 0.0, "skipped": 1.0, "nonfinite": 0.0, "grad_norm": 0.0, "trained_tokens": 0.0}
     rollout_rows = [shift_to_next_token(list(t.rollout_logprobs), 0.0) for t in trajs]
     old_rows = (rollout_rows if settings.old_logprobs == "rollout" else
                 recompute_logprobs(model, trajs, micro_batch_tokens, settings.temperature, logprob_chunk, compute_dtype))
@@ -156,7 +158,7 @@ def policy_update(
     optimizer.zero_grad(set_to_none=True)
     model.eval()
     return {"loss": loss_total, "grad_norm": float(grad_norm), "skipped": 0.0 if finite else 1.0,
-            "trained_tokens": float(total_tokens), **sums}
+            "nonfinite": 0.0 if finite else 1.0, "trained_tokens": float(total_tokens), **sums}
 
 
 def _micro_loss(s: LossSettings, logp: torch.Tensor, entropy: torch.Tensor, t: dict[str, torch.Tensor], *,

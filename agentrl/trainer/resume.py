@@ -1,0 +1,108 @@
+"""Saving and restoring a whole run (what `agentrl train --resume` needs), and the guard that stops
+a run whose updates keep going non-finite.
+
+A run's state is the policy, the optimizer and scheduler, the RNG states and the guard's counters;
+the data position is the step number itself (task seeds are a function of the step). Resuming
+checks that the config still describes the same run: only the step count, evaluation and
+checkpoint settings may change.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from agentrl.config import Config
+from agentrl.errors import TrainerError
+from agentrl.trainer.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+# Config keys that may differ between a run and its continuation.
+_MAY_CHANGE = {"train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite_steps"}
+
+
+class NonFiniteGuard:
+    """Counts steps skipped for a non-finite loss or gradient norm; too many in a row stop the run."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.consecutive = 0
+        self.total = 0
+
+    def observe(self, nonfinite: bool) -> float:
+        """Record one step; returns the running total of skipped non-finite steps."""
+        self.consecutive = self.consecutive + 1 if nonfinite else 0
+        self.total += int(nonfinite)
+        return float(self.total)
+
+    def check(self, step: int, run_dir: str | Path) -> None:
+        """Raise TrainerError once `limit` non-finite steps came in a row."""
+        if self.consecutive < self.limit:
+            return
+        last = latest_checkpoint(run_dir)
+        where = (f"the last good checkpoint is {last}; lower optim.lr or check the rewards, then continue "
+                 "with `agentrl train CONFIG --resume`" if last else
+                 "no checkpoint was saved yet (see train.checkpoint_every)")
+        raise TrainerError(f"stopping at step {step}: {self.consecutive} steps in a row had a non-finite loss "
+                           f"or gradient norm and were skipped; {where}")
+
+    def state(self) -> dict[str, int]:
+        return {"consecutive": self.consecutive, "total": self.total}
+
+    def load(self, state: dict[str, int]) -> None:
+        self.consecutive, self.total = int(state["consecutive"]), int(state["total"])
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k != "kwargs":
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _identity(cfg: Config) -> dict[str, object]:
+    flat = _flat(cfg.model_dump(mode="json"))
+    return {k: v for k, v in flat.items() if k not in _MAY_CHANGE and not k.startswith("eval.")}
+
+
+def save_run(run_dir: str | Path, cfg: Config, step: int, policy: torch.nn.Module, optimizer, scheduler,
+             guard: NonFiniteGuard) -> Path:
+    """Checkpoint the run after `step` completed steps."""
+    state = {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": rng_state(), "guard": guard.state(), "step": step}
+    return save_checkpoint(run_dir, step, state, meta={"config": _identity(cfg)}, keep_last=cfg.train.keep_checkpoints)
+
+
+def restore_run(run_dir: str | Path, cfg: Config, policy: torch.nn.Module, optimizer, scheduler,
+                guard: NonFiniteGuard) -> int:
+    """Load the latest checkpoint of `run_dir` into the given objects; returns the completed step count."""
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        raise TrainerError(f"nothing to resume: {Path(run_dir) / 'checkpoints'} holds no complete checkpoint "
+                           "(run without --resume to start, or point run_dir at the run to continue)")
+    state, meta = load_checkpoint(path)
+    saved, now = meta.get("config", {}), _identity(cfg)
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if changed:
+        detail = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
+        raise TrainerError(f"cannot resume {path}: the config differs from the run's ({detail}). Only "
+                           f"{', '.join(sorted(_MAY_CHANGE))} and eval.* may change on resume")
+    policy.load_state_dict(state["policy"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    guard.load(state["guard"])
+    set_rng_state(state["rng"])
+    step = int(state["step"])
+    if step > cfg.train.steps:
+        raise TrainerError(f"{path} is at step {step}, past train.steps={cfg.train.steps}; raise train.steps")
+    return step

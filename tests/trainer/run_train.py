@@ -1,0 +1,53 @@
+"""`agentrl` CLI with two test environments registered; run as a script so it can be killed.
+
+    python tests/trainer/run_train.py train CONFIG.yaml key=value ... [--resume]
+
+`digits-v0`: one turn; the reward is the share of digit characters in the reply, so even an
+untrained model gets rewards that differ within a group (GRPO needs that to produce a gradient).
+`huge-digits-v0`: the same scaled to 1e38, which overflows the float32 loss: every update is
+non-finite, as a reward-scale bug would make it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from agentrl.envs import Env, Message, register  # noqa: E402
+from agentrl.errors import EnvError  # noqa: E402
+
+
+class DigitsEnv(Env):
+    splits = ("train", "test")
+    scale = 1.0
+
+    def __init__(self):
+        self.done = True
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.done = False
+        n = int(self.np_random.integers(0, 1000))
+        return (Message("user", f"Write digits after {n}."),), {}
+
+    def step(self, action):
+        if self.done:
+            raise EnvError("step() called on a finished episode; call reset() first")
+        self.done = True
+        share = sum(c.isdigit() for c in action) / max(len(action), 1)
+        return (Message("user", "Done."),), self.scale * share, True, False, {}
+
+
+class HugeDigitsEnv(DigitsEnv):
+    scale = 1e38
+
+
+register("digits-v0", DigitsEnv)
+register("huge-digits-v0", HugeDigitsEnv)
+
+if __name__ == "__main__":
+    from agentrl.cli import app
+
+    app()
