@@ -1,0 +1,146 @@
+"""Continuous batching decisions, checked step by step without a model (sampled tokens are made up)."""
+
+from __future__ import annotations
+
+import pytest
+
+from agentrl.errors import EngineError
+from agentrl.rollout.backends.kv_cache import BlockAllocator
+from agentrl.rollout.backends.scheduler import Scheduler, Sequence
+
+
+def make(blocks: int = 64, block_size: int = 4, max_seqs: int = 8, step_tokens: int = 64) -> Scheduler:
+    return Scheduler(BlockAllocator(blocks + 1, block_size), max_seqs, step_tokens, max_model_len=256)
+
+
+def seq(i: int, prompt: list[int], max_new: int = 4) -> Sequence:
+    return Sequence(i, list(prompt), max_new=max_new)
+
+
+def step(s: Scheduler, token: int = 7):
+    """One model step: schedule, pretend to run it, feed back `token` for every sampled row."""
+    plan = s.schedule()
+    n = sum(c.sample for c in plan.chunks)
+    done = s.finish_step(plan, [token] * n, [-0.5] * n, version=0)
+    assert s.alloc.num_used <= s.alloc.capacity
+    return plan, done
+
+
+def test_requests_join_and_leave_at_every_step():
+    s = make()
+    a = seq(0, [1, 2, 3, 4, 5], max_new=3)
+    s.add(a)
+    plan, _ = step(s)
+    assert [(c.seq, c.n, c.sample) for c in plan.chunks] == [(a, 5, True)]
+    b = seq(1, [9, 9, 9], max_new=5)
+    s.add(b)
+    plan, _ = step(s)  # a decodes while b is prefilled in the same step
+    assert [(c.seq, c.n) for c in plan.chunks] == [(a, 1), (b, 3)]
+    used_with_a = s.alloc.num_used
+    _, done = step(s)
+    assert done == [a] and a.finish_reason == "length" and a.output == [7, 7, 7]
+    assert a.row == -1 and s.alloc.num_used < used_with_a  # a's blocks came back at once
+    while s.has_work:
+        step(s)
+    assert b.output == [7] * 5 and s.alloc.num_used == 0
+
+
+def test_long_prompts_are_prefilled_in_chunks_within_the_step_budget():
+    s = make(step_tokens=8)
+    a = seq(0, list(range(20)))
+    s.add(a)
+    sizes = [step(s)[0].chunks[0].n for _ in range(3)]
+    assert sizes == [8, 8, 4] and a.output == [7]  # only the chunk that ends the prompt samples
+
+
+def test_admission_waits_for_blocks_first_come_first_served():
+    s = make(blocks=4)  # 4 blocks of 4 tokens
+    a, b, c = seq(0, list(range(12)), max_new=2), seq(1, list(range(8))), seq(2, [1])
+    for x in (a, b, c):
+        s.add(x)
+    plan, _ = step(s)
+    assert [ch.seq for ch in plan.chunks] == [a]  # b needs 2 blocks (+1 kept for growth); c waits behind b
+    step(s)
+    assert a.finish_reason == "length"
+    plan, _ = step(s)
+    assert [ch.seq for ch in plan.chunks] == [b, c]
+
+
+def test_a_full_cache_preempts_the_youngest_which_resumes_later():
+    s = make(blocks=6)  # 24 token slots for two sequences that want 2 * (4 + 12) = 32
+    a, b = seq(0, [1, 2, 3, 4], max_new=12), seq(1, [5, 6, 7, 8], max_new=12)
+    s.add(a)
+    s.add(b)
+    steps = 0
+    while s.has_work:
+        step(s, token=steps % 50 + 10)
+        steps += 1
+        assert steps < 100
+    assert s.counters["preemptions"] >= 1
+    assert a.num_output == 12 and b.num_output == 12  # both finish; b recomputed its tokens after preemption
+    assert s.alloc.peak_used <= s.alloc.capacity
+
+
+def test_identical_prompts_in_one_step_are_forked_from_one_prefill():
+    s = make(block_size=4)
+    group = [seq(i, list(range(10)), max_new=2) for i in range(4)]  # 2 full blocks + a 2-token tail
+    for g in group:
+        s.add(g)
+    plan, _ = step(s)
+    assert [c.n for c in plan.chunks] == [10, 0, 0, 0]  # one prefill
+    assert all(c.logits_from is group[0] for c in plan.chunks[1:])
+    assert len(plan.copies) == 3  # each fork gets its own copy of the partial tail block
+    shared = group[0].blocks[:2]
+    assert all(g.blocks[:2] == shared for g in group) and all(s.alloc.ref[b] == 4 for b in shared)
+    assert [g.cached_tokens for g in group] == [0, 10, 10, 10] and s.counters["forks"] == 3
+    assert all(g.output == [7] for g in group)
+
+
+def test_a_prefix_being_computed_defers_its_twin_one_step():
+    s = make(block_size=4)
+    a, b = seq(0, [1, 2, 3, 4, 5, 6, 7, 8, 9]), seq(1, [1, 2, 3, 4, 5, 6, 7, 8, 20, 21])
+    s.add(a)
+    s.add(b)
+    plan, _ = step(s)
+    assert [c.seq for c in plan.chunks] == [a] and s.counters["deferrals"] == 1
+    plan, _ = step(s)
+    assert [(c.seq, c.start, c.n) for c in plan.chunks] == [(a, 9, 1), (b, 8, 2)]  # b skips a's 2 blocks
+    assert b.cached_tokens == 8 and b.blocks[:2] == a.blocks[:2]
+
+
+def test_a_later_turn_reuses_the_previous_turns_blocks():
+    s = make(block_size=4)
+    a = seq(0, list(range(1, 11)), max_new=5)
+    s.add(a)
+    while s.has_work:
+        step(s)
+    # KV exists for 14 of a's 15 tokens (the last sampled token was never fed back): 3 full blocks.
+    nxt = seq(1, a.tokens + [50, 51, 52])
+    s.add(nxt)
+    plan, _ = step(s)
+    assert nxt.cached_tokens == 12 and plan.chunks[0].start == 12 and plan.chunks[0].n == 6
+
+
+def test_reset_prefix_cache_stops_reuse():
+    s = make(block_size=4)
+    a = seq(0, list(range(1, 11)), max_new=1)
+    s.add(a)
+    step(s)
+    s.reset_prefix_cache()
+    b = seq(1, list(range(1, 11)), max_new=1)
+    s.add(b)
+    step(s)
+    assert b.cached_tokens == 0
+
+
+def test_abort_and_oversized_sequences():
+    s = make(blocks=4)
+    with pytest.raises(EngineError, match="KV blocks"):
+        s.add(seq(0, list(range(16))))  # 16 tokens + 1 to sample need 5 blocks of 4
+    a, b = seq(1, [1, 2, 3], max_new=50), seq(2, list(range(14)))
+    s.add(a)
+    s.add(b)
+    step(s)
+    out = s.abort_where(lambda x: True)
+    assert set(out) == {a, b} and all(x.finish_reason == "abort" for x in out)
+    assert a.output == [7] and b.output == [] and not s.has_work and s.alloc.num_used == 0
