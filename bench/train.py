@@ -11,11 +11,9 @@ backward, gradient clipping, AdamW step) by each variant:
   `padded_sorted` is the same with sequences sorted by length first (HF's `group_by_length`).
 - `packed_ckpt` / `packed`: agentrl's path, `pack_by_token_budget` + `pack_sequences`,
   `agentrl_varlen` attention and chunked `token_logprobs`, with and without gradient checkpointing.
-- `packed_fused` (prototype, not agentrl's code path yet): `packed` with the chunked vocabulary
-  projection done by `FusedChunkLogprobs` below (analytic backward, no checkpoint, the [C, V]
-  elementwise work compiled into a few kernels on CUDA), to show what that change would buy.
-  `packed_fused_compiled` adds `torch.compile` of each decoder layer (CUDA only; the norms, rotary
-  embedding and SwiGLU of Hugging Face's eager code fused), again a prototype.
+- `packed_compiled`: `packed` with `train.compile` on, as the trainer runs it: each decoder block
+  compiled with `torch.compile` (HF's eager norms, rotary embedding and SwiGLU fused) and the
+  [C, V] kernels of `token_logprobs` compiled.
 
 Each variant reports real (non-padding) tokens/s, step time, peak memory and MFU; MFU divides the
 model FLOPs of the real tokens by the step time and by a bf16 matmul rate measured in the same run.
@@ -43,13 +41,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from agentrl.trainer.actor import forward_hidden, token_logprobs
+from agentrl.trainer.actor import token_logprobs
 from agentrl.trainer.attention import register_varlen_attention
 from agentrl.trainer.packing import PackedBatch, pack_by_token_budget, pack_sequences
+from agentrl.trainer.policy import compile_blocks
 
-VARIANTS = ("padded", "padded_sorted", "packed_ckpt", "packed", "packed_fused", "packed_fused_compiled")
+VARIANTS = ("padded", "padded_sorted", "packed_ckpt", "packed", "packed_compiled")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -149,97 +147,11 @@ def _packed_tensors(batch: Batch, idx: list[int], device) -> tuple[PackedBatch, 
     return packed, weight
 
 
-def packed_loss(model, mb: tuple[PackedBatch, torch.Tensor], denom: float, chunk: int) -> torch.Tensor:
+def packed_loss(model, mb: tuple[PackedBatch, torch.Tensor], denom: float, chunk: int,
+                compiled: bool = False) -> torch.Tensor:
     packed, weight = mb
-    logp, _ = token_logprobs(model, packed, 1.0, chunk)  # [N]
+    logp, _ = token_logprobs(model, packed, 1.0, chunk, compiled=compiled)  # [N]
     return -(logp * weight).sum() / denom
-
-
-class FusedChunkLogprobs(torch.autograd.Function):
-    """Prototype: logprob of the target and entropy for one chunk, without storing [C, V].
-
-    Forward keeps only per-token numbers; backward recomputes the logits of the chunk and forms
-    d(loss)/d(logits) in closed form (d logp_t/dz = onehot_t - p, dH/dz = -p * (logp + H)) instead
-    of replaying the autograd graph of log_softmax/exp/mul/sum over [C, V] float32 tensors.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, stats_fn, grad_fn):
-        # hidden [C, E], weight [V, E], targets [C] -> logp [C], entropy [C]
-        ctx.set_materialize_grads(False)
-        logits = F.linear(hidden, weight)  # [C, V]
-        lse, logp, ent = stats_fn(logits, targets)
-        ctx.save_for_backward(hidden, weight, targets, lse, ent)
-        ctx.chunk_grad = grad_fn
-        return logp, ent
-
-    @staticmethod
-    def backward(ctx, g_lp, g_ent):
-        hidden, weight, targets, lse, ent = ctx.saved_tensors
-        if g_lp is None:
-            g_lp = torch.zeros_like(lse)
-        if g_ent is None:
-            g_ent = torch.zeros_like(lse)
-        logits = F.linear(hidden, weight)  # [C, V], recomputed
-        g = ctx.chunk_grad(logits, targets, lse, ent, g_lp, g_ent)  # [C, V] in the logits' dtype
-        return g @ weight, g.t() @ hidden, None, None, None
-
-
-def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor):
-    z = logits.float()  # [C, V]
-    lse = torch.logsumexp(z, -1)  # [C]
-    ent = lse - (torch.softmax(z, -1) * z).sum(-1)
-    logp = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
-    return lse, logp, ent
-
-
-def _chunk_grad(logits, targets, lse, ent, g_lp, g_ent):
-    z = logits.float()  # [C, V]
-    logp_all = z - lse.unsqueeze(-1)
-    coef = g_lp.unsqueeze(-1) + g_ent.unsqueeze(-1) * (logp_all + ent.unsqueeze(-1))
-    g = -torch.exp(logp_all) * coef
-    g = g.scatter_add(-1, targets.unsqueeze(-1), g_lp.unsqueeze(-1))
-    return g.to(logits.dtype)
-
-
-def fused_token_logprobs(model, packed: PackedBatch, chunk: int, kernels) -> torch.Tensor:
-    """`token_logprobs` (temperature 1, no bias) with `FusedChunkLogprobs` per chunk: logp [N]."""
-    hidden = forward_hidden(model, packed)  # [N, E]
-    targets, valid = packed.next_token_targets()
-    weight = model.get_output_embeddings().weight
-    parts = [FusedChunkLogprobs.apply(hidden[s:s + chunk], weight, targets[s:s + chunk], *kernels)[0]
-             for s in range(0, hidden.shape[0], chunk)]
-    return torch.cat(parts).masked_fill(~valid, 0.0)
-
-
-def _compiled_or_eager(fn: Callable) -> Callable:
-    """`torch.compile(fn)`, falling back to eager `fn` for good if compiling fails.
-
-    Split reductions are off because the H100 profile showed Inductor splitting the [C, V]
-    reductions, dropping its online softmax and materialising a float32 copy of the logits (about
-    a third of the prototype's logprob time). With the option on torch 2.11 the warning still
-    appeared once and the step moved by only ~3%, so the copy may remain: a hand-written kernel is
-    the real fix (docs/benchmarks.md).
-    """
-    compiled = torch.compile(fn, dynamic=True, options={"split_reductions": False})
-    state = {"fn": compiled}
-
-    def call(*args):
-        try:
-            return state["fn"](*args)
-        except Exception as e:  # noqa: BLE001 - a benchmark should report, not die, when Inductor fails
-            if state["fn"] is fn:
-                raise
-            print(f"torch.compile({fn.__name__}) failed ({type(e).__name__}: {e}); using eager")
-            state["fn"] = fn
-            return fn(*args)
-    return call
-
-
-def _fused_kernels(device: torch.device):
-    if device.type != "cuda":
-        return _chunk_stats, _chunk_grad
-    return _compiled_or_eager(_chunk_stats), _compiled_or_eager(_chunk_grad)
 
 
 def sync(device: torch.device) -> None:
@@ -323,9 +235,9 @@ def run_variant(name: str, cfg, batch: Batch, opts, device: torch.device, dtype:
     attn = "sdpa" if padded else register_varlen_attention()
     _free(device)
     model = build_model(cfg, attn, device, dtype, grad_ckpt, opts.seed)
-    if name == "packed_fused_compiled" and device.type == "cuda":
-        for layer in model.model.layers:
-            layer.compile(dynamic=True)
+    compiled = name == "packed_compiled"
+    if compiled:
+        compile_blocks(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
     denom = float(sum(sum(m) for m in batch.masks))
     if padded:
@@ -337,14 +249,9 @@ def run_variant(name: str, cfg, batch: Batch, opts, device: torch.device, dtype:
         groups = pack_by_token_budget(batch.lengths, opts.micro_batch_tokens)
         mbs = [_packed_tensors(batch, g, device) for g in groups]
         computed = sum(batch.lengths)
-        if name.startswith("packed_fused"):
-            kernels = _fused_kernels(device)
 
-            def loss_fn(m, mb, d):
-                return -(fused_token_logprobs(m, mb[0], opts.chunk, kernels) * mb[1]).sum() / d
-        else:
-            def loss_fn(m, mb, d):
-                return packed_loss(m, mb, d, opts.chunk)
+        def loss_fn(m, mb, d):
+            return packed_loss(m, mb, d, opts.chunk, compiled)
     times, losses = [], []
     try:
         for _ in range(opts.warmup):
@@ -496,11 +403,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"{name:14s} ckpt={str(r['grad_ckpt']):5s} mb={r['micro_batches']:3d} pad={r['padding_fraction']:5.1%} "
               f"step {r['step_s'] * 1e3:8.1f} ms  {r['tokens_per_s']:10.0f} real tok/s  peak {mem}  "
               f"{r['model_tflops_per_s']:6.1f} TFLOP/s  MFU {r['mfu']:5.1%}")
-    packed = [v for v in ("packed", "packed_ckpt") if v in results]
+    packed = [v for v in ("packed", "packed_ckpt", "packed_compiled") if v in results]
     best = max(packed, key=lambda v: results[v].get("tokens_per_s", 0.0)) if packed else None
     ratios = {}
     for base in ("padded", "padded_sorted"):
-        for v in ("packed", "packed_ckpt", "packed_fused", "packed_fused_compiled"):
+        for v in ("packed", "packed_ckpt", "packed_compiled"):
             speed = _ratio(results, v, base, "tokens_per_s")
             if speed is not None:
                 ratios[f"{v}/{base}"] = {"tokens_per_s": speed, "peak_mem": _ratio(results, v, base, "peak_mem_gib")}

@@ -13,7 +13,6 @@ Usage: `agentrl tiny-model --out models/tiny-calculator` (see `build_tiny_model`
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from agentrl.errors import ConfigError
 from agentrl.rollout.chat import ChatRenderer
 from agentrl.trainer.actor import shift_to_next_token, token_logprobs
 from agentrl.trainer.attention import register_varlen_attention
-from agentrl.trainer.packing import pack_by_token_budget, pack_sequences
+from agentrl.trainer.packing import pack_sequences
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"]
 

@@ -1,15 +1,24 @@
 """Per-token logprobs (and entropy) of packed sequences, with the vocabulary projection in chunks.
 
 Letters: N packed tokens, E hidden size, V vocabulary, C chunk size.
-The [N, V] logits never exist at once: each chunk of C hidden states is projected, turned into
-float32 logprobs and reduced to one number per token, and under autograd the chunk is recomputed in
-the backward pass (activation checkpointing) instead of being stored.
+The [N, V] logits never exist at once: each chunk of C hidden states is projected, reduced to two
+float32 numbers per token (logprob of the next token, entropy), and dropped. The backward pass
+recomputes the chunk's logits and writes d(loss)/d(logits) in closed form,
+
+    d logp_t / dz = onehot_t - p,        dH / dz = -p * (log p + H),
+
+instead of replaying autograd through log_softmax, exp, multiply and sum over [C, V] float32
+tensors (the replay was the largest cost of a training step on the H100; docs/benchmarks.md).
+When nothing depends on the entropy its gradient term is skipped. With `compiled=True` (CUDA) the
+two [C, V] kernels are fused by torch.compile.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
-from torch.utils.checkpoint import checkpoint
+import torch.nn.functional as F
 
 from agentrl.trainer.packing import PackedBatch
 
@@ -35,19 +44,65 @@ def _hidden(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch
     return out.last_hidden_state[0]
 
 
-def _chunk_stats(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 inv_temperature: float) -> torch.Tensor:
-    """hidden [C, E], targets [C] -> stacked (logprob [C], entropy [C])."""
-    logits = torch.nn.functional.linear(hidden, weight, bias).float() * inv_temperature  # [C, V]
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return torch.stack([logp, entropy])
+def _stats(logits: torch.Tensor, targets: torch.Tensor, inv_t: float):
+    """logits [C, V] -> (lse [C], logp [C], entropy [C]) of softmax(logits * inv_t), in float32."""
+    z = logits.float() * inv_t  # [C, V]
+    lse = torch.logsumexp(z, -1)  # [C]
+    entropy = lse - (torch.softmax(z, -1) * z).sum(-1)
+    logp = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    return lse, logp, entropy
+
+
+def _grad(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+          g_logp: torch.Tensor, g_ent: torch.Tensor | None, inv_t: float) -> torch.Tensor:
+    """d(loss)/d(logits) [C, V] from the per-token upstream gradients g_logp, g_ent [C]."""
+    logp_all = logits.float() * inv_t - lse.unsqueeze(-1)  # [C, V]
+    coef = g_logp.unsqueeze(-1)
+    if g_ent is not None:
+        coef = coef + g_ent.unsqueeze(-1) * (logp_all + entropy.unsqueeze(-1))
+    g = (-torch.exp(logp_all) * coef).scatter_add(-1, targets.unsqueeze(-1), g_logp.unsqueeze(-1))
+    return (g * inv_t).to(logits.dtype)
+
+
+@functools.cache
+def _kernels(compiled: bool):
+    if not compiled:
+        return _stats, _grad
+    return torch.compile(_stats, dynamic=True), torch.compile(_grad, dynamic=True)
+
+
+class _ChunkLogprobs(torch.autograd.Function):
+    """(logp [C], entropy [C]) of one chunk; saves only per-token numbers, recomputes logits in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, inv_t, compiled):
+        ctx.set_materialize_grads(False)
+        stats, _ = _kernels(compiled)
+        logits = F.linear(hidden, weight, bias)  # [C, V]
+        lse, logp, entropy = stats(logits, targets, inv_t)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.inv_t, ctx.compiled = inv_t, compiled
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        if g_logp is None and g_ent is None:
+            return None, None, None, None, None, None
+        if g_logp is None:
+            g_logp = torch.zeros_like(lse)
+        _, grad = _kernels(ctx.compiled)
+        logits = F.linear(hidden, weight, bias)  # [C, V], recomputed
+        g = grad(logits, targets, lse, entropy, g_logp, g_ent, ctx.inv_t)  # [C, V]
+        g_hidden = g @ weight if ctx.needs_input_grad[0] else None
+        g_weight = g.t() @ hidden if ctx.needs_input_grad[1] else None
+        g_bias = g.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+        return g_hidden, g_weight, g_bias, None, None, None
 
 
 def token_stats(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 cu_seqlens: torch.Tensor, max_seqlen: int, targets: torch.Tensor, inv_temperature: float,
-                chunk_size: int) -> torch.Tensor:
+                chunk_size: int, compiled: bool = False) -> torch.Tensor:
     """Stacked (logprob [N], entropy [N]) of the next tokens `targets` [N]: the whole forward pass.
 
     One function from token ids to per-token numbers, so that FSDP2 can treat it as the root
@@ -56,20 +111,24 @@ def token_stats(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: t
     """
     hidden = _hidden(model, input_ids, position_ids, cu_seqlens, max_seqlen)  # [N, E]
     head = model.get_output_embeddings()
-    parts = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-        if torch.is_grad_enabled():
-            parts.append(checkpoint(_chunk_stats, h, t, head.weight, head.bias, inv_temperature, use_reentrant=False))
-        else:
-            parts.append(_chunk_stats(h, t, head.weight, head.bias, inv_temperature))
-    return torch.cat(parts, dim=1)  # [2, N]
+    parts = [_ChunkLogprobs.apply(hidden[s:s + chunk_size], head.weight, head.bias, targets[s:s + chunk_size],
+                                  inv_temperature, compiled)
+             for s in range(0, hidden.shape[0], chunk_size)]
+    return torch.stack([torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])])  # [2, N]
 
 
 def token_logprobs(
-    model: torch.nn.Module, packed: PackedBatch, temperature: float = 1.0, chunk_size: int = 2048
+    model: torch.nn.Module, packed: PackedBatch, temperature: float = 1.0, chunk_size: int = 2048,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logprob of each next token and the entropy of each next-token distribution.
+
+    Args:
+        model: A causal LM (plain, peft-wrapped or FSDP2-sharded).
+        packed: The packed sequences.
+        temperature: Logits are divided by it (as the engine did when sampling); 0 means 1.
+        chunk_size: Tokens per chunk of the vocabulary projection.
+        compiled: Fuse the [C, V] kernels with torch.compile (worth it on CUDA; first call compiles).
 
     Returns:
         (logprobs [N], entropy [N]) in float32; position j scores token j+1 of its own sequence.
@@ -78,7 +137,8 @@ def token_logprobs(
     targets, valid = packed.next_token_targets()
     inv_t = 1.0 / temperature if temperature > 0 else 1.0
     run = getattr(model, "agentrl_token_stats", None)  # set on FSDP2-sharded policies
-    args = (packed.input_ids, packed.position_ids, packed.cu_seqlens, packed.max_seqlen, targets, inv_t, chunk_size)
+    args = (packed.input_ids, packed.position_ids, packed.cu_seqlens, packed.max_seqlen, targets, inv_t, chunk_size,
+            compiled)
     stats = run(*args) if run is not None else token_stats(model, *args)
     stats = stats.masked_fill(~valid, 0.0)  # [2, N]
     return stats[0], stats[1]

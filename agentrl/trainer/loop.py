@@ -36,7 +36,7 @@ from agentrl.rollout.trajectory import Trajectory
 from agentrl.trainer.algos import filter_uniform_groups
 from agentrl.trainer.attention import register_varlen_attention
 from agentrl.trainer.metrics import MetricsWriter, rollout_metrics
-from agentrl.trainer.policy import export_hf, load_policy, merged_state_dict
+from agentrl.trainer.policy import compile_blocks, export_hf, load_policy, merged_state_dict
 from agentrl.trainer.resume import NonFiniteGuard, restore_run, save_run
 from agentrl.trainer.update import LossSettings, outcome_advantages, policy_update, recompute_logprobs
 
@@ -69,6 +69,8 @@ class Session:
                              attn_implementation=register_varlen_attention(), lora_rank=lora.rank,
                              lora_alpha=lora.alpha, lora_dropout=lora.dropout, lora_targets=lora.target_modules,
                              gradient_checkpointing=cfg.train.gradient_checkpointing)
+        if cfg.train.compile:
+            compile_blocks(policy)
         engine = EmbeddedEngine(path, device=cfg.model.device, dtype=engine_dtype,
                                 max_model_len=cfg.rollout.max_total_tokens + 1)
         pool = EnvPool(lambda: make(cfg.env.id, **cfg.env.kwargs))
@@ -165,7 +167,7 @@ def train_step(s: Session, optimizer, scheduler, ref, step: int) -> dict[str, fl
     for idx in _mini_batches(len(trajectories), cfg.train.mini_batches, r.samples_per_prompt):
         upd = policy_update(s.policy, optimizer, [trajectories[i] for i in idx], [advantages[i] for i in idx],
                             settings, micro_batch_tokens=cfg.train.micro_batch_tokens, grad_clip=cfg.optim.grad_clip,
-                            logprob_chunk=cfg.train.logprob_chunk, compute_dtype=compute,
+                            logprob_chunk=cfg.train.logprob_chunk, compute_dtype=compute, compiled=cfg.train.compile,
                             ref_logprobs=[refs[i] for i in idx] if refs is not None else None)
         scheduler.step()
         metrics.update({k: max(v, metrics.get(k, 0.0)) if k == "nonfinite" else v for k, v in upd.items()})

@@ -39,6 +39,18 @@ def load_policy(path: str, *, dtype: torch.dtype, device: str, attn_implementati
     return model.to(device).eval()
 
 
+def compile_blocks(model: torch.nn.Module) -> torch.nn.Module:
+    """`torch.compile` every decoder block in place (fuses HF's eager norms, rotary and SwiGLU).
+
+    Dynamic shapes, since packed micro-batches differ in length; the first steps pay the compile.
+    """
+    from agentrl.trainer.fsdp import decoder_blocks
+
+    for block in decoder_blocks(backbone_model(model)):
+        block.compile(dynamic=True)
+    return model
+
+
 def is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 

@@ -76,14 +76,15 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 @torch.no_grad()
 def recompute_logprobs(model, trajectories: Sequence[Trajectory], micro_batch_tokens: int, temperature: float,
-                       chunk: int, compute_dtype: torch.dtype | None = None) -> list[list[float]]:
+                       chunk: int, compute_dtype: torch.dtype | None = None,
+                       compiled: bool = False) -> list[list[float]]:
     """Logprob of every token (next-token layout) under `model`'s current weights."""
     device = next(model.parameters()).device
     out: list[list[float]] = [[] for _ in trajectories]
     for idx in _plan(trajectories, micro_batch_tokens):
         packed = _pack(trajectories, idx, device)
         with _autocast(device, compute_dtype):
-            logp, _ = token_logprobs(model, packed, temperature, chunk)
+            logp, _ = token_logprobs(model, packed, temperature, chunk, compiled=compiled)
         for j, i in enumerate(idx):
             a, b = int(packed.cu_seqlens[j]), int(packed.cu_seqlens[j + 1])
             out[i] = logp[a:b].float().tolist()
@@ -94,7 +95,7 @@ def policy_update(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, trajectories: Sequence[Trajectory],
     advantages: Sequence[float], settings: LossSettings, *, micro_batch_tokens: int, grad_clip: float,
     logprob_chunk: int = 2048, ref_logprobs: Sequence[Sequence[float]] | None = None,
-    compute_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype | None = None, compiled: bool = False,
 ) -> dict[str, float]:
     """Accumulate the loss over packed micro-batches and take one optimizer step.
 
@@ -107,6 +108,7 @@ def policy_update(
         logprob_chunk: Tokens per chunk of the vocabulary projection.
         ref_logprobs: Reference-policy logprob rows (next-token layout), needed when `kl_coef > 0`.
         compute_dtype: Autocast dtype (bf16 mixed precision without FSDP), or None.
+        compiled: Use the torch.compile'd logprob kernels (see `token_logprobs`).
 
     Trajectories without model tokens (failed episodes) carry no gradient and are skipped.
     Returns metrics; `skipped` is 1 when no step was taken: `nonfinite` is 1 when that was because
@@ -122,7 +124,8 @@ def policy_update(
         return {"loss": 0.0, "skipped": 1.0, "nonfinite": 0.0, "grad_norm": 0.0, "trained_tokens": 0.0}
     rollout_rows = [shift_to_next_token(list(t.rollout_logprobs), 0.0) for t in trajs]
     old_rows = (rollout_rows if settings.old_logprobs == "rollout" else
-                recompute_logprobs(model, trajs, micro_batch_tokens, settings.temperature, logprob_chunk, compute_dtype))
+                recompute_logprobs(model, trajs, micro_batch_tokens, settings.temperature, logprob_chunk, compute_dtype,
+                                   compiled))
     device = next(model.parameters()).device
     world = world_size()
     model.train()
@@ -138,7 +141,7 @@ def policy_update(
             rows["ref"] = [refs[i] for i in idx] or [[0.0]]
         t = {k: packed.to_padded(packed.pack(v)) for k, v in rows.items()}  # each [S, L]
         with _autocast(device, compute_dtype):
-            logp, entropy = token_logprobs(model, packed, settings.temperature, logprob_chunk)
+            logp, entropy = token_logprobs(model, packed, settings.temperature, logprob_chunk, compiled=compiled)
         loss, metrics = _micro_loss(settings, packed.to_padded(logp), packed.to_padded(entropy), t,
                                     tokens=total_tokens, share=len(idx) / total_seqs)
         (loss * world).backward()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -78,3 +79,39 @@ def test_packing_positions_restart_and_no_padding():
     targets, valid = p.next_token_targets()
     assert targets.tolist() == [2, 3, 0, 5, 0] and valid.tolist() == [True, True, False, True, False]
     assert p.to_padded(torch.arange(5.0)).tolist() == [[0, 1, 2], [3, 4, 0]]
+
+
+@pytest.mark.parametrize("temperature,with_bias", [(1.0, False), (0.7, True)])
+def test_closed_form_backward_matches_autograd(temperature, with_bias):
+    """The chunked closed-form backward gives autograd's gradients of log_softmax over full logits."""
+    from agentrl.trainer.actor import _ChunkLogprobs
+
+    torch.manual_seed(0)
+    N, E, V = 37, 16, 53  # noqa: N806 - shape letters
+    hidden = torch.randn(N, E, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, E, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(V, dtype=torch.float64, requires_grad=True) if with_bias else None
+    targets = torch.randint(0, V, (N,))
+    g_lp, g_ent = torch.randn(N, dtype=torch.float64), torch.randn(N, dtype=torch.float64)
+
+    # Reference: the whole [N, V] logits through autograd.
+    logits = torch.nn.functional.linear(hidden, weight, bias) / temperature
+    logp_all = torch.log_softmax(logits, -1)
+    ref_lp = logp_all.gather(-1, targets[:, None])[:, 0]
+    ref_ent = -(logp_all.exp() * logp_all).sum(-1)
+    inputs = [hidden, weight] + ([bias] if with_bias else [])
+    ref_grads = torch.autograd.grad((ref_lp * g_lp).sum() + (ref_ent * g_ent).sum(), inputs, retain_graph=True)
+
+    parts = [_ChunkLogprobs.apply(hidden[s:s + 10], weight, bias, targets[s:s + 10], 1 / temperature, False)
+             for s in range(0, N, 10)]
+    lp, ent = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    assert torch.allclose(lp.double(), ref_lp, atol=1e-5) and torch.allclose(ent.double(), ref_ent, atol=1e-5)
+    grads = torch.autograd.grad((lp.double() * g_lp).sum() + (ent.double() * g_ent).sum(), inputs)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, atol=1e-5), (g - r).abs().max()
+    # Only the logprob used: the entropy term drops out of the backward.
+    lp_only = torch.autograd.grad(torch.cat([_ChunkLogprobs.apply(hidden, weight, bias, targets, 1 / temperature,
+                                                                  False)[0]]).double().mul(g_lp).sum(), inputs)
+    ref_only = torch.autograd.grad((ref_lp * g_lp).sum(), inputs)
+    for g, r in zip(lp_only, ref_only):
+        assert torch.allclose(g, r, atol=1e-5)
