@@ -3,6 +3,8 @@
 Workloads (every response is exactly `new` tokens long: no stop tokens, HF gets `min_new_tokens`):
 
 - (a) `plain`: P random prompts of `prompt_len` tokens, `new` sampled tokens each.
+  Both sides sample from the full distribution (`temperature=1`, HF with `top_k=0`, since its
+  default `top_k=50` would add work the engine does not do).
 - (b) `grpo`: G prompts x n samples (the GRPO shape); the engine gets the G*n requests at once and
   should prefill each prompt once (its prefix-cache hit rate is printed); HF generates the
   G*n rows as one batch (`num_return_sequences=n`).
@@ -26,7 +28,7 @@ import asyncio
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -89,11 +91,14 @@ def hf_generate(model, prompts: list[list[int]], new: int, num_return: int = 1) 
     dev = model.device
     with torch.no_grad():
         out = model.generate(ids.to(dev), attention_mask=mask.to(dev), do_sample=True, max_new_tokens=new,
-                             min_new_tokens=new, num_return_sequences=num_return, pad_token_id=0, eos_token_id=None)
+                             min_new_tokens=new, num_return_sequences=num_return, pad_token_id=0, eos_token_id=None,
+                             top_k=0)
     return (out.shape[1] - width) * out.shape[0]
 
 
 def engine_generate(engine: EmbeddedEngine, prompts: list[list[int]], new: int) -> int:
+    engine.reset_prefix_cache()  # every run starts cold, like HF
+
     async def run():
         sp = SamplingParams(temperature=1.0, max_tokens=new)
         return await asyncio.gather(*(engine.generate(p, sp) for p in prompts))
@@ -123,12 +128,14 @@ def hf_turn(model, new):
         mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in convs], device=model.device)
         with torch.no_grad():
             out = model.generate(ids, attention_mask=mask, do_sample=True, max_new_tokens=new, min_new_tokens=new,
-                                 pad_token_id=0, eos_token_id=None)
+                                 pad_token_id=0, eos_token_id=None, top_k=0)
         return out[:, width:].tolist()
     return gen
 
 
 def engine_turn(engine):
+    engine.reset_prefix_cache()  # each episode batch starts cold; reuse is only within it
+
     def gen(convs, new):
         async def run():
             sp = SamplingParams(temperature=1.0, max_tokens=new)
@@ -178,11 +185,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--json", help="also write the rows here")
+    for f in fields(Sizes):
+        ap.add_argument(f"--{f.name.replace('_', '-')}", type=int, help=f"override the size {f.name}")
     args = ap.parse_args()
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     if args.threads:
         torch.set_num_threads(args.threads)
     sz = CPU_SMALL if args.cpu_small else Sizes()
+    sz = replace(sz, **{f.name: getattr(args, f.name) for f in fields(Sizes) if getattr(args, f.name) is not None})
     model = build_model(args).to(args.device).eval()
     vocab = model.config.vocab_size
     longest = max(sz.prompt_len + sz.new, sz.prompt_len + sz.turns * (sz.obs + sz.turn_new))

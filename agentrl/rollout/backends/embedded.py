@@ -154,6 +154,11 @@ class EmbeddedEngine:
             self.weight_version = version
             self._sched.reset_prefix_cache()
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (between steps); later requests prefill from scratch."""
+        with self._lock:
+            self._sched.reset_prefix_cache()
+
     def sleep(self, level: int = 1) -> None:
         """Abort requests in flight and free the KV cache; level 2 also moves weights to host memory."""
         with self._cv:
