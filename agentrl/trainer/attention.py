@@ -39,8 +39,16 @@ def _per_sequence_sdpa(q, k, v, cu: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def varlen_attention(q, k, v, cu: torch.Tensor, max_len: int, scale: float) -> torch.Tensor:
-    """Causal attention over packed sequences. q: [N, H, D], k/v: [N, Hk, D] -> [N, H, D]."""
-    if q.is_cuda:
+    """Causal attention over packed sequences. q: [N, H, D], k/v: [N, Hk, D] -> [N, H, D].
+
+    The FlashAttention kernels take fp16/bf16 only. Under CUDA autocast, q/k/v can arrive in
+    float32 (HF's rotary embedding multiplies by float32 cos/sin), so they are cast to the autocast
+    dtype, as SDPA would do; a float32 model without autocast takes the exact SDPA path instead.
+    """
+    if q.is_cuda and q.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         if importlib.util.find_spec("flash_attn") is not None:
             from flash_attn import flash_attn_varlen_func
 
