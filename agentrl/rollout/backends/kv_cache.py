@@ -19,7 +19,7 @@ a model.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -61,7 +61,8 @@ class BlockAllocator:
         self.hash_of: list[int | None] = [None] * num_blocks
         self.cached: dict[int, int] = {}  # block hash -> block id
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks with ref 0, oldest first
-        self.free: deque[int] = deque(range(1, num_blocks))
+        # A stack: the most recently freed block is reused first, while it is still in the CPU caches.
+        self.free: list[int] = list(range(num_blocks - 1, 0, -1))
         self.peak_used = 0
 
     @property
@@ -86,7 +87,7 @@ class BlockAllocator:
         out = []
         for _ in range(n):
             if self.free:
-                b = self.free.popleft()
+                b = self.free.pop()
             else:
                 b, _ = self.evictable.popitem(last=False)
                 del self.cached[self.hash_of[b]]
