@@ -174,6 +174,49 @@ def report(workload: str, results: dict[str, tuple[float, int]], extra: dict[str
     return rows
 
 
+def hit_rate_since(engine: EmbeddedEngine, before: tuple[float, int]) -> float:
+    """The engine's prompt cache-hit rate over the requests served since `before` = (cached, prompt tokens)."""
+    cached = engine.stats.extra.get("cached_prompt_tokens", 0.0) - before[0]
+    return round(cached / max(1, engine.stats.prompt_tokens - before[1]), 4)
+
+
+def snapshot(engine: EmbeddedEngine) -> tuple[float, int]:
+    return engine.stats.extra.get("cached_prompt_tokens", 0.0), engine.stats.prompt_tokens
+
+
+def run_plain(model, engine, sz: Sizes, repeats: int, sync) -> list[dict]:
+    prompts = random_prompts(sz.prompts, sz.prompt_len, model.config.vocab_size, 0)
+    res = best_of({"hf_generate": lambda: hf_generate(model, prompts, sz.new),
+                   "embedded": lambda: engine_generate(engine, prompts, sz.new)}, repeats, sync)
+    return report(f"a:{sz.prompts}x{sz.prompt_len}x{sz.new}", res)
+
+
+def run_grpo(model, engine, sz: Sizes, repeats: int, sync) -> list[dict]:
+    groups = random_prompts(sz.groups, sz.prompt_len, model.config.vocab_size, 1)
+    expanded = [p for p in groups for _ in range(sz.n)]
+    before = snapshot(engine)
+    res = best_of({"hf_generate": lambda: hf_generate(model, groups, sz.new, num_return=sz.n),
+                   "embedded": lambda: engine_generate(engine, expanded, sz.new)}, repeats, sync)
+    extra = {"prompt_cache_hit_rate": hit_rate_since(engine, before), "ideal": round((sz.n - 1) / sz.n, 4)}
+    return report(f"b:{sz.groups}x{sz.n}", res, {"embedded": extra})
+
+
+def run_turns(model, engine, no_cache, sz: Sizes, repeats: int, sync) -> list[dict]:
+    vocab = model.config.vocab_size
+    starts = random_prompts(sz.episodes, sz.prompt_len, vocab, 2)
+
+    def play(gen):
+        return episodes(gen, starts, sz.turns, sz.obs, sz.turn_new, vocab)
+
+    before = snapshot(engine)
+    res = best_of({"hf_generate": lambda: play(hf_turn(model, sz.turn_new)),
+                   "embedded": lambda: play(engine_turn(engine)),
+                   "embedded_no_prefix_cache": lambda: play(engine_turn(no_cache))}, repeats, sync)
+    extra = {"prompt_cache_hit_rate": hit_rate_since(engine, before),
+             "speedup_vs_no_cache": round(res["embedded_no_prefix_cache"][0] / res["embedded"][0], 2)}
+    return report(f"c:{sz.episodes}x{sz.turns}t", res, {"embedded": extra})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="a local Hugging Face model directory")
@@ -194,7 +237,6 @@ def main() -> None:
     sz = CPU_SMALL if args.cpu_small else Sizes()
     sz = replace(sz, **{f.name: getattr(args, f.name) for f in fields(Sizes) if getattr(args, f.name) is not None})
     model = build_model(args).to(args.device).eval()
-    vocab = model.config.vocab_size
     longest = max(sz.prompt_len + sz.new, sz.prompt_len + sz.turns * (sz.obs + sz.turn_new))
     engine = EmbeddedEngine(model, device=args.device, dtype=DTYPES[args.dtype], max_model_len=longest + 8,
                             max_batch_size=max(sz.prompts, sz.groups * sz.n, sz.episodes))
@@ -207,32 +249,11 @@ def main() -> None:
     rows: list[dict] = []
     work = args.workloads.split(",")
     if "plain" in work:
-        prompts = random_prompts(sz.prompts, sz.prompt_len, vocab, 0)
-        res = best_of({"hf_generate": lambda: hf_generate(model, prompts, sz.new),
-                       "embedded": lambda: engine_generate(engine, prompts, sz.new)}, args.repeats, sync)
-        rows += report(f"a:{sz.prompts}x{sz.prompt_len}x{sz.new}", res)
+        rows += run_plain(model, engine, sz, args.repeats, sync)
     if "grpo" in work:
-        groups = random_prompts(sz.groups, sz.prompt_len, vocab, 1)
-        expanded = [p for p in groups for _ in range(sz.n)]
-        before = dict(engine.stats.extra), engine.stats.prompt_tokens
-        res = best_of({"hf_generate": lambda: hf_generate(model, groups, sz.new, num_return=sz.n),
-                       "embedded": lambda: engine_generate(engine, expanded, sz.new)}, args.repeats, sync)
-        cached = engine.stats.extra["cached_prompt_tokens"] - before[0].get("cached_prompt_tokens", 0)
-        hit = cached / (engine.stats.prompt_tokens - before[1])
-        rows += report(f"b:{sz.groups}x{sz.n}", res, {"embedded": {"prompt_cache_hit_rate": round(hit, 4),
-                                                                   "ideal": round((sz.n - 1) / sz.n, 4)}})
+        rows += run_grpo(model, engine, sz, args.repeats, sync)
     if "turns" in work:
-        starts = random_prompts(sz.episodes, sz.prompt_len, vocab, 2)
-        run = lambda gen: episodes(gen, starts, sz.turns, sz.obs, sz.turn_new, vocab)  # noqa: E731
-        before = dict(engine.stats.extra), engine.stats.prompt_tokens
-        res = best_of({"hf_generate": lambda: run(hf_turn(model, sz.turn_new)),
-                       "embedded": lambda: run(engine_turn(engine)),
-                       "embedded_no_prefix_cache": lambda: run(engine_turn(no_cache))}, args.repeats, sync)
-        cached = engine.stats.extra["cached_prompt_tokens"] - before[0].get("cached_prompt_tokens", 0)
-        hit = cached / (engine.stats.prompt_tokens - before[1])
-        reuse = res["embedded_no_prefix_cache"][0] / res["embedded"][0]
-        rows += report(f"c:{sz.episodes}x{sz.turns}t", res, {"embedded": {"prompt_cache_hit_rate": round(hit, 4),
-                                                                          "speedup_vs_no_cache": round(reuse, 2)}})
+        rows += run_turns(model, engine, no_cache, sz, args.repeats, sync)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -279,9 +279,10 @@ class EmbeddedEngine:
         batch = SamplingBatch.build([c.seq.payload.sampling for c in rows], [c.seq.num_output for c in rows],
                                     self.device)
         tokens, logprobs = sample(logits, batch)
+        host = torch.stack([tokens.double(), logprobs.double()]).tolist()  # one device sync per step
         self._counts["steps"] += 1
         self.stats.generated_tokens += len(rows)
-        return self._sched.finish_step(plan, tokens.tolist(), logprobs.tolist(), self.weight_version)
+        return self._sched.finish_step(plan, [int(t) for t in host[0]], host[1], self.weight_version)
 
     def _fail_all(self, exc: EngineError) -> None:
         with self._lock:
