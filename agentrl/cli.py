@@ -77,7 +77,7 @@ def train(
             _fail(exc)
     _print_before_after(result, cfg.eval.split)
     (Path(cfg.run_dir) / "summary.json").write_text(json.dumps(
-        {k: v for k, v in result.items() if k != "history"}, indent=2))
+        {k: v for k, v in result.items() if k != "history" and v is not None}, indent=2))
 
 
 def _print_before_after(result: dict, split: str) -> None:
