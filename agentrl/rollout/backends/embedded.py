@@ -115,7 +115,9 @@ class EmbeddedEngine:
         self._sched = self._new_scheduler()
         self._lock = threading.Lock()  # held by a model step; weight updates and sleep wait for it
         self._cv = threading.Condition()  # guards the inbox, the abort epoch, the thread handle, sleep state
-        self._inbox: list[_Request] = []
+        self._inbox: list[_Request] = []  # requests the engine thread takes at its next step
+        self._staged: list[_Request] = []  # submitted in the current event-loop iteration
+        self._flush_scheduled = False
         self._abort_epoch = 0
         self._thread: threading.Thread | None = None
         self._asleep = 0
@@ -134,10 +136,10 @@ class EmbeddedEngine:
             if self._asleep:
                 raise EngineError("the engine is asleep (sleep() was called); call wake() before generate()")
             req.epoch = self._abort_epoch
-            self._inbox.append(req)
-            idle = self._thread is None
-        if idle:  # start after the coroutines scheduled with this one have submitted too: one first batch
-            loop.call_soon(self._ensure_thread)
+            self._staged.append(req)
+            flush, self._flush_scheduled = not self._flush_scheduled, True
+        if flush:  # after every coroutine ready now has submitted too, so a burst reaches the engine at once
+            loop.call_soon(self._flush)
         try:
             return await req.future
         except asyncio.CancelledError:
@@ -205,12 +207,16 @@ class EmbeddedEngine:
         return Seq(seq_id=id(req), tokens=list(req.prompt), max_new=max(1, min(s.max_tokens, room)),
                    stop_token_ids=frozenset(s.stop_token_ids), stop_check=req.stop_check, payload=req)
 
-    def _deliver(self, seqs: list[Seq]) -> None:
+    def _account(self, seqs: list[Seq]) -> None:
         for seq in seqs:
-            req: _Request = seq.payload
             self.stats.requests += 1
             self.stats.prompt_tokens += seq.prompt_len
             self._counts["cached_prompt_tokens"] += max(seq.cached_tokens, 0)
+
+    def _deliver(self, seqs: list[Seq]) -> None:
+        """Resolve the finished requests' futures (after the stats are up to date: callers read them)."""
+        for seq in seqs:
+            req: _Request = seq.payload
             gen = EmbeddedGeneration(tuple(seq.output), tuple(seq.logprobs), seq.finish_reason,
                                      seq.versions[0] if seq.versions else self.weight_version,
                                      max(seq.cached_tokens, 0), tuple(seq.versions))
@@ -224,8 +230,10 @@ class EmbeddedEngine:
             pass
 
     # -- the engine thread ---------------------------------------------------------------------
-    def _ensure_thread(self) -> None:
+    def _flush(self) -> None:
         with self._cv:
+            self._inbox += self._staged
+            self._staged, self._flush_scheduled = [], False
             if self._thread is None and self._inbox:
                 self._thread = threading.Thread(target=self._run, name="agentrl-embedded-engine", daemon=True)
                 self._thread.start()
@@ -267,9 +275,10 @@ class EmbeddedEngine:
                     raise EngineError("the scheduler found nothing to run while requests wait (scheduler bug)")
                 done += self._run_plan(plan)
                 self.stats.batches += plan.admitted > 0
-            self._deliver(done)
+            self._account(done)
             self.stats.generate_seconds += time.perf_counter() - t0
             self._update_extra()
+            self._deliver(done)
 
     def _run_plan(self, plan: StepPlan) -> list[Seq]:
         inputs = build_step_inputs(plan, self._sched.block_table, self.block_size, self.device)
