@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from agentrl.errors import EngineError
+from agentrl.rollout.backends.cuda_graphs import DecodeGraphs
 from agentrl.rollout.backends.kv_cache import BlockAllocator, PagedKVCache
 from agentrl.rollout.backends.model_runner import ModelRunner
 from agentrl.rollout.backends.sampling import SamplingBatch, StopStrings, sample, validate
@@ -83,6 +84,8 @@ class EmbeddedEngine:
         max_step_tokens: Most tokens one step computes (long prompts are prefilled in chunks).
         enable_prefix_caching: Share and reuse KV blocks of common prefixes (GRPO groups, later turns).
         tokenizer: For stop strings; loaded from `model` when it is a path.
+        cuda_graphs: On CUDA, replay decode-only steps from CUDA graphs captured per batch-size
+            bucket (see `cuda_graphs.py`; captured lazily, dropped by `sleep`). Ignored on CPU.
 
     Example:
         >>> engine = EmbeddedEngine("runs/tiny-model")                            # doctest: +SKIP
@@ -92,7 +95,7 @@ class EmbeddedEngine:
     def __init__(self, model, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  max_batch_size: int = 256, max_model_len: int = 4096, *, block_size: int = 16,
                  kv_cache_tokens: int | None = None, max_step_tokens: int = 4096,
-                 enable_prefix_caching: bool = True, tokenizer=None):
+                 enable_prefix_caching: bool = True, tokenizer=None, cuda_graphs: bool = True):
         if isinstance(model, str):
             from transformers import AutoModelForCausalLM
 
@@ -106,12 +109,14 @@ class EmbeddedEngine:
         self.block_size = block_size
         self.max_step_tokens = max(max_step_tokens, max_batch_size)
         self.enable_prefix_caching = enable_prefix_caching
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.runner = ModelRunner(self.model, max_model_len)
         self.vocab_size = self.runner.embed.shape[0]
         self.kv_cache_tokens = kv_cache_tokens or self._default_kv_tokens()
         self.weight_version = 0
         self.stats = EngineStats()
         self._cache: PagedKVCache | None = None
+        self._graphs: DecodeGraphs | None = None  # built with the cache; they read its addresses
         self._sched = self._new_scheduler()
         self._lock = threading.Lock()  # held by a model step; weight updates and sleep wait for it
         self._cv = threading.Condition()  # guards the inbox, the abort epoch, the thread handle, sleep state
@@ -121,7 +126,9 @@ class EmbeddedEngine:
         self._abort_epoch = 0
         self._thread: threading.Thread | None = None
         self._asleep = 0
-        self._counts = {"steps": 0, "cached_prompt_tokens": 0}
+        self._cancels = 0  # generate() calls cancelled so far (the engine thread drops them)
+        self._seen = (0, 0)  # (abort epoch, cancels) the engine thread has already acted on
+        self._counts = {"steps": 0, "graph_steps": 0, "cached_prompt_tokens": 0}
 
     # -- the Engine contract -----------------------------------------------------------------
     async def generate(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> Generation:
@@ -144,6 +151,7 @@ class EmbeddedEngine:
             return await req.future
         except asyncio.CancelledError:
             req.cancelled = True  # the engine drops it at the next step
+            self._cancels += 1
             raise
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
@@ -168,7 +176,7 @@ class EmbeddedEngine:
         self.abort()
         self._join()
         with self._lock:
-            self._cache = None
+            self._cache = self._graphs = None
             self._sched = self._new_scheduler()
             if level >= 2 and self.device.type != "cpu":
                 self.model.to("cpu")
@@ -266,10 +274,13 @@ class EmbeddedEngine:
                     self._sched.add(self._sequence(req))
                 except EngineError as exc:
                     self._post(req, exc)
-            done = self._sched.abort_where(lambda s: s.payload.epoch < epoch or s.payload.cancelled)
+            done = self._abort_stale(new, epoch)
             if self._sched.has_work:
                 if self._cache is None:
                     self._cache = self.runner.new_cache(self._sched.alloc.num_blocks, self.block_size)
+                    if self.cuda_graphs:
+                        self._graphs = DecodeGraphs(self.runner, self._cache, self.max_batch_size,
+                                                    self._sched.block_table.shape[1])
                 plan = self._sched.schedule()
                 if not plan.chunks:
                     raise EngineError("the scheduler found nothing to run while requests wait (scheduler bug)")
@@ -280,11 +291,25 @@ class EmbeddedEngine:
             self._update_extra()
             self._deliver(done)
 
+    def _abort_stale(self, new: list[_Request], epoch: int) -> list[Seq]:
+        """Abort what `abort()` or a cancellation ended; skips the scan of running sequences otherwise."""
+        seen, self._seen = self._seen, (epoch, self._cancels)
+        if seen == self._seen and all(r.epoch == epoch for r in new):
+            return []
+        return self._sched.abort_where(lambda s: s.payload.epoch < epoch or s.payload.cancelled)
+
     def _run_plan(self, plan: StepPlan) -> list[Seq]:
-        inputs = build_step_inputs(plan, self._sched.block_table, self.block_size, self.device)
-        logits = self.runner.forward(inputs, self._cache)  # [S, V]
-        self._cache.copy_blocks(plan.copies)
         rows = [c for c in plan.chunks if c.sample]
+        if self._graphs is not None and self._graphs.bucket(len(plan.chunks)) and DecodeGraphs.decode_only(plan.chunks):
+            logits = self._graphs.run(plan.chunks, self._sched.block_table)  # [N, V]
+            if len(rows) < len(plan.chunks):  # a one-token prefill chunk that does not sample
+                keep = [i for i, c in enumerate(plan.chunks) if c.sample]
+                logits = logits.index_select(0, torch.tensor(keep).to(self.device, non_blocking=True))
+            self._counts["graph_steps"] += 1
+        else:
+            inputs = build_step_inputs(plan, self._sched.block_table, self.block_size, self.device)
+            logits = self.runner.forward(inputs, self._cache)  # [S, V]
+        self._cache.copy_blocks(plan.copies)
         batch = SamplingBatch.build([c.seq.payload.sampling for c in rows], [c.seq.num_output for c in rows],
                                     self.device)
         tokens, logprobs = sample(logits, batch)
@@ -320,6 +345,8 @@ class EmbeddedEngine:
         s, c = self._sched, self._counts
         self.stats.extra.update(
             steps=float(c["steps"]),
+            graph_steps=float(c["graph_steps"]),
+            graph_capture_seconds=self._graphs.capture_seconds if self._graphs is not None else 0.0,
             cached_prompt_tokens=float(c["cached_prompt_tokens"]),
             prefix_cache_hit_rate=c["cached_prompt_tokens"] / max(1, self.stats.prompt_tokens),
             kv_blocks=float(s.alloc.capacity), kv_block_size=float(self.block_size),

@@ -31,7 +31,7 @@ class StepInputs:
 
     input_ids: torch.Tensor  # [N] int64
     positions: torch.Tensor  # [N] int64
-    logits_index: torch.Tensor  # [S] int64: row of each sampled sequence's last token
+    logits_index: torch.Tensor | None  # [S] int64: row of each sampled sequence's last token; None: every row
     meta: StepMetadata
 
 
@@ -139,8 +139,12 @@ class ModelRunner:
         return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
     @torch.no_grad()
-    def forward(self, inp: StepInputs, cache: PagedKVCache) -> torch.Tensor:
-        """Compute one step; returns logits [S, V] of the rows in `inp.logits_index`."""
+    def forward(self, inp: StepInputs, cache: PagedKVCache, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Compute one step; returns logits [S, V] of the rows in `inp.logits_index` (all N rows if None).
+
+        `out`, when given, receives the logits (a CUDA graph's static output buffer). Nothing here
+        reads a device value on the host, so the whole pass can be captured in a CUDA graph.
+        """
         Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         x = F.embedding(inp.input_ids, self.embed)  # [N, H]
         N = x.shape[0]
@@ -155,8 +159,11 @@ class ModelRunner:
             self.attention.write(cache.k[i], cache.v[i], qk[:, Hq:], v, inp.meta.slots)
             attn = self.attention(qk[:, :Hq], cache.k[i], cache.v[i], inp.meta, self.scale)  # [N, Hq, D]
             x = x + F.linear(attn.reshape(N, Hq * D), lw.o_w, lw.o_b)
-            if i == last:  # the MLP and the head only matter for the rows that are sampled
+            if i == last and inp.logits_index is not None:  # the MLP and the head only matter for sampled rows
                 x = x.index_select(0, inp.logits_index)  # [S, H]
             gate_up = F.linear(self._norm(x, lw.ln2), lw.gate_up_w)  # [*, 2 I]
             x = x + F.linear(F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter:], lw.down_w)
-        return F.linear(self._norm(x, self.final_norm), self.lm_head)  # [S, V]
+        h = self._norm(x, self.final_norm)
+        if out is None:
+            return F.linear(h, self.lm_head)  # [S, V]
+        return torch.mm(h, self.lm_head.t(), out=out)

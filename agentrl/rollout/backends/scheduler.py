@@ -126,16 +126,18 @@ class Scheduler:
         plan = StepPlan([])
         budget = self.max_step_tokens
         preempted = False
-        for seq in list(self.running):
+        bs, chunks = self.bs, plan.chunks
+        for seq in list(self.running):  # per-step hot loop (a decode step visits every running sequence)
             if seq.row < 0:  # preempted earlier in this loop
                 continue
-            n = min(len(seq.tokens) - seq.num_computed, budget)
+            start, total = seq.num_computed, len(seq.tokens)
+            n = min(total - start, budget)
             if n <= 0:
                 continue
-            if not self._grow(seq, seq.num_computed + n):
+            if start + n > len(seq.blocks) * bs and not self._grow(seq, start + n):
                 preempted = True
                 continue
-            plan.chunks.append(Chunk(seq, seq.num_computed, n, seq.num_computed + n == len(seq.tokens)))
+            chunks.append(Chunk(seq, start, n, start + n == total))
             budget -= n
         if not preempted:
             self._admit(plan, budget)
@@ -154,6 +156,8 @@ class Scheduler:
         return True
 
     def _admit(self, plan: StepPlan, budget: int) -> None:
+        if not self.waiting:
+            return
         finishing: dict[int, list[Sequence]] = {}  # sequences whose last token is computed in this step
         for c in plan.chunks:
             if c.sample and c.n:
@@ -233,12 +237,12 @@ class Scheduler:
     def finish_step(self, plan: StepPlan, tokens: list[int], logprobs: list[float], version: int) -> list[Sequence]:
         """Record the step: computed tokens, newly full blocks, sampled tokens. Returns finished sequences."""
         done = []
-        i = 0
-        for c in plan.chunks:
+        i, bs = 0, self.bs
+        for c in plan.chunks:  # per-step hot loop: plain attribute access, no properties
             seq = c.seq
             if c.n:
                 seq.num_computed += c.n
-                if seq.num_computed // self.bs > seq.num_registered:
+                if seq.num_computed // bs > seq.num_registered:
                     self._register_full_blocks(seq)
             if not c.sample:
                 continue
@@ -249,7 +253,7 @@ class Scheduler:
             i += 1
             if tok in seq.stop_token_ids or (seq.stop_check is not None and seq.stop_check(seq)):
                 self.finish(seq, "stop")
-            elif seq.num_output >= seq.max_new:
+            elif len(seq.tokens) - seq.prompt_len >= seq.max_new:
                 self.finish(seq, "length")
             else:
                 continue

@@ -3,7 +3,7 @@
 Tokens are laid out flat: the decode group first (chunks of one token), then the prefill group
 (longer chunks), which is the order `attention.StepMetadata` expects. Sampled rows keep the
 plan's order, so the sampled tokens line up with `Scheduler.finish_step`. Index arithmetic is
-done in numpy on the host and copied to the device once per tensor.
+done in numpy on the host and copied to the device in one transfer per dtype.
 
 Letters: N new tokens, S sampled rows, Bd / Bp decode / prefill sequences, T longest chunk,
 M block-table width, P block size.
@@ -19,11 +19,37 @@ from agentrl.rollout.backends.model_runner import StepInputs
 from agentrl.rollout.backends.scheduler import Chunk, StepPlan
 
 
-def _to(a: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype, non_blocking=True)
+class _Pack:
+    """Host arrays of one step, copied to the device in one transfer per dtype (int64, int32).
+
+    Each `add` returns a slot; `send` concatenates, copies once (non-blocking), and hands back
+    views of the device buffer, so a step costs two host-to-device copies whatever its shape.
+    """
+
+    def __init__(self) -> None:
+        self.parts: dict[torch.dtype, list[np.ndarray]] = {torch.long: [], torch.int32: []}
+
+    def add(self, a, dtype: torch.dtype) -> tuple[torch.dtype, int]:
+        parts = self.parts[dtype]
+        parts.append(np.asarray(a, dtype=np.int64 if dtype == torch.long else np.int32))
+        return dtype, len(parts) - 1
+
+    def send(self, device: torch.device) -> dict[torch.dtype, list[torch.Tensor]]:
+        out: dict[torch.dtype, list[torch.Tensor]] = {}
+        for dtype, parts in self.parts.items():
+            if not parts:
+                continue
+            flat = torch.from_numpy(np.concatenate([p.reshape(-1) for p in parts]))
+            flat = flat.to(device, non_blocking=True)
+            views, i = [], 0
+            for p in parts:
+                views.append(flat[i:i + p.size].view(p.shape))
+                i += p.size
+            out[dtype] = views
+        return out
 
 
-def _prefill_meta(chunks: list[Chunk], block_table: np.ndarray, P: int, device: torch.device) -> dict:
+def _prefill_meta(chunks: list[Chunk], block_table: np.ndarray, P: int, pack: _Pack) -> dict:
     starts = np.array([c.start for c in chunks], dtype=np.int64)
     lens = np.array([c.n for c in chunks], dtype=np.int64)
     ends = starts + lens
@@ -34,14 +60,13 @@ def _prefill_meta(chunks: list[Chunk], block_table: np.ndarray, P: int, device: 
     inside = t[None, :] < lens[:, None]  # [Bp, T]
     pad_src = np.where(inside, cu[:-1, None] + t[None, :], 0)  # [Bp, T]
     return dict(
-        prefill_block_table=_to(block_table[rows, :Mp], device, torch.int32),
-        prefill_seq_lens=_to(ends, device, torch.int32),
-        prefill_cu_q=_to(cu, device, torch.int32),
-        prefill_pad_src=_to(pad_src.reshape(-1), device, torch.long),
-        prefill_pad_valid=_to(np.flatnonzero(inside.reshape(-1)), device, torch.long),
-        prefill_q_pos=_to(starts[:, None] + t[None, :], device, torch.long),
-        max_q=T, max_k=int(ends.max()),
-    )
+        prefill_block_table=pack.add(block_table[rows, :Mp], torch.int32),
+        prefill_seq_lens=pack.add(ends, torch.int32),
+        prefill_cu_q=pack.add(cu, torch.int32),
+        prefill_pad_src=pack.add(pad_src.reshape(-1), torch.long),
+        prefill_pad_valid=pack.add(np.flatnonzero(inside.reshape(-1)), torch.long),
+        prefill_q_pos=pack.add(starts[:, None] + t[None, :], torch.long),
+    ), dict(max_q=T, max_k=int(ends.max()))
 
 
 def build_step_inputs(plan: StepPlan, block_table: np.ndarray, block_size: int, device: torch.device) -> StepInputs:
@@ -62,18 +87,23 @@ def build_step_inputs(plan: StepPlan, block_table: np.ndarray, block_size: int, 
     pos_np = np.array(pos, dtype=np.int64)
     slots = block_table[np.array(row_of_token, dtype=np.int64), pos_np // P].astype(np.int64) * P + pos_np % P
     Bd = len(dec)
-    meta = dict(decode_block_table=None, decode_seq_lens=None, prefill_block_table=None, prefill_seq_lens=None,
-                prefill_cu_q=None, prefill_pad_src=None, prefill_pad_valid=None, prefill_q_pos=None)
+    pack = _Pack()
+    slot = dict(input_ids=pack.add(ids, torch.long), positions=pack.add(pos_np, torch.long),
+                logits_index=pack.add(logits_index, torch.long), slots=pack.add(slots, torch.long))
+    sizes = {}
     if Bd:
         lens = pos_np[:Bd] + 1
         rows = np.array(row_of_token[:Bd], dtype=np.int64)
-        meta["decode_block_table"] = _to(block_table[rows, : int(-(-lens.max() // P))], device, torch.int32)
-        meta["decode_seq_lens"] = _to(lens, device, torch.int32)
+        slot["decode_block_table"] = pack.add(block_table[rows, : int(-(-lens.max() // P))], torch.int32)
+        slot["decode_seq_lens"] = pack.add(lens, torch.int32)
     if pre:
-        meta.update(_prefill_meta(pre, block_table, P, device))
-    return StepInputs(
-        input_ids=torch.tensor(ids, dtype=torch.long).to(device, non_blocking=True),
-        positions=_to(pos_np, device, torch.long),
-        logits_index=torch.tensor(logits_index, dtype=torch.long).to(device, non_blocking=True),
-        meta=StepMetadata(slots=_to(slots, device, torch.long), num_decode=Bd, **meta),
-    )
+        more, sizes = _prefill_meta(pre, block_table, P, pack)
+        slot.update(more)
+    sent = pack.send(device)
+    t = {name: sent[dtype][i] for name, (dtype, i) in slot.items()}
+    meta = StepMetadata(slots=t.pop("slots"), num_decode=Bd, **{k: t.get(k) for k in _META_TENSORS}, **sizes)
+    return StepInputs(input_ids=t["input_ids"], positions=t["positions"], logits_index=t["logits_index"], meta=meta)
+
+
+_META_TENSORS = ("decode_block_table", "decode_seq_lens", "prefill_block_table", "prefill_seq_lens",
+                 "prefill_cu_q", "prefill_pad_src", "prefill_pad_valid", "prefill_q_pos")
