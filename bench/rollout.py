@@ -144,13 +144,18 @@ def engine_turn(engine):
     return gen
 
 
-def best_of(fns: dict, repeats: int, sync) -> dict[str, tuple[float, int]]:
-    """Run each fn once to warm up, then `repeats` times interleaved; keep each one's fastest run."""
-    for fn in fns.values():
-        fn()
+def best_of(fns: dict, repeats: int, sync, warmups: dict | None = None,
+            counts: dict[str, int] | None = None) -> dict[str, tuple[float, int]]:
+    """Warm each fn up (with `warmups[name]` if given: a cheaper call), then run it `counts[name]`
+    (default `repeats`) times, interleaved; keep each one's fastest run."""
+    warmups, counts = warmups or {}, counts or {}
+    for name, fn in fns.items():
+        warmups.get(name, fn)()
     best: dict[str, tuple[float, int]] = {}
-    for _ in range(repeats):
+    for r in range(repeats):
         for name, fn in fns.items():
+            if r >= counts.get(name, repeats):
+                continue
             sync()
             t0 = time.perf_counter()
             tokens = fn()
@@ -184,24 +189,26 @@ def snapshot(engine: EmbeddedEngine) -> tuple[float, int]:
     return engine.stats.extra.get("cached_prompt_tokens", 0.0), engine.stats.prompt_tokens
 
 
-def run_plain(model, engine, sz: Sizes, repeats: int, sync) -> list[dict]:
+def run_plain(model, engine, sz: Sizes, repeats: int, sync, hf_runs: dict) -> list[dict]:
     prompts = random_prompts(sz.prompts, sz.prompt_len, model.config.vocab_size, 0)
     res = best_of({"hf_generate": lambda: hf_generate(model, prompts, sz.new),
-                   "embedded": lambda: engine_generate(engine, prompts, sz.new)}, repeats, sync)
+                   "embedded": lambda: engine_generate(engine, prompts, sz.new)}, repeats, sync,
+                  {"hf_generate": lambda: hf_generate(model, prompts[:8], 4)}, hf_runs)
     return report(f"a:{sz.prompts}x{sz.prompt_len}x{sz.new}", res)
 
 
-def run_grpo(model, engine, sz: Sizes, repeats: int, sync) -> list[dict]:
+def run_grpo(model, engine, sz: Sizes, repeats: int, sync, hf_runs: dict) -> list[dict]:
     groups = random_prompts(sz.groups, sz.prompt_len, model.config.vocab_size, 1)
     expanded = [p for p in groups for _ in range(sz.n)]
     before = snapshot(engine)
     res = best_of({"hf_generate": lambda: hf_generate(model, groups, sz.new, num_return=sz.n),
-                   "embedded": lambda: engine_generate(engine, expanded, sz.new)}, repeats, sync)
+                   "embedded": lambda: engine_generate(engine, expanded, sz.new)}, repeats, sync,
+                  {"hf_generate": lambda: hf_generate(model, groups[:2], 4, num_return=sz.n)}, hf_runs)
     extra = {"prompt_cache_hit_rate": hit_rate_since(engine, before), "ideal": round((sz.n - 1) / sz.n, 4)}
     return report(f"b:{sz.groups}x{sz.n}", res, {"embedded": extra})
 
 
-def run_turns(model, engine, no_cache, sz: Sizes, repeats: int, sync) -> list[dict]:
+def run_turns(model, engine, no_cache, sz: Sizes, repeats: int, sync, hf_runs: dict) -> list[dict]:
     vocab = model.config.vocab_size
     starts = random_prompts(sz.episodes, sz.prompt_len, vocab, 2)
 
@@ -211,10 +218,31 @@ def run_turns(model, engine, no_cache, sz: Sizes, repeats: int, sync) -> list[di
     before = snapshot(engine)
     res = best_of({"hf_generate": lambda: play(hf_turn(model, sz.turn_new)),
                    "embedded": lambda: play(engine_turn(engine)),
-                   "embedded_no_prefix_cache": lambda: play(engine_turn(no_cache))}, repeats, sync)
+                   "embedded_no_prefix_cache": lambda: play(engine_turn(no_cache))}, repeats, sync,
+                  {"hf_generate": lambda: episodes(hf_turn(model, 4), starts[:4], 1, sz.obs, 4, vocab)}, hf_runs)
     extra = {"prompt_cache_hit_rate": hit_rate_since(engine, before),
              "speedup_vs_no_cache": round(res["embedded_no_prefix_cache"][0] / res["embedded"][0], 2)}
     return report(f"c:{sz.episodes}x{sz.turns}t", res, {"embedded": extra})
+
+
+def profile_engine(model, engine: EmbeddedEngine, sz: Sizes) -> None:
+    """Print where one engine run of (a) spends device and host time (torch profiler, all threads)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompts = random_prompts(sz.prompts, sz.prompt_len, model.config.vocab_size, 3)
+    engine_generate(engine, prompts, sz.new)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        tokens = engine_generate(engine, prompts, sz.new)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    avgs = prof.key_averages()
+    device_us = sum(getattr(e, "self_device_time_total", 0) for e in avgs)
+    print(f"profile: {tokens} tokens in {wall:.3f} s (profiled); device busy {device_us / 1e6:.3f} s", flush=True)
+    print(avgs.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60), flush=True)
+    print(avgs.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60), flush=True)
 
 
 def main() -> None:
@@ -226,6 +254,13 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, choices=sorted(DTYPES))
     ap.add_argument("--workloads", default="plain,grpo,turns")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--hf-repeats", type=int, help="timed runs of HF generate (default: --repeats); its "
+                    "warm-up is a short call, so 1 costs one full HF run per workload")
+    ap.add_argument("--plain-sweep", help="comma-separated prompt counts for workload (a), e.g. 256,64 "
+                    "(default: --prompts)")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="run the engine without CUDA graphs")
+    ap.add_argument("--profile", action="store_true", help="after the workloads, profile one engine run of (a) "
+                    "with 32 new tokens (torch profiler, top ops by device time)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--json", help="also write the rows here")
     for f in fields(Sizes):
@@ -238,22 +273,29 @@ def main() -> None:
     sz = replace(sz, **{f.name: getattr(args, f.name) for f in fields(Sizes) if getattr(args, f.name) is not None})
     model = build_model(args).to(args.device).eval()
     longest = max(sz.prompt_len + sz.new, sz.prompt_len + sz.turns * (sz.obs + sz.turn_new))
+    sweep = [int(p) for p in args.plain_sweep.split(",")] if args.plain_sweep else [sz.prompts]
+    batch = max(*sweep, sz.groups * sz.n, sz.episodes)
+    graphs = not args.no_cuda_graphs
     engine = EmbeddedEngine(model, device=args.device, dtype=DTYPES[args.dtype], max_model_len=longest + 8,
-                            max_batch_size=max(sz.prompts, sz.groups * sz.n, sz.episodes))
+                            max_batch_size=batch, cuda_graphs=graphs)
     no_cache = EmbeddedEngine(model, device=args.device, dtype=DTYPES[args.dtype], max_model_len=longest + 8,
-                              max_batch_size=max(sz.prompts, sz.groups * sz.n, sz.episodes),
-                              enable_prefix_caching=False)
+                              max_batch_size=batch, enable_prefix_caching=False, cuda_graphs=graphs)
+    hf_runs = {"hf_generate": args.hf_repeats or args.repeats}
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} "
           f"params={sum(p.numel() for p in model.parameters()) / 1e6:.1f}M sizes={sz}", flush=True)
     rows: list[dict] = []
     work = args.workloads.split(",")
     if "plain" in work:
-        rows += run_plain(model, engine, sz, args.repeats, sync)
+        for p in sweep:
+            rows += run_plain(model, engine, replace(sz, prompts=p), args.repeats, sync, hf_runs)
     if "grpo" in work:
-        rows += run_grpo(model, engine, sz, args.repeats, sync)
+        rows += run_grpo(model, engine, sz, args.repeats, sync, hf_runs)
     if "turns" in work:
-        rows += run_turns(model, engine, no_cache, sz, args.repeats, sync)
+        rows += run_turns(model, engine, no_cache, sz, args.repeats, sync, hf_runs)
+    print("engine stats:", {k: round(v, 3) for k, v in engine.stats.extra.items()}, flush=True)
+    if args.profile:
+        profile_engine(model, engine, replace(sz, prompts=sweep[0], new=32))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
