@@ -152,7 +152,7 @@ def test_identical_prompts_share_their_prefill():
     p = prompts([100], seed=5)[0]
     outs = generate(engine_for(model), [p] * 8, GREEDY)
     assert len({o.token_ids for o in outs}) == 1
-    cached = sum(o.cached_tokens for o in outs)
+    cached = sum(o.prompt_cached_tokens for o in outs)
     assert cached >= 7 * 96, f"cached prompt tokens {cached} of {8 * len(p)}"
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from agentrl.errors import EngineError
 from agentrl.rollout.backends.attention import StepMetadata, make_attention
+from agentrl.rollout.backends.kernels.fused_ops import add_rms_norm, rotary_, silu_and_mul
 from agentrl.rollout.backends.kv_cache import PagedKVCache
 
 
@@ -131,13 +132,6 @@ class ModelRunner:
         return PagedKVCache(self.num_layers, num_blocks, block_size, self.num_kv_heads, self.head_dim,
                             self.dtype, self.device)
 
-    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), w, self.eps)
-        # Hugging Face's order for half precision: normalise in float32, round, then scale.
-        xf = x.float()
-        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
     @torch.no_grad()
     def forward(self, inp: StepInputs, cache: PagedKVCache, out: torch.Tensor | None = None) -> torch.Tensor:
         """Compute one step; returns logits [S, V] of the rows in `inp.logits_index` (all N rows if None).
@@ -148,22 +142,30 @@ class ModelRunner:
         Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         x = F.embedding(inp.input_ids, self.embed)  # [N, H]
         N = x.shape[0]
-        cos = self.cos.index_select(0, inp.positions).unsqueeze(1)  # [N, 1, D]
-        sin = self.sin_signed.index_select(0, inp.positions).unsqueeze(1)
+        on_cpu = not x.is_cuda
+        if on_cpu:  # the rotary rows of the step, gathered once for all layers
+            cos = self.cos.index_select(0, inp.positions).unsqueeze(1)  # [N, 1, D]
+            sin = self.sin_signed.index_select(0, inp.positions).unsqueeze(1)
         last = len(self.layers) - 1
+        x, h = add_rms_norm(x, None, self.layers[0].ln1, self.eps)
         for i, lw in enumerate(self.layers):
-            qkv = F.linear(self._norm(x, lw.ln1), lw.qkv_w, lw.qkv_b)  # [N, (Hq + 2 Hkv) D]
-            qk = qkv[:, : self.qk_width].view(N, Hq + Hkv, D)
-            qk = qk * cos + qk.roll(D // 2, -1) * sin  # rotary on q and k at once
+            qkv = F.linear(h, lw.qkv_w, lw.qkv_b)  # [N, (Hq + 2 Hkv) D]
+            if on_cpu:
+                qk = qkv[:, : self.qk_width].view(N, Hq + Hkv, D)
+                qk.copy_(qk * cos + qk.roll(D // 2, -1) * sin)  # rotary on q and k at once
+            else:
+                rotary_(qkv, self.cos, self.sin_signed, inp.positions, Hq + Hkv, D)  # one kernel, in place
+            q = qkv[:, : Hq * D].view(N, Hq, D)
+            k = qkv[:, Hq * D: self.qk_width].view(N, Hkv, D)
             v = qkv[:, self.qk_width:].view(N, Hkv, D)
-            self.attention.write(cache.k[i], cache.v[i], qk[:, Hq:], v, inp.meta.slots)
-            attn = self.attention(qk[:, :Hq], cache.k[i], cache.v[i], inp.meta, self.scale)  # [N, Hq, D]
-            x = x + F.linear(attn.reshape(N, Hq * D), lw.o_w, lw.o_b)
+            self.attention.write(cache.k[i], cache.v[i], k, v, inp.meta.slots)
+            attn = self.attention(q, cache.k[i], cache.v[i], inp.meta, self.scale)  # [N, Hq, D]
+            delta = F.linear(attn.reshape(N, Hq * D), lw.o_w, lw.o_b)  # [N, H]
             if i == last and inp.logits_index is not None:  # the MLP and the head only matter for sampled rows
-                x = x.index_select(0, inp.logits_index)  # [S, H]
-            gate_up = F.linear(self._norm(x, lw.ln2), lw.gate_up_w)  # [*, 2 I]
-            x = x + F.linear(F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter:], lw.down_w)
-        h = self._norm(x, self.final_norm)
+                x, delta = x.index_select(0, inp.logits_index), delta.index_select(0, inp.logits_index)  # [S, H]
+            x, h = add_rms_norm(x, delta, lw.ln2, self.eps)
+            delta = F.linear(silu_and_mul(F.linear(h, lw.gate_up_w)), lw.down_w)  # [*, H]
+            x, h = add_rms_norm(x, delta, self.layers[i + 1].ln1 if i < last else self.final_norm, self.eps)
         if out is None:
             return F.linear(h, self.lm_head)  # [S, V]
         return torch.mm(h, self.lm_head.t(), out=out)

@@ -209,13 +209,14 @@ def _triton_decode(q, k_cache, v_cache, block_table, seq_lens, scale, num_splits
     batch, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
-    q = q.contiguous()
+    if q.stride(-1) != 1:  # rows and heads may be strided (a view of the fused qkv); the last dim may not
+        q = q.contiguous()
     if num_splits is None:
         num_splits = default_num_splits(batch, num_kv_heads, block_table.shape[1] * block_size,
                                         _num_sms(q.device.index or 0))
     if num_splits & (num_splits - 1):
         raise ValueError(f"num_splits must be a power of two, got {num_splits}")
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_splits == 1:
         part, lse = out, out  # the split kernel writes the final output; lse is not stored
         part_strides = (out.stride(0), out.stride(1), 0)
