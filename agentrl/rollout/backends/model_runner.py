@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from agentrl.errors import EngineError
 from agentrl.rollout.backends.attention import StepMetadata, make_attention
-from agentrl.rollout.backends.kernels.fused_ops import add_rms_norm, rotary_, silu_and_mul
+from agentrl.rollout.backends.kernels.fused_ops import add_rms_norm, silu_and_mul
 from agentrl.rollout.backends.kv_cache import PagedKVCache
 
 
@@ -142,21 +142,15 @@ class ModelRunner:
         Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         x = F.embedding(inp.input_ids, self.embed)  # [N, H]
         N = x.shape[0]
-        on_cpu = not x.is_cuda
-        if on_cpu:  # the rotary rows of the step, gathered once for all layers
-            cos = self.cos.index_select(0, inp.positions).unsqueeze(1)  # [N, 1, D]
-            sin = self.sin_signed.index_select(0, inp.positions).unsqueeze(1)
+        cos = self.cos.index_select(0, inp.positions).unsqueeze(1)  # [N, 1, D], gathered once for all layers
+        sin = self.sin_signed.index_select(0, inp.positions).unsqueeze(1)
         last = len(self.layers) - 1
         x, h = add_rms_norm(x, None, self.layers[0].ln1, self.eps)
         for i, lw in enumerate(self.layers):
             qkv = F.linear(h, lw.qkv_w, lw.qkv_b)  # [N, (Hq + 2 Hkv) D]
-            if on_cpu:
-                qk = qkv[:, : self.qk_width].view(N, Hq + Hkv, D)
-                qk.copy_(qk * cos + qk.roll(D // 2, -1) * sin)  # rotary on q and k at once
-            else:
-                rotary_(qkv, self.cos, self.sin_signed, inp.positions, Hq + Hkv, D)  # one kernel, in place
-            q = qkv[:, : Hq * D].view(N, Hq, D)
-            k = qkv[:, Hq * D: self.qk_width].view(N, Hkv, D)
+            qk = qkv[:, : self.qk_width].view(N, Hq + Hkv, D)
+            qk = qk * cos + qk.roll(D // 2, -1) * sin  # rotary on q and k at once
+            q, k = qk[:, :Hq], qk[:, Hq:]
             v = qkv[:, self.qk_width:].view(N, Hkv, D)
             self.attention.write(cache.k[i], cache.v[i], k, v, inp.meta.slots)
             attn = self.attention(q, cache.k[i], cache.v[i], inp.meta, self.scale)  # [N, Hq, D]
