@@ -20,12 +20,14 @@ import torch.nn.functional as F
 
 IMPLEMENTATION = "agentrl_varlen"
 _registered = False
+_HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None  # once, outside any compiled region
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
+@torch.compiler.disable  # a Python loop over sequences: compiling it would specialise on their count
 def _per_sequence_sdpa(q, k, v, cu: torch.Tensor, scale: float) -> torch.Tensor:
     """q: [N, H, D], k/v: [N, Hk, D] -> [N, H, D], causal within each sequence."""
     out = torch.empty_like(q)
@@ -49,7 +51,7 @@ def varlen_attention(q, k, v, cu: torch.Tensor, max_len: int, scale: float) -> t
         dtype = torch.get_autocast_dtype("cuda")
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        if importlib.util.find_spec("flash_attn") is not None:
+        if _HAS_FLASH_ATTN:
             from flash_attn import flash_attn_varlen_func
 
             return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=True)

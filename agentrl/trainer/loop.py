@@ -195,7 +195,8 @@ def train(cfg: Config, on_step: Callable[[int, dict[str, float]], None] | None =
     run_dir.mkdir(parents=True, exist_ok=True)
     s = Session.open(cfg)
     optimizer = torch.optim.AdamW([p for p in s.policy.parameters() if p.requires_grad], lr=cfg.optim.lr,
-                                  betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+                                  betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay,
+                                  fused=torch.device(cfg.model.device).type == "cuda")
     warmup = cfg.optim.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / (warmup + 1)))
     ref = _reference_model(cfg) if cfg.algorithm.kl_coef > 0 and cfg.model.lora.rank == 0 else None
