@@ -13,8 +13,7 @@ backward, gradient clipping, AdamW step) by each variant:
   `agentrl_varlen` attention and chunked `token_logprobs`, with and without gradient checkpointing.
 - `packed_compiled`: `packed` with `train.compile` on, as the trainer runs it: each decoder block
   compiled with `torch.compile` (HF's eager norms, rotary embedding and SwiGLU fused) and the
-  [C, V] kernels of `token_logprobs` compiled. `packed_compiled_full`: instead, the whole token -> logprob
-  pass (model and chunk loop) compiled as one graph (`token_logprobs(compiled="full")`, experimental).
+  [C, V] kernels of `token_logprobs` compiled.
 
 Each variant reports real (non-padding) tokens/s, step time, peak memory and MFU; MFU divides the
 model FLOPs of the real tokens by the step time and by a bf16 matmul rate measured in the same run.
@@ -48,7 +47,7 @@ from agentrl.trainer.attention import register_varlen_attention
 from agentrl.trainer.packing import PackedBatch, pack_by_token_budget, pack_sequences
 from agentrl.trainer.policy import compile_blocks
 
-VARIANTS = ("padded", "padded_sorted", "packed_ckpt", "packed", "packed_compiled", "packed_compiled_full")
+VARIANTS = ("padded", "padded_sorted", "packed_ckpt", "packed", "packed_compiled")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -149,7 +148,7 @@ def _packed_tensors(batch: Batch, idx: list[int], device) -> tuple[PackedBatch, 
 
 
 def packed_loss(model, mb: tuple[PackedBatch, torch.Tensor], denom: float, chunk: int,
-                compiled: bool | str = False) -> torch.Tensor:
+                compiled: bool = False) -> torch.Tensor:
     packed, weight = mb
     logp, _ = token_logprobs(model, packed, 1.0, chunk, compiled=compiled)  # [N]
     return -(logp * weight).sum() / denom
@@ -236,8 +235,8 @@ def run_variant(name: str, cfg, batch: Batch, opts, device: torch.device, dtype:
     attn = "sdpa" if padded else register_varlen_attention()
     _free(device)
     model = build_model(cfg, attn, device, dtype, grad_ckpt, opts.seed)
-    compiled = {"packed_compiled": True, "packed_compiled_full": "full"}.get(name, False)
-    if compiled is True:
+    compiled = name == "packed_compiled"
+    if compiled:
         compile_blocks(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
     denom = float(sum(sum(m) for m in batch.masks))
@@ -404,11 +403,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"{name:14s} ckpt={str(r['grad_ckpt']):5s} mb={r['micro_batches']:3d} pad={r['padding_fraction']:5.1%} "
               f"step {r['step_s'] * 1e3:8.1f} ms  {r['tokens_per_s']:10.0f} real tok/s  peak {mem}  "
               f"{r['model_tflops_per_s']:6.1f} TFLOP/s  MFU {r['mfu']:5.1%}")
-    packed = [v for v in ("packed", "packed_ckpt", "packed_compiled", "packed_compiled_full") if v in results]
+    packed = [v for v in ("packed", "packed_ckpt", "packed_compiled") if v in results]
     best = max(packed, key=lambda v: results[v].get("tokens_per_s", 0.0)) if packed else None
     ratios = {}
     for base in ("padded", "padded_sorted"):
-        for v in ("packed", "packed_ckpt", "packed_compiled", "packed_compiled_full"):
+        for v in ("packed", "packed_ckpt", "packed_compiled"):
             speed = _ratio(results, v, base, "tokens_per_s")
             if speed is not None:
                 ratios[f"{v}/{base}"] = {"tokens_per_s": speed, "peak_mem": _ratio(results, v, base, "peak_mem_gib")}

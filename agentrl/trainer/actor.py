@@ -102,30 +102,24 @@ class _ChunkLogprobs(torch.autograd.Function):
 
 def token_stats(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 cu_seqlens: torch.Tensor, max_seqlen: int, targets: torch.Tensor, inv_temperature: float,
-                chunk_size: int, compiled: bool | str = False) -> torch.Tensor:
+                chunk_size: int, compiled: bool = False) -> torch.Tensor:
     """Stacked (logprob [N], entropy [N]) of the next tokens `targets` [N]: the whole forward pass.
 
     One function from token ids to per-token numbers, so that FSDP2 can treat it as the root
     module's forward (see `agentrl.trainer.fsdp.shard_policy`): the root's parameters (embeddings,
     final norm, lm_head) are gathered around it and their gradients reduced after backward.
     """
-    backbone = _compiled_hidden() if compiled == "full" else _hidden
-    hidden = backbone(model, input_ids, position_ids, cu_seqlens, max_seqlen)  # [N, E]
+    hidden = _hidden(model, input_ids, position_ids, cu_seqlens, max_seqlen)  # [N, E]
     head = model.get_output_embeddings()
     parts = [_ChunkLogprobs.apply(hidden[s:s + chunk_size], head.weight, head.bias, targets[s:s + chunk_size],
-                                  inv_temperature, bool(compiled))
+                                  inv_temperature, compiled)
              for s in range(0, hidden.shape[0], chunk_size)]
     return torch.stack([torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])])  # [2, N]
 
 
-@functools.cache
-def _compiled_hidden():
-    return torch.compile(_hidden, dynamic=True)
-
-
 def token_logprobs(
     model: torch.nn.Module, packed: PackedBatch, temperature: float = 1.0, chunk_size: int = 2048,
-    compiled: bool | str = False,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logprob of each next token and the entropy of each next-token distribution.
 
@@ -134,8 +128,7 @@ def token_logprobs(
         packed: The packed sequences.
         temperature: Logits are divided by it (as the engine did when sampling); 0 means 1.
         chunk_size: Tokens per chunk of the vocabulary projection.
-        compiled: True fuses the [C, V] kernels with torch.compile (worth it on CUDA; first call
-            compiles); "full" also compiles the model's backbone as one graph (experimental).
+        compiled: Fuse the [C, V] kernels with torch.compile (worth it on CUDA; first call compiles).
 
     Returns:
         (logprobs [N], entropy [N]) in float32; position j scores token j+1 of its own sequence.
