@@ -10,11 +10,14 @@ exception out of the batch.
 from __future__ import annotations
 
 import asyncio
+import math
+import numbers
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
 from agentrl.envs.core import Env, Message
+from agentrl.errors import EnvError
 from agentrl.rollout.chat import ChatRenderer
 from agentrl.rollout.engine import Engine, SamplingParams
 from agentrl.rollout.trajectory import Trajectory
@@ -130,6 +133,9 @@ async def run_episode(
                     "max_total_tokens" if len(gen.token_ids) >= room else "max_tokens_per_turn")
                 break
             obs, reward, terminated, truncated, info = await env.astep(text)
+            if not isinstance(reward, numbers.Real) or not math.isfinite(reward):
+                raise EnvError(f"env returned the reward {reward!r} at turn {turn + 1}; rewards must be finite "
+                               "numbers (a NaN or inf reward would poison the whole batch's advantages)")
             rewards.append(float(reward))
             tool_errors.update(info.get("tool_errors", {}))
             tool_calls += int(info.get("tool_calls", 0))

@@ -113,6 +113,26 @@ def test_env_failure_is_recorded_not_raised(env_and_renderer):
     assert traj.num_model_tokens == len(renderer.assistant_ids("anything"))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), None, "1.0"])
+def test_non_finite_or_non_numeric_reward_is_an_episode_error(env_and_renderer, bad):
+    _, renderer = env_and_renderer
+
+    class BadReward:
+        def tool_schemas(self):
+            return []
+
+        async def areset(self, seed=None, options=None):
+            return (Message("user", "hi"),), {}
+
+        async def astep(self, action):
+            return (Message("user", "ok"),), bad, True, False, {}
+
+    engine = ScriptedEngine(renderer, ["anything"])
+    traj, _ = asyncio.run(run_episode(engine, BadReward(), renderer, SamplingParams(), EpisodeLimits(), EpisodeSpec(0)))
+    assert traj.truncation == "error" and traj.reward == 0.0
+    assert "EnvError" in traj.error and "rewards must be finite" in traj.error
+
+
 def test_many_episodes_share_engine_batches(tiny_model_dir, env_and_renderer):
     env, renderer = env_and_renderer
     engine = EmbeddedEngine(tiny_model_dir)
