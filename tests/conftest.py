@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
-    """A tiny Qwen2 model with the calculator tokenizer and chat template; a few SFT steps only."""
+    """A tiny Qwen2 model with the calculator tokenizer and chat template; a few SFT steps only.
+
+    `AGENTRL_TEST_MODEL_DIR` points at a prebuilt one instead (the GPU machine lacks the packages the
+    recipe imports, so the conformance suite runs there on a copy built here).
+    """
+    if os.environ.get("AGENTRL_TEST_MODEL_DIR"):
+        return os.environ["AGENTRL_TEST_MODEL_DIR"]
     from agentrl.recipes.tiny_model import TinyModelShape, build_tiny_model
 
     out = tmp_path_factory.mktemp("tiny-model")
