@@ -102,7 +102,8 @@ class TrainConfig(_Frozen):
         "none", description="bf16: float32 master weights, bfloat16 compute (on GPUs).")
     compile: bool = Field(False, description="torch.compile each decoder block and the logprob kernels "
                           "(on GPUs: faster steps after a one-time compile).")
-    checkpoint_every: int = Field(10, ge=0, description="Save a resumable checkpoint every N steps (0: only at the end).")
+    checkpoint_every: int = Field(
+        10, ge=0, description="Save a resumable checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (older ones are deleted).")
     max_nonfinite_steps: int = Field(
         3, ge=1, description="Stop the run after this many consecutive steps with a non-finite loss or gradient.")

@@ -42,7 +42,8 @@ class _Worker:
         self.model = shard_policy(model.to(device), mixed_precision=mixed_precision)
         params = self.model.parameters()
         self.optimizer = (torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch.optim.AdamW(params, lr=lr))
-        self.options = {"micro_batch_tokens": micro_batch_tokens, "logprob_chunk": logprob_chunk, "grad_clip": grad_clip}
+        self.options = {"micro_batch_tokens": micro_batch_tokens, "logprob_chunk": logprob_chunk,
+                        "grad_clip": grad_clip}
 
     def update(self, trajectories: Sequence[Trajectory], advantages: Sequence[float],
                settings: LossSettings) -> dict[str, float]:
