@@ -64,6 +64,9 @@ def test_bad_requests_raise_engine_error(tiny_model_dir):
         asyncio.run(engine.generate([1, 10**6], SamplingParams()))
     with pytest.raises(EngineError, match="top_p"):
         asyncio.run(engine.generate([1, 2], SamplingParams(top_p=0.0)))
+    for bad in (float("nan"), float("inf"), -0.5):
+        with pytest.raises(EngineError, match="temperature"):
+            asyncio.run(engine.generate([1, 2], SamplingParams(temperature=bad)))
 
 
 def test_prompt_longer_than_the_kv_budget_is_rejected(tiny_model_dir):

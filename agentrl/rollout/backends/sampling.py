@@ -19,6 +19,7 @@ Letters: S rows sampled this step, V vocabulary size, R seeded rows.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -71,8 +72,8 @@ class SamplingBatch:
 def validate(params: SamplingParams) -> None:
     """Raise EngineError for parameters no backend could honour."""
     problems = []
-    if params.temperature < 0:
-        problems.append(f"temperature={params.temperature} (expected >= 0)")
+    if not math.isfinite(params.temperature) or params.temperature < 0:
+        problems.append(f"temperature={params.temperature} (expected a finite number >= 0)")
     if not 0 < params.top_p <= 1:
         problems.append(f"top_p={params.top_p} (expected in (0, 1])")
     if params.top_k < 0:
