@@ -33,7 +33,10 @@ def load_policy(path: str, *, dtype: torch.dtype, device: str, attn_implementati
             raise ConfigError("model.lora.rank > 0 needs peft: pip install 'agentrl[lora]'") from None
         config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                             target_modules=list(lora_targets), task_type="CAUSAL_LM")
-        model = get_peft_model(model, config)
+        try:
+            model = get_peft_model(model, config)
+        except ValueError as exc:  # e.g. target modules the model does not have
+            raise ConfigError(f"model.lora: {exc}") from None
         if gradient_checkpointing:
             model.enable_input_require_grads()
     return model.to(device).eval()

@@ -91,3 +91,9 @@ def test_gradient_checkpointing_changes_memory_not_results(stopping_model_dir, t
     ckpt = train(_cfg(stopping_model_dir, tmp_path / "b", "train.steps=1", "train.gradient_checkpointing=true"))
     for key in ("loss", "grad_norm", "entropy"):
         assert ckpt["history"][0][key] == pytest.approx(plain[key], rel=1e-5, abs=1e-7)
+
+
+def test_lora_on_missing_modules_is_a_config_error(stopping_model_dir, tmp_path):
+    cfg = _cfg(stopping_model_dir, tmp_path, "model.lora.rank=4", "model.lora.target_modules=[no_such_proj]")
+    with pytest.raises(ConfigError, match="model.lora"):
+        Session.open(cfg)
