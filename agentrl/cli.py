@@ -59,10 +59,10 @@ def train(
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as progress:
         task = progress.add_task("train", total=cfg.train.steps)
         if resume:
-            from agentrl.trainer.checkpoint import latest_checkpoint
+            from agentrl.trainer.checkpoint import checkpoint_step, latest_checkpoint
 
             last = latest_checkpoint(cfg.run_dir)
-            progress.update(task, completed=int(last.name.split("-")[-1]) if last else 0)
+            progress.update(task, completed=checkpoint_step(last) if last else 0)
 
         def on_step(step: int, m: dict[str, float]) -> None:
             progress.console.print(f"step {step:>4}  {_fmt(m, STEP_KEYS)}")

@@ -82,7 +82,10 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], meta:
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f"{_TMP}*"):  # an interrupted earlier save
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
     name = f"{_PREFIX}{step:06d}"
     tmp = root / f"{_TMP}{name}-{os.getpid()}"
     tmp.mkdir()
@@ -100,6 +103,11 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], meta:
     for old in sorted(p for p in root.glob(f"{_PREFIX}*") if p.is_dir())[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step of a checkpoint directory (`step-000012` -> 12)."""
+    return int(Path(path).name.removeprefix(_PREFIX))
 
 
 def _complete(path: Path) -> bool:

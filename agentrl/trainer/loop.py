@@ -38,7 +38,8 @@ from agentrl.trainer.attention import register_varlen_attention
 from agentrl.trainer.metrics import MetricsWriter, rollout_metrics
 from agentrl.trainer.policy import compile_blocks, export_hf, load_policy, merged_state_dict
 from agentrl.trainer.resume import NonFiniteGuard, restore_run, save_run
-from agentrl.trainer.update import LossSettings, outcome_advantages, policy_update, recompute_logprobs
+from agentrl.trainer.update import (LossSettings, episode_kl, outcome_advantages, policy_update,
+                                    recompute_logprobs)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -155,7 +156,8 @@ def train_step(s: Session, optimizer, scheduler, ref, step: int) -> dict[str, fl
     refs = reference_logprobs(s, ref, trajectories) if a.kl_coef > 0 else None
     scores = [t.reward for t in trajectories]
     if refs is not None and a.kl_mode == "reward":  # the KL becomes part of each episode's score
-        scores = [sc - a.kl_coef * _episode_kl(t, row, a.kl_kind) for sc, t, row in zip(scores, trajectories, refs)]
+        penalty = episode_kl(trajectories, refs, a.kl_kind)
+        scores = [sc - a.kl_coef * kl for sc, kl in zip(scores, penalty)]
         refs = None
     settings = LossSettings(a.policy_loss, a.agg_mode, a.clip_low, a.clip_high, a.entropy_coef,
                             temperature=r.temperature if r.temperature > 0 else 1.0, old_logprobs=a.old_logprobs,
@@ -174,15 +176,6 @@ def train_step(s: Session, optimizer, scheduler, ref, step: int) -> dict[str, fl
     s.push_weights(version=step + 1)
     metrics.update(step=step + 1, step_s=time.perf_counter() - t0)
     return metrics
-
-
-def _episode_kl(t: Trajectory, ref_row: list[float], kind: str) -> float:
-    from agentrl.trainer.actor import shift_to_next_token
-    from agentrl.trainer.algos import kl_penalty
-
-    mask = torch.tensor(shift_to_next_token(list(t.loss_mask), 0), dtype=torch.bool)
-    logp = torch.tensor(shift_to_next_token(list(t.rollout_logprobs), 0.0))
-    return float(kl_penalty(logp, torch.tensor(ref_row), kind)[mask].sum())
 
 
 def train(cfg: Config, on_step: Callable[[int, dict[str, float]], None] | None = None,

@@ -36,6 +36,17 @@ def outcome_advantages(trajectories: Sequence[Trajectory], estimator: str, score
     return adv[:, 0].tolist()
 
 
+def episode_kl(trajectories: Sequence[Trajectory], ref_logprobs: Sequence[Sequence[float]], kind: str) -> list[float]:
+    """Per episode, the summed KL estimate between the sampling policy (rollout logprobs) and the
+    reference over the model's tokens; `ref_logprobs` rows are in next-token layout."""
+    out = []
+    for t, ref in zip(trajectories, ref_logprobs):
+        mask = torch.tensor(shift_to_next_token(list(t.loss_mask), 0), dtype=torch.bool)  # [T]
+        logp = torch.tensor(shift_to_next_token(list(t.rollout_logprobs), 0.0))  # [T]
+        out.append(float(kl_penalty(logp, torch.tensor(ref), kind)[mask].sum()))
+    return out
+
+
 @dataclass(frozen=True)
 class LossSettings:
     """What the policy loss needs besides tensors."""

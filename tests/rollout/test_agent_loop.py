@@ -94,21 +94,27 @@ def test_max_turns_and_total_tokens_truncate(env_and_renderer):
     assert len(traj.token_ids) <= prompt_len + 30 + len(renderer.assistant_ids(_call("1 + 1")))
 
 
+class OneTurnEnv:
+    """A minimal env for failure cases: says "hi", then `step` does whatever the test gives it."""
+
+    def __init__(self, astep):
+        self.astep = astep
+
+    def tool_schemas(self):
+        return []
+
+    async def areset(self, seed=None, options=None):
+        return (Message("user", "hi"),), {}
+
+
 def test_env_failure_is_recorded_not_raised(env_and_renderer):
     _, renderer = env_and_renderer
 
-    class Broken:
-        def tool_schemas(self):
-            return []
-
-        async def areset(self, seed=None, options=None):
-            return (Message("user", "hi"),), {}
-
-        async def astep(self, action):
-            raise RuntimeError("env bug")
+    async def astep(action):
+        raise RuntimeError("env bug")
 
     engine = ScriptedEngine(renderer, ["anything"])
-    traj, _ = asyncio.run(run_episode(engine, Broken(), renderer, SamplingParams(), EpisodeLimits(), EpisodeSpec(0)))
+    traj, _ = asyncio.run(run_episode(engine, OneTurnEnv(astep), renderer, SamplingParams(), EpisodeLimits(), EpisodeSpec(0)))
     assert traj.error and "env bug" in traj.error and traj.reward == 0.0 and traj.truncation == "error"
     assert traj.num_model_tokens == len(renderer.assistant_ids("anything"))
 
@@ -117,18 +123,11 @@ def test_env_failure_is_recorded_not_raised(env_and_renderer):
 def test_non_finite_or_non_numeric_reward_is_an_episode_error(env_and_renderer, bad):
     _, renderer = env_and_renderer
 
-    class BadReward:
-        def tool_schemas(self):
-            return []
-
-        async def areset(self, seed=None, options=None):
-            return (Message("user", "hi"),), {}
-
-        async def astep(self, action):
-            return (Message("user", "ok"),), bad, True, False, {}
+    async def astep(action):
+        return (Message("user", "ok"),), bad, True, False, {}
 
     engine = ScriptedEngine(renderer, ["anything"])
-    traj, _ = asyncio.run(run_episode(engine, BadReward(), renderer, SamplingParams(), EpisodeLimits(), EpisodeSpec(0)))
+    traj, _ = asyncio.run(run_episode(engine, OneTurnEnv(astep), renderer, SamplingParams(), EpisodeLimits(), EpisodeSpec(0)))
     assert traj.truncation == "error" and traj.reward == 0.0
     assert "EnvError" in traj.error and "rewards must be finite" in traj.error
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -49,12 +50,13 @@ def test_ray_trainer_workers_match_single_process(tiny_model_dir):
     from agentrl.trainer.update import LossSettings, policy_update
     from agentrl.trainer.workers import TrainerWorker
 
-    sys.path.insert(0, str(SCRIPT.parent))
-    from fsdp_parity import make_batch
+    spec = importlib.util.spec_from_file_location("agentrl_test_fsdp_parity", SCRIPT)
+    parity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(parity)
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
                                                  attn_implementation=register_varlen_attention())
-    trajs, advs = make_batch(model.config.vocab_size, groups=4, per_group=3, seed=1, max_len=48)
+    trajs, advs = parity.make_batch(model.config.vocab_size, groups=4, per_group=3, seed=1, max_len=48)
     settings = LossSettings(entropy_coef=0.01)
     ref = policy_update(model, torch.optim.SGD(model.parameters(), lr=0.5), trajs, advs, settings,
                         micro_batch_tokens=96, grad_clip=1e9, logprob_chunk=32)
