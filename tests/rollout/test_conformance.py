@@ -22,13 +22,17 @@ from transformers import AutoModelForCausalLM
 
 from agentrl.rollout.engine import ENGINES, Engine, SamplingParams
 
-BACKENDS = ["embedded", "sglang", "vllm"]
+# "embedded-async": the embedded engine launching step t+1 before step t's tokens reach the host
+# (its default on CUDA), forced on here so its speculative steps are checked on CPU too.
+BACKENDS = ["embedded", "embedded-async", "sglang", "vllm"]
 BLOCK = 16  # the embedded engine's block size; the others cache at least at this granularity
 DEVICE = os.environ.get("AGENTRL_TEST_DEVICE", "cpu")
 TOL = 1e-4 if DEVICE == "cpu" else 2e-3  # logprob agreement with the float32 CPU reference
 
 
 def make_engine(name: str, model_dir: str, **kwargs) -> Engine:
+    if name == "embedded-async":
+        return ENGINES.get("embedded")(model_dir, device=DEVICE, async_steps=True, **kwargs)
     if name != "embedded" and importlib.util.find_spec(name) is None:
         pytest.skip(f"{name} is not installed")
     if name not in ENGINES:
@@ -191,7 +195,7 @@ def test_identical_prompts_share_their_prefill(backend, tiny_model_dir):
     outs = run(engine, [prompt] * n, SamplingParams(max_tokens=8))
     full_block_tokens = len(prompt) // BLOCK * BLOCK
     assert sum(o.prompt_cached_tokens for o in outs) >= (n - 1) * full_block_tokens
-    if backend == "embedded":
+    if backend.startswith("embedded"):
         assert engine.stats.extra["prefix_cache_hit_rate"] >= (n - 1) / n * full_block_tokens / len(prompt)
 
 

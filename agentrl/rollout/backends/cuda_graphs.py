@@ -65,11 +65,12 @@ class DecodeGraphs:
         self.B, self.M, self.P = B, M, cache.k[0].shape[1]
         dev = runner.device
         # Host layout (int64): ids [B] | positions [B] | slots [B] | lengths [B] | table [B * M].
-        self.host = torch.zeros(4 * B + B * M, dtype=torch.long, pin_memory=True)
-        h = self.host.numpy()
-        self.h_ids, self.h_pos, self.h_slots, self.h_lens = (h[i * B:(i + 1) * B] for i in range(4))
-        self.h_table = h[4 * B:].reshape(B, M)
-        self.dev = torch.zeros_like(self.host, device=dev)
+        # Two pinned copies used in turn: the engine stages step t+1 while step t's upload may
+        # still be queued behind earlier work on the device.
+        self._hosts = [torch.zeros(4 * B + B * M, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        self._uploaded = [torch.cuda.Event(), torch.cuda.Event()]
+        self._turn = 0
+        self.dev = torch.zeros_like(self._hosts[0], device=dev)
         self.ids, self.pos, self.slots = (self.dev[i * B:(i + 1) * B] for i in range(3))
         self._lens64, self._table64 = self.dev[3 * B:4 * B], self.dev[4 * B:].view(B, M)
         self.lens = torch.zeros(B, dtype=torch.int32, device=dev)
@@ -90,26 +91,40 @@ class DecodeGraphs:
         """True if every chunk computes exactly one token (no prefill chunk, no fork)."""
         return all(c.n == 1 for c in chunks)
 
-    def run(self, chunks: list[Chunk], block_table: np.ndarray) -> torch.Tensor:
+    def run(self, chunks: list[Chunk], block_table: np.ndarray, fed: torch.Tensor | None = None) -> torch.Tensor:
         """Replay the decode forward of `chunks` (all `n == 1`); returns logits [n, V] (a view).
 
-        `block_table` is the scheduler's `[rows, M]` int32 table.
+        `block_table` is the scheduler's `[rows, M]` int32 table. `fed`: the step's token ids as a
+        device tensor [n] (a speculative step, whose tokens the host does not have yet).
         """
         n = len(chunks)
         b = self.bucket(n)
-        self._stage(chunks, block_table, b)
+        self._select_host()
+        self._stage(chunks, block_table, b, fed is not None)
         self._upload()
+        if fed is not None:
+            self.ids[:n].copy_(fed)
         if b not in self.graphs:
             self._capture(b)
         self.graphs[b].replay()
         return self.logits[:n]
 
-    def _stage(self, chunks: list[Chunk], block_table: np.ndarray, b: int) -> None:
+    def _select_host(self) -> None:
+        """Take the next pinned buffer, once the upload that last read it has run."""
+        self._turn ^= 1
+        self._uploaded[self._turn].synchronize()
+        self.host = self._hosts[self._turn]
+        h = self.host.numpy()
+        B = self.B
+        self.h_ids, self.h_pos, self.h_slots, self.h_lens = (h[i * B:(i + 1) * B] for i in range(4))
+        self.h_table = h[4 * B:].reshape(B, self.M)
+
+    def _stage(self, chunks: list[Chunk], block_table: np.ndarray, b: int, fed: bool = False) -> None:
         """Write the step's inputs into the pinned host buffer; rows n..b-1 become padding."""
         n, P = len(chunks), self.P
         pos = np.fromiter((c.start for c in chunks), np.int64, n)
         rows = np.fromiter((c.seq.row for c in chunks), np.int64, n)
-        self.h_ids[:n] = [c.seq.tokens[c.start] for c in chunks]
+        self.h_ids[:n] = 0 if fed else [c.seq.tokens[c.start] for c in chunks]
         self.h_pos[:n] = pos
         self.h_slots[:n] = block_table[rows, pos // P].astype(np.int64) * P + pos % P
         self.h_lens[:n] = pos + 1
@@ -119,8 +134,9 @@ class DecodeGraphs:
         self.h_table[n:b] = 0
 
     def _upload(self) -> None:
-        # The previous step ended with a host sync, so nothing still reads `host` or the buffers.
+        # Stream order keeps the device buffers safe: this copy runs after the last replay read them.
         self.dev.copy_(self.host, non_blocking=True)
+        self._uploaded[self._turn].record()
         self.lens.copy_(self._lens64)
         self.table.copy_(self._table64)
 

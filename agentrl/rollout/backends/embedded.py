@@ -65,6 +65,22 @@ class _Request:
     cancelled: bool = False
 
 
+@dataclass(eq=False)
+class _InFlight:
+    """A launched step whose sampled tokens the host has not read yet."""
+
+    plan: StepPlan
+    tokens: torch.Tensor  # [S] int64 on the device (a speculative next step reads its input ids here)
+    host: torch.Tensor  # [2, S] float64: tokens and logprobs, on the host once `event` has completed
+    event: torch.cuda.Event | None
+    version: int  # weight version that computed the step
+
+
+def _to_device(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    t = torch.tensor(values, dtype=dtype)
+    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
+
+
 def _resolve(fut: asyncio.Future, value: object) -> None:
     if not fut.done():
         (fut.set_exception if isinstance(value, BaseException) else fut.set_result)(value)
@@ -86,6 +102,9 @@ class EmbeddedEngine:
         tokenizer: For stop strings; loaded from `model` when it is a path.
         cuda_graphs: On CUDA, replay decode-only steps from CUDA graphs captured per batch-size
             bucket (see `cuda_graphs.py`; captured lazily, dropped by `sleep`). Ignored on CPU.
+        async_steps: Launch decode step t+1 before step t's tokens reach the host, so the host's
+            bookkeeping overlaps the device's compute (default: on for CUDA; on CPU the host is
+            the device and it gains nothing). Outputs are the same either way for seeded requests.
 
     Example:
         >>> engine = EmbeddedEngine("runs/tiny-model")                            # doctest: +SKIP
@@ -95,7 +114,8 @@ class EmbeddedEngine:
     def __init__(self, model, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  max_batch_size: int = 256, max_model_len: int = 4096, *, block_size: int = 16,
                  kv_cache_tokens: int | None = None, max_step_tokens: int = 4096,
-                 enable_prefix_caching: bool = True, tokenizer=None, cuda_graphs: bool = True):
+                 enable_prefix_caching: bool = True, tokenizer=None, cuda_graphs: bool = True,
+                 async_steps: bool | None = None):
         if isinstance(model, str):
             from transformers import AutoModelForCausalLM
 
@@ -110,6 +130,7 @@ class EmbeddedEngine:
         self.max_step_tokens = max(max_step_tokens, max_batch_size)
         self.enable_prefix_caching = enable_prefix_caching
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.async_steps = self.device.type == "cuda" if async_steps is None else async_steps
         self.runner = ModelRunner(self.model, max_model_len)
         self.vocab_size = self.runner.embed.shape[0]
         self.kv_cache_tokens = kv_cache_tokens or self._default_kv_tokens()
@@ -128,7 +149,9 @@ class EmbeddedEngine:
         self._asleep = 0
         self._cancels = 0  # generate() calls cancelled so far (the engine thread drops them)
         self._seen = (0, 0)  # (abort epoch, cancels) the engine thread has already acted on
-        self._counts = {"steps": 0, "graph_steps": 0, "cached_prompt_tokens": 0}
+        self._counts = {"steps": 0, "graph_steps": 0, "speculative_steps": 0, "dropped_rows": 0,
+                        "cached_prompt_tokens": 0}
+        self._pending: _InFlight | None = None  # a launched step not yet finished on the host
 
     # -- the Engine contract -----------------------------------------------------------------
     async def generate(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> Generation:
@@ -257,7 +280,7 @@ class EmbeddedEngine:
             with self._cv:
                 new, self._inbox = self._inbox, []
                 epoch = self._abort_epoch
-                if not new and not self._sched.has_work:
+                if not new and not self._sched.has_work and self._pending is None:
                     self._thread = None
                     self._cv.notify_all()
                     return
@@ -267,6 +290,7 @@ class EmbeddedEngine:
                 self._fail_all(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
 
     def _step(self, new: list[_Request], epoch: int) -> None:
+        """One step: launch the scheduled (or already launched) step, maybe launch the next, finish the first."""
         with self._lock:
             t0 = time.perf_counter()
             for req in new:
@@ -275,7 +299,7 @@ class EmbeddedEngine:
                 except EngineError as exc:
                     self._post(req, exc)
             done = self._abort_stale(new, epoch)
-            if self._sched.has_work:
+            if self._pending is None and self._sched.has_work:
                 if self._cache is None:
                     self._cache = self.runner.new_cache(self._sched.alloc.num_blocks, self.block_size)
                     if self.cuda_graphs:
@@ -284,12 +308,22 @@ class EmbeddedEngine:
                 plan = self._sched.schedule()
                 if not plan.chunks:
                     raise EngineError("the scheduler found nothing to run while requests wait (scheduler bug)")
-                done += self._run_plan(plan)
+                self._pending = self._launch(plan)
                 self.stats.batches += plan.admitted > 0
+            if self._pending is not None:
+                current, self._pending = self._pending, None
+                if self.async_steps and self._abort_seen():
+                    self._pending = self._speculate(current)  # runs on the device while the host finishes `current`
+                done += self._complete(current)
             self._account(done)
             self.stats.generate_seconds += time.perf_counter() - t0
             self._update_extra()
             self._deliver(done)
+
+    def _abort_seen(self) -> bool:
+        """True if no abort() or cancellation arrived that the engine thread has not acted on yet."""
+        with self._cv:
+            return self._seen == (self._abort_epoch, self._cancels)
 
     def _abort_stale(self, new: list[_Request], epoch: int) -> list[Seq]:
         """Abort what `abort()` or a cancellation ended; skips the scan of running sequences otherwise."""
@@ -298,30 +332,66 @@ class EmbeddedEngine:
             return []
         return self._sched.abort_where(lambda s: s.payload.epoch < epoch or s.payload.cancelled)
 
-    def _run_plan(self, plan: StepPlan) -> list[Seq]:
+    def _launch(self, plan: StepPlan, fed: torch.Tensor | None = None) -> _InFlight:
+        """Queue the forward and the sampling of `plan` on the device; nothing waits for them here.
+
+        `fed`: the step's token ids as a device tensor (a speculative step: the host has not seen them).
+        """
         rows = [c for c in plan.chunks if c.sample]
         if self._graphs is not None and self._graphs.bucket(len(plan.chunks)) and DecodeGraphs.decode_only(plan.chunks):
-            logits = self._graphs.run(plan.chunks, self._sched.block_table)  # [N, V]
+            logits = self._graphs.run(plan.chunks, self._sched.block_table, fed)  # [N, V]
             if len(rows) < len(plan.chunks):  # a one-token prefill chunk that does not sample
                 keep = [i for i, c in enumerate(plan.chunks) if c.sample]
-                logits = logits.index_select(0, torch.tensor(keep).to(self.device, non_blocking=True))
+                logits = logits.index_select(0, _to_device(keep, torch.long, self.device))
             self._counts["graph_steps"] += 1
         else:
-            inputs = build_step_inputs(plan, self._sched.block_table, self.block_size, self.device)
+            inputs = build_step_inputs(plan, self._sched.block_table, self.block_size, self.device, fed is not None)
+            if fed is not None:
+                inputs.input_ids[:fed.shape[0]].copy_(fed)
             logits = self.runner.forward(inputs, self._cache)  # [S, V]
         self._cache.copy_blocks(plan.copies)
-        batch = SamplingBatch.build([c.seq.payload.sampling for c in rows], [c.seq.num_output for c in rows],
-                                    self.device)
+        batch = SamplingBatch.build([c.seq.payload.sampling for c in rows],
+                                    [c.start + c.n - c.seq.prompt_len for c in rows], self.device)
         tokens, logprobs = sample(logits, batch)
-        host = torch.stack([tokens.double(), logprobs.double()]).tolist()  # one device sync per step
+        packed = torch.stack([tokens.double(), logprobs.double()])  # [2, S]
+        event = None
+        if self.device.type == "cuda":  # copy back without waiting; `event` marks when it has landed
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = packed.cpu()
         self._counts["steps"] += 1
-        self.stats.generated_tokens += len(rows)
-        return self._sched.finish_step(plan, [int(t) for t in host[0]], host[1], self.weight_version)
+        return _InFlight(plan, tokens, host, event, self.weight_version)
+
+    def _speculate(self, current: _InFlight) -> _InFlight | None:
+        """Launch the decode step after `current` before `current`'s tokens reach the host."""
+        spec = self._sched.speculate(current.plan)
+        if spec is None:
+            return None
+        plan, src = spec
+        fed = current.tokens[:len(src)] if src == list(range(len(src))) else \
+            current.tokens.index_select(0, _to_device(src, torch.long, self.device))
+        self._counts["speculative_steps"] += 1
+        return self._launch(plan, fed)
+
+    def _complete(self, step: _InFlight) -> list[Seq]:
+        """Wait for `step`'s sampled tokens and record them; returns the sequences that finished."""
+        if step.event is not None:
+            step.event.synchronize()
+        host = step.host.tolist()
+        sampled = [c for c in step.plan.chunks if c.sample]
+        live = sum(1 for c in sampled if c.seq.finish_reason is None)  # the others finished meanwhile: dropped
+        self.stats.generated_tokens += live
+        self._counts["dropped_rows"] += len(sampled) - live
+        return self._sched.finish_step(step.plan, [int(t) for t in host[0]], host[1], step.version)
 
     def _fail_all(self, exc: EngineError) -> None:
         with self._lock:
             seqs = [*self._sched.running, *self._sched.waiting]
             self._sched = self._new_scheduler()
+            self._pending = None
         for seq in seqs:
             self._post(seq.payload, exc)
 
@@ -346,6 +416,8 @@ class EmbeddedEngine:
         self.stats.extra.update(
             steps=float(c["steps"]),
             graph_steps=float(c["graph_steps"]),
+            speculative_steps=float(c["speculative_steps"]),
+            dropped_rows=float(c["dropped_rows"]),
             graph_capture_seconds=self._graphs.capture_seconds if self._graphs is not None else 0.0,
             cached_prompt_tokens=float(c["cached_prompt_tokens"]),
             prefix_cache_hit_rate=c["cached_prompt_tokens"] / max(1, self.stats.prompt_tokens),

@@ -44,6 +44,7 @@ class SamplingBatch:
     seeds: torch.Tensor | None  # [R] int64
     positions: torch.Tensor | None  # [R] int64: index of the token being sampled in the output
     all_greedy: bool
+    top_k_max: int = 0  # largest top_k (known on the host: reading it from the device would wait for it)
 
     @classmethod
     def build(cls, params: Sequence[SamplingParams], positions: Sequence[int], device: torch.device) -> SamplingBatch:
@@ -52,7 +53,10 @@ class SamplingBatch:
         sampled = [p for p in params if p.temperature > 0]
 
         def tensor(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+            t = torch.tensor(values, dtype=dtype)
+            if device.type == "cuda":  # pinned: a copy from pageable memory could wait for the device
+                t = t.pin_memory()
+            return t.to(device, non_blocking=True)
 
         seeded = [i for i, p in enumerate(params) if p.seed is not None and p.temperature > 0]
         return cls(
@@ -66,6 +70,7 @@ class SamplingBatch:
             seeds=tensor([params[i].seed % 2**63 for i in seeded], torch.long) if seeded else None,
             positions=tensor([positions[i] for i in seeded], torch.long) if seeded else None,
             all_greedy=not sampled,
+            top_k_max=max((p.top_k for p in params), default=0),
         )
 
 
@@ -126,7 +131,7 @@ def _truncate(logp: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         keep = torch.minimum(k, (ahead < b.top_p.unsqueeze(-1) * cum[:, -1:]).sum(-1))  # [S]
         out = out.masked_fill(logp < sorted_lp.gather(-1, (keep - 1).unsqueeze(-1)), float("-inf"))
     elif b.top_k is not None:
-        k_max = int(b.top_k.max())
+        k_max = b.top_k_max or int(b.top_k.max())
         top = logp.topk(min(k_max, V), dim=-1).values  # [S, k_max]
         k = torch.where(b.top_k > 0, b.top_k.clamp(max=V), k_max).clamp(max=top.shape[-1])
         cut = top.gather(-1, (k - 1).unsqueeze(-1))  # [S, 1]

@@ -234,12 +234,55 @@ class Scheduler:
         self.counters["forks"] += 1
         return True
 
+    def speculate(self, plan: StepPlan) -> tuple[StepPlan, list[int]] | None:
+        """The decode step after `plan`, planned before `plan`'s sampled tokens are known.
+
+        Lets the engine launch step t+1 while step t is still on the device. Every sequence that
+        samples in `plan` and will still be running afterwards decodes one token: the one `plan`
+        samples, which the engine feeds on the device. A sequence whose `plan` token is its last by
+        length is left out; one that stops on a stop token or string is only known later, so its
+        row is computed and then dropped by `finish_step`. Returns None where the next step is not
+        such a decode step: requests are waiting to be admitted, a prompt is still being prefilled,
+        or a new block would need a preemption.
+
+        Returns:
+            (the plan, `src`): `src[j]` is the index among `plan`'s sampled rows of the token that
+            chunk j computes.
+        """
+        if self.waiting:
+            return None
+        chunks, src, row, bs = [], [], -1, self.bs
+        for c in plan.chunks:
+            if not c.sample:
+                return None
+            row += 1
+            seq = c.seq
+            start = c.start + c.n  # index of the token `plan` samples
+            if seq.finish_reason is not None or start + 1 - seq.prompt_len >= seq.max_new:
+                continue
+            if start + 1 > len(seq.blocks) * bs:
+                if self.alloc.num_free < 1:
+                    return None  # blocks taken so far stay with their sequences: the next step needs them too
+                self._append_blocks(seq, self.alloc.allocate(1))
+            chunks.append(Chunk(seq, start, 1, True))
+            src.append(row)
+        if not chunks:
+            return None
+        return StepPlan(chunks), src
+
     def finish_step(self, plan: StepPlan, tokens: list[int], logprobs: list[float], version: int) -> list[Sequence]:
-        """Record the step: computed tokens, newly full blocks, sampled tokens. Returns finished sequences."""
+        """Record the step: computed tokens, newly full blocks, sampled tokens. Returns finished sequences.
+
+        A chunk whose sequence finished after the step was planned (a speculative step's row for a
+        sequence that stopped, or one aborted meanwhile) is skipped: its output is dropped.
+        """
         done = []
         i, bs = 0, self.bs
         for c in plan.chunks:  # per-step hot loop: plain attribute access, no properties
             seq = c.seq
+            if seq.finish_reason is not None:
+                i += c.sample
+                continue
             if c.n:
                 seq.num_computed += c.n
                 if seq.num_computed // bs > seq.num_registered:

@@ -40,6 +40,8 @@ class _Pack:
             if not parts:
                 continue
             flat = torch.from_numpy(np.concatenate([p.reshape(-1) for p in parts]))
+            if device.type == "cuda":  # a copy from pageable memory could wait for the device to catch up
+                flat = flat.pin_memory()
             flat = flat.to(device, non_blocking=True)
             views, i = [], 0
             for p in parts:
@@ -69,12 +71,17 @@ def _prefill_meta(chunks: list[Chunk], block_table: np.ndarray, P: int, pack: _P
     ), dict(max_q=T, max_k=int(ends.max()))
 
 
-def build_step_inputs(plan: StepPlan, block_table: np.ndarray, block_size: int, device: torch.device) -> StepInputs:
-    """Tensors for `plan`; `block_table` is the scheduler's `[rows, M]` int32 table."""
+def build_step_inputs(plan: StepPlan, block_table: np.ndarray, block_size: int, device: torch.device,
+                      fed: bool = False) -> StepInputs:
+    """Tensors for `plan`; `block_table` is the scheduler's `[rows, M]` int32 table.
+
+    `fed`: the decode tokens are not on the host yet (a speculative step): their ids are left 0
+    for the caller to write on the device.
+    """
     P = block_size
     dec = [c for c in plan.chunks if c.n == 1]
     pre = [c for c in plan.chunks if c.n > 1]
-    ids = [c.seq.tokens[c.start] for c in dec]
+    ids = [0] * len(dec) if fed else [c.seq.tokens[c.start] for c in dec]
     pos = [c.start for c in dec]
     last = {c.seq: i for i, c in enumerate(dec)}
     row_of_token = [c.seq.row for c in dec]
