@@ -96,6 +96,17 @@ def hf_generate(model, prompts: list[list[int]], new: int, num_return: int = 1) 
     return (out.shape[1] - width) * out.shape[0]
 
 
+def synchronous(engine: EmbeddedEngine, fn):
+    """`fn` with the engine's async (speculative) steps turned off: the one-step-at-a-time baseline."""
+    def run():
+        saved, engine.async_steps = engine.async_steps, False
+        try:
+            return fn()
+        finally:
+            engine.async_steps = saved
+    return run
+
+
 def engine_generate(engine: EmbeddedEngine, prompts: list[list[int]], new: int) -> int:
     engine.reset_prefix_cache()  # every run starts cold, like HF
 
@@ -189,11 +200,13 @@ def snapshot(engine: EmbeddedEngine) -> tuple[float, int]:
     return engine.stats.extra.get("cached_prompt_tokens", 0.0), engine.stats.prompt_tokens
 
 
-def run_plain(model, engine, sz: Sizes, repeats: int, sync, hf_runs: dict) -> list[dict]:
+def run_plain(model, engine, sz: Sizes, repeats: int, sync, hf_runs: dict, compare_sync: bool = False) -> list[dict]:
     prompts = random_prompts(sz.prompts, sz.prompt_len, model.config.vocab_size, 0)
-    res = best_of({"hf_generate": lambda: hf_generate(model, prompts, sz.new),
-                   "embedded": lambda: engine_generate(engine, prompts, sz.new)}, repeats, sync,
-                  {"hf_generate": lambda: hf_generate(model, prompts[:8], 4)}, hf_runs)
+    fns = {"hf_generate": lambda: hf_generate(model, prompts, sz.new),
+           "embedded": lambda: engine_generate(engine, prompts, sz.new)}
+    if compare_sync:
+        fns["embedded_sync_steps"] = synchronous(engine, fns["embedded"])
+    res = best_of(fns, repeats, sync, {"hf_generate": lambda: hf_generate(model, prompts[:8], 4)}, hf_runs)
     return report(f"a:{sz.prompts}x{sz.prompt_len}x{sz.new}", res)
 
 
@@ -208,7 +221,8 @@ def run_grpo(model, engine, sz: Sizes, repeats: int, sync, hf_runs: dict) -> lis
     return report(f"b:{sz.groups}x{sz.n}", res, {"embedded": extra})
 
 
-def run_turns(model, engine, no_cache, sz: Sizes, repeats: int, sync, hf_runs: dict) -> list[dict]:
+def run_turns(model, engine, no_cache, sz: Sizes, repeats: int, sync, hf_runs: dict,
+              compare_sync: bool = False) -> list[dict]:
     vocab = model.config.vocab_size
     starts = random_prompts(sz.episodes, sz.prompt_len, vocab, 2)
 
@@ -216,12 +230,19 @@ def run_turns(model, engine, no_cache, sz: Sizes, repeats: int, sync, hf_runs: d
         return episodes(gen, starts, sz.turns, sz.obs, sz.turn_new, vocab)
 
     before = snapshot(engine)
-    res = best_of({"hf_generate": lambda: play(hf_turn(model, sz.turn_new)),
-                   "embedded": lambda: play(engine_turn(engine)),
-                   "embedded_no_prefix_cache": lambda: play(engine_turn(no_cache))}, repeats, sync,
+    fns = {"hf_generate": lambda: play(hf_turn(model, sz.turn_new)),
+           "embedded": lambda: play(engine_turn(engine)),
+           "embedded_no_prefix_cache": lambda: play(engine_turn(no_cache))}
+    if compare_sync:
+        fns["embedded_sync_steps"] = synchronous(engine, fns["embedded"])
+        fns["embedded_no_prefix_cache_sync_steps"] = synchronous(no_cache, fns["embedded_no_prefix_cache"])
+    res = best_of(fns, repeats, sync,
                   {"hf_generate": lambda: episodes(hf_turn(model, 4), starts[:4], 1, sz.obs, 4, vocab)}, hf_runs)
     extra = {"prompt_cache_hit_rate": hit_rate_since(engine, before),
              "speedup_vs_no_cache": round(res["embedded_no_prefix_cache"][0] / res["embedded"][0], 2)}
+    if compare_sync:
+        extra["speedup_vs_no_cache_sync_steps"] = round(
+            res["embedded_no_prefix_cache_sync_steps"][0] / res["embedded_sync_steps"][0], 2)
     return report(f"c:{sz.episodes}x{sz.turns}t", res, {"embedded": extra})
 
 
@@ -259,6 +280,8 @@ def main() -> None:
     ap.add_argument("--plain-sweep", help="comma-separated prompt counts for workload (a), e.g. 256,64 "
                     "(default: --prompts)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="run the engine without CUDA graphs")
+    ap.add_argument("--compare-sync", action="store_true", help="also time the engine with async (speculative) "
+                    "steps off on (a) and (c), in the same run")
     ap.add_argument("--profile", action="store_true", help="after the workloads, profile one engine run of (a) "
                     "with 32 new tokens (torch profiler, top ops by device time)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -288,11 +311,11 @@ def main() -> None:
     work = args.workloads.split(",")
     if "plain" in work:
         for p in sweep:
-            rows += run_plain(model, engine, replace(sz, prompts=p), args.repeats, sync, hf_runs)
+            rows += run_plain(model, engine, replace(sz, prompts=p), args.repeats, sync, hf_runs, args.compare_sync)
     if "grpo" in work:
         rows += run_grpo(model, engine, sz, args.repeats, sync, hf_runs)
     if "turns" in work:
-        rows += run_turns(model, engine, no_cache, sz, args.repeats, sync, hf_runs)
+        rows += run_turns(model, engine, no_cache, sz, args.repeats, sync, hf_runs, args.compare_sync)
     print("engine stats:", {k: round(v, 3) for k, v in engine.stats.extra.items()}, flush=True)
     if args.profile:
         profile_engine(model, engine, replace(sz, prompts=sweep[0], new=32))
