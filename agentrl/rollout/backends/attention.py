@@ -6,9 +6,11 @@ cache). `StepMetadata` holds what both groups need, built once per step and shar
 
 Two implementations of one interface:
 - `SdpaPagedAttention` (CPU, and any device without the kernels): gathers each sequence's blocks
-  with `index_select` into a reused scratch buffer and calls PyTorch SDPA with a length mask. For
-  decode it folds the G query heads of a KV head into the query axis (`[B, Hkv, G, D]`), which
-  is GQA without repeating K/V.
+  with `index_select` into a reused scratch buffer. Prefill calls PyTorch SDPA with a causal
+  length mask. Decode (with at most 4 KV heads) is two batched matmuls, one item per sequence,
+  over block-diagonal queries: SDPA's per-call overhead made it 3x slower on these tiny shapes.
+  With more KV heads decode calls SDPA with the G query heads of a KV head folded into the query
+  axis (`[B, Hkv, G, D]`), which is GQA without repeating K/V.
 - `KernelPagedAttention` (CUDA): the Triton kernels of `backends/kernels/paged_attention.py`.
 
 Letters: N tokens in the step, Bd decode sequences, Bp prefill sequences, T longest prefill chunk,
@@ -49,27 +51,40 @@ class SdpaPagedAttention:
         self._scratch: dict[str, torch.Tensor] = {}
         self._masks: tuple[StepMetadata, torch.Tensor | None, torch.Tensor | None] | None = None
 
+    def _buffer(self, name: str, n: int, like: torch.Tensor) -> torch.Tensor:
+        """A reused flat scratch buffer of at least `n` elements (zeroed when first made)."""
+        buf = self._scratch.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._scratch[name] = torch.zeros(n, dtype=like.dtype, device=like.device)
+        return buf
+
     def _gather(self, name: str, cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-        """`cache[block_table]` as [B, Hkv, M * P, D], written into a reused buffer."""
+        """`cache[block_table]` as [B, M * P, Hkv, D], written into a reused buffer."""
         B, M = block_table.shape
         _, P, H, D = cache.shape
-        n = B * M * P * H * D
-        buf = self._scratch.get(name)
-        if buf is None or buf.numel() < n or buf.dtype != cache.dtype or buf.device != cache.device:
-            buf = self._scratch[name] = torch.empty(n, dtype=cache.dtype, device=cache.device)
-        out = buf[:n].view(B * M, P, H, D)
+        out = self._buffer(name, B * M * P * H * D, cache)[:B * M * P * H * D].view(B * M, P, H, D)
         torch.index_select(cache, 0, block_table.reshape(-1), out=out)
-        return out.view(B, M * P, H, D).transpose(1, 2)
+        return out.view(B, M * P, H, D)
 
-    def _step_masks(self, meta: StepMetadata, P: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Key masks of the step, built by the first layer and reused by the others."""
+    def _step_masks(self, meta: StepMetadata, k_cache: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Key masks of the step, built by the first layer and reused by the others.
+
+        Decode: additive (0 / -inf) `[Bd, 1, L]` for the matmul path, boolean `[Bd, 1, 1, L]` for SDPA.
+        Prefill: boolean `[Bp, 1, T, L]`.
+        """
         if self._masks is not None and self._masks[0] is meta:
             return self._masks[1], self._masks[2]
+        P = k_cache.shape[1]
         dec = pre = None
         if meta.num_decode:
             L = meta.decode_block_table.shape[1] * P
             keys = torch.arange(L, device=meta.slots.device)
-            dec = (keys < meta.decode_seq_lens.unsqueeze(-1)).view(meta.num_decode, 1, 1, L)  # [Bd, 1, 1, L]
+            past = keys >= meta.decode_seq_lens.unsqueeze(-1)  # [Bd, L]
+            if self._decode_by_matmul(k_cache):
+                dec = torch.zeros(past.shape, dtype=k_cache.dtype, device=past.device).masked_fill_(past, -torch.inf)
+                dec = dec.unsqueeze(1)  # [Bd, 1, L]
+            else:
+                dec = (~past).view(meta.num_decode, 1, 1, L)  # [Bd, 1, 1, L]
         if meta.prefill_block_table is not None:
             L = meta.prefill_block_table.shape[1] * P
             keys = torch.arange(L, device=meta.slots.device)
@@ -77,24 +92,56 @@ class SdpaPagedAttention:
         self._masks = (meta, dec, pre)
         return dec, pre
 
+    @staticmethod
+    def _decode_by_matmul(k_cache: torch.Tensor) -> bool:
+        """Decode attention as two batched matmuls over block-diagonal queries (see `_decode`).
+
+        It computes Hkv times the scores it needs, so it pays only with few KV heads; there it is
+        several times faster than SDPA, whose per-call overhead dominates these tiny shapes.
+        """
+        return k_cache.shape[2] <= 4
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: StepMetadata,
+                mask: torch.Tensor, scale: float) -> torch.Tensor:
+        """Decode attention, q: [Bd, Hq, D] -> [Bd, Hq, D].
+
+        Each sequence is one `bmm` item: its gathered keys `[L, Hkv * D]` are used as they lie, and
+        each query head is spread over `Hkv * D` columns that are zero outside its own KV head, so
+        `q_e @ k.T` is the [Hq, L] score matrix of GQA without repeating K/V or copying them
+        head-major. `p @ v` then gives every head's output for every KV head; the diagonal blocks
+        are the real ones.
+        """
+        Bd, Hq, D = q.shape
+        Hkv = k_cache.shape[2]
+        G = Hq // Hkv
+        k = self._gather("k", k_cache, meta.decode_block_table).flatten(2)  # [Bd, L, Hkv D]
+        v = self._gather("v", v_cache, meta.decode_block_table).flatten(2)
+        if not self._decode_by_matmul(k_cache):
+            qg = q.reshape(Bd, Hkv, G, D)  # [Bd, Hkv, G, D]
+            kh, vh = (t.view(Bd, -1, Hkv, D).transpose(1, 2) for t in (k, v))  # [Bd, Hkv, L, D]
+            return F.scaled_dot_product_attention(qg, kh, vh, attn_mask=mask, scale=scale).reshape(Bd, Hq, D)
+        # Only the diagonal blocks are ever written, so the rest of the buffer stays zero.
+        q_e = self._buffer("q_e", Bd * Hq * Hkv * D, q)[:Bd * Hq * Hkv * D].view(Bd, Hq, Hkv * D)
+        q_e.view(Bd, Hkv, G, Hkv, D).diagonal(0, 1, 3).copy_(q.reshape(Bd, Hkv, G, D).permute(0, 2, 3, 1))
+        scores = torch.baddbmm(mask, q_e, k.transpose(1, 2), alpha=scale)  # [Bd, Hq, L]
+        out = torch.bmm(torch.softmax(scores, -1), v)  # [Bd, Hq, Hkv D]
+        out = out.view(Bd, Hkv, G, Hkv, D).diagonal(0, 1, 3)  # [Bd, G, D, Hkv]
+        return out.permute(0, 3, 1, 2).reshape(Bd, Hq, D)
+
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: StepMetadata,
                  scale: float) -> torch.Tensor:
         """q: [N, Hq, D] (K/V of the new tokens already written); returns [N, Hq, D]."""
-        dec_mask, pre_mask = self._step_masks(meta, k_cache.shape[1])
+        dec_mask, pre_mask = self._step_masks(meta, k_cache)
         N, Hq, D = q.shape
         Hkv = k_cache.shape[2]
         Bd = meta.num_decode
         parts = []
         if Bd:
-            k = self._gather("k", k_cache, meta.decode_block_table)  # [Bd, Hkv, L, D]
-            v = self._gather("v", v_cache, meta.decode_block_table)
-            qg = q[:Bd].reshape(Bd, Hkv, Hq // Hkv, D)  # [Bd, Hkv, G, D]
-            out = F.scaled_dot_product_attention(qg, k, v, attn_mask=dec_mask, scale=scale)
-            parts.append(out.reshape(Bd, Hq, D))
+            parts.append(self._decode(q[:Bd], k_cache, v_cache, meta, dec_mask, scale))
         if N > Bd:
             Bp, T = meta.prefill_q_pos.shape
-            k = self._gather("k", k_cache, meta.prefill_block_table)  # [Bp, Hkv, L, D]
-            v = self._gather("v", v_cache, meta.prefill_block_table)
+            k = self._gather("k", k_cache, meta.prefill_block_table).transpose(1, 2)  # [Bp, Hkv, L, D]
+            v = self._gather("v", v_cache, meta.prefill_block_table).transpose(1, 2)
             qp = q[Bd:].index_select(0, meta.prefill_pad_src).view(Bp, T, Hq, D).transpose(1, 2)  # [Bp, Hq, T, D]
             out = F.scaled_dot_product_attention(qp, k, v, attn_mask=pre_mask, scale=scale, enable_gqa=Hq != Hkv)
             parts.append(out.transpose(1, 2).reshape(Bp * T, Hq, D).index_select(0, meta.prefill_pad_valid))

@@ -1,0 +1,56 @@
+"""The CPU attention of the built-in engine (`SdpaPagedAttention`) against the slow torch references.
+
+The mixed decode + prefill step is covered in test_embedded.py; these tests cover the decode path's
+two implementations (block-diagonal matmuls for few KV heads, SDPA for many) and the reuse of its
+scratch buffers from one step to the next.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agentrl.rollout.backends.attention import SdpaPagedAttention
+from agentrl.rollout.backends.kernels import paged_decode_attention_reference
+from agentrl.rollout.backends.scheduler import Chunk, Sequence, StepPlan
+from agentrl.rollout.backends.step_inputs import build_step_inputs
+
+
+def _decode_step(lens: list[int], table, P: int):
+    """Step inputs of one decode token for each sequence, sequence i owning row i of `table`."""
+    seqs = [Sequence(i, list(range(n)), max_new=1, row=i) for i, n in enumerate(lens)]
+    return build_step_inputs(StepPlan([Chunk(s, n - 1, 1, True) for s, n in zip(seqs, lens)]), table, P,
+                             torch.device("cpu"))
+
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 1), (4, 2), (8, 4), (4, 4), (16, 8)])
+def test_decode_matches_the_reference(num_q_heads, num_kv_heads):
+    # (16, 8) takes the SDPA path (more than 4 KV heads); the others the block-diagonal matmuls.
+    torch.manual_seed(0)
+    P, D = 4, 8
+    table = torch.randperm(63).add(1).numpy().reshape(7, 9).astype("int32")
+    k_cache, v_cache = torch.randn(64, P, num_kv_heads, D), torch.randn(64, P, num_kv_heads, D)
+    inp = _decode_step([1, 9, 13, 36, 4], table, P)
+    q = torch.randn(5, num_q_heads, D)
+    got = SdpaPagedAttention()(q, k_cache, v_cache, inp.meta, D ** -0.5)
+    m = inp.meta
+    want = paged_decode_attention_reference(q, k_cache, v_cache, m.decode_block_table, m.decode_seq_lens, D ** -0.5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_scratch_buffers_are_reused_across_batch_sizes():
+    # A large step then a smaller one: the second reads the first's buffers (the block-diagonal
+    # query buffer must still be zero off its diagonal) and must not see any of its values.
+    torch.manual_seed(1)
+    P, Hq, Hkv, D = 4, 4, 2, 8
+    table = torch.randperm(63).add(1).numpy().reshape(7, 9).astype("int32")
+    k_cache, v_cache = torch.randn(64, P, Hkv, D), torch.randn(64, P, Hkv, D)
+    attn = SdpaPagedAttention()
+    for lens in ([30, 9, 13, 36, 4, 17, 25], [3, 5], [33, 2, 8]):
+        inp = _decode_step(lens, table, P)
+        q = torch.randn(len(lens), Hq, D)
+        got = attn(q, k_cache, v_cache, inp.meta, D ** -0.5)
+        m = inp.meta
+        want = paged_decode_attention_reference(q, k_cache, v_cache, m.decode_block_table, m.decode_seq_lens,
+                                                D ** -0.5)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
