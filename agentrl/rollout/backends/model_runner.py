@@ -26,6 +26,9 @@ from agentrl.rollout.backends.kernels.fused_ops import add_rms_norm, silu_and_mu
 from agentrl.rollout.backends.kv_cache import PagedKVCache
 
 
+_SPLIT_GATED_ROWS = 512  # see ModelRunner._gated
+
+
 @dataclass
 class StepInputs:
     """Token-level tensors of one step (see `step_inputs.build_step_inputs`)."""
@@ -158,8 +161,23 @@ class ModelRunner:
             if i == last and inp.logits_index is not None:  # the MLP and the head only matter for sampled rows
                 x, delta = x.index_select(0, inp.logits_index), delta.index_select(0, inp.logits_index)  # [S, H]
             x, h = add_rms_norm(x, delta, lw.ln2, self.eps)
-            delta = F.linear(silu_and_mul(F.linear(h, lw.gate_up_w)), lw.down_w)  # [*, H]
+            delta = F.linear(self._gated(h, lw.gate_up_w), lw.down_w)  # [*, H]
             x, h = add_rms_norm(x, delta, self.layers[i + 1].ln1 if i < last else self.final_norm, self.eps)
         if out is None:
             return F.linear(h, self.lm_head)  # [S, V]
         return torch.mm(h, self.lm_head.t(), out=out)
+
+    def _gated(self, h: torch.Tensor, gate_up_w: torch.Tensor) -> torch.Tensor:
+        """`silu(h @ gate.T) * (h @ up.T)`, [*, H] -> [*, I].
+
+        On CUDA one matmul and the fused Triton kernel. On CPU, for prefill-sized steps, two
+        matmuls into separate contiguous outputs and in-place SiLU and product: CPU elementwise
+        kernels are ~2x slower on the strided halves of one [*, 2I] output (4.1 vs 2.4 ms per layer
+        on a 4096-token prefill of the tiny model; the whole step 4-14% faster). Below
+        `_SPLIT_GATED_ROWS` rows the second matmul call costs more than it saves (decode steps of
+        16-64 rows were 2-8% slower split).
+        """
+        if h.is_cuda or h.shape[0] < _SPLIT_GATED_ROWS:
+            return silu_and_mul(F.linear(h, gate_up_w))
+        gate = F.linear(h, gate_up_w[:self.inter])  # [*, I]
+        return F.silu(gate, inplace=True).mul_(F.linear(h, gate_up_w[self.inter:]))
