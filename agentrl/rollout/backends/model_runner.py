@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from agentrl.errors import EngineError
 from agentrl.rollout.backends.attention import StepMetadata, make_attention
 from agentrl.rollout.backends.kernels.fused_ops import add_rms_norm, silu_and_mul
+from agentrl.rollout.backends.kernels.rotary import rope_write_kv
 from agentrl.rollout.backends.kv_cache import PagedKVCache
 
 
@@ -145,17 +146,23 @@ class ModelRunner:
         Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         x = F.embedding(inp.input_ids, self.embed)  # [N, H]
         N = x.shape[0]
-        cos = self.cos.index_select(0, inp.positions).unsqueeze(1)  # [N, 1, D], gathered once for all layers
-        sin = self.sin_signed.index_select(0, inp.positions).unsqueeze(1)
+        fused_rope = x.is_cuda  # one kernel for rotary + cache write (kernels/rotary.py), bit-identical
+        if not fused_rope:
+            cos = self.cos.index_select(0, inp.positions).unsqueeze(1)  # [N, 1, D], gathered once for all layers
+            sin = self.sin_signed.index_select(0, inp.positions).unsqueeze(1)
         last = len(self.layers) - 1
         x, h = add_rms_norm(x, None, self.layers[0].ln1, self.eps)
         for i, lw in enumerate(self.layers):
             qkv = F.linear(h, lw.qkv_w, lw.qkv_b)  # [N, (Hq + 2 Hkv) D]
-            qk = qkv[:, : self.qk_width].view(N, Hq + Hkv, D)
-            qk = qk * cos + qk.roll(D // 2, -1) * sin  # rotary on q and k at once
-            q, k = qk[:, :Hq], qk[:, Hq:]
-            v = qkv[:, self.qk_width:].view(N, Hkv, D)
-            self.attention.write(cache.k[i], cache.v[i], k, v, inp.meta.slots)
+            if fused_rope:
+                q = rope_write_kv(qkv, self.cos, self.sin_signed, inp.positions, cache.k[i], cache.v[i],
+                                  inp.meta.slots, Hq, Hkv)
+            else:
+                qk = qkv[:, : self.qk_width].view(N, Hq + Hkv, D)
+                qk = qk * cos + qk.roll(D // 2, -1) * sin  # rotary on q and k at once
+                q, k = qk[:, :Hq], qk[:, Hq:]
+                v = qkv[:, self.qk_width:].view(N, Hkv, D)
+                self.attention.write(cache.k[i], cache.v[i], k, v, inp.meta.slots)
             attn = self.attention(q, cache.k[i], cache.v[i], inp.meta, self.scale)  # [N, Hq, D]
             delta = F.linear(attn.reshape(N, Hq * D), lw.o_w, lw.o_b)  # [N, H]
             if i == last and inp.logits_index is not None:  # the MLP and the head only matter for sampled rows

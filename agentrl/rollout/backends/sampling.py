@@ -143,22 +143,43 @@ def _truncate(logp: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     return out
 
 
+def _uniforms(b: SamplingBatch, rows: int, device: torch.device) -> torch.Tensor:
+    """One uniform number per row, [S] float64: torch's generator, or the hash of (seed, position)."""
+    u = torch.rand(rows, device=device, dtype=torch.float64)
+    if b.seeded_rows is not None:
+        u[b.seeded_rows] = seeded_uniform(b.seeds, b.positions)
+    return u
+
+
 def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row; returns (tokens [S] int64, logprobs [S] float32).
+
+    On CUDA, a batch without top-k/top-p/min-p takes the one-kernel path of
+    `kernels/sampling_kernel.py` (same algorithm, two reads of the logits instead of five float32
+    passes); everything else runs `sample_reference`.
 
     Args:
         logits: [S, V] next-token logits (any float dtype; sampling runs in float32).
         b: The rows' parameters.
     """
+    if logits.is_cuda and b.top_p is None and b.top_k is None and b.min_p is None:
+        from agentrl.rollout.backends.kernels.sampling_kernel import sample_full_distribution
+
+        u = torch.zeros(logits.shape[0], device=logits.device, dtype=torch.float64) if b.all_greedy \
+            else _uniforms(b, logits.shape[0], logits.device)
+        return sample_full_distribution(logits, b.temperature, u, b.greedy_rows)
+    return sample_reference(logits, b)
+
+
+def sample_reference(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample` in torch ops: float32 log-softmax, truncation, cumulative sum, search."""
     logits = logits.float()
     if b.all_greedy:
         tokens = logits.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     logp = torch.log_softmax(logits if b.temperature is None else logits / b.temperature, -1)  # [S, V], reported
     cdf = _truncate(logp, b).exp().cumsum(-1)  # [S, V]
-    u = torch.rand(cdf.shape[0], device=cdf.device, dtype=torch.float64)  # [S]
-    if b.seeded_rows is not None:
-        u[b.seeded_rows] = seeded_uniform(b.seeds, b.positions)
+    u = _uniforms(b, cdf.shape[0], cdf.device)  # [S]
     total = cdf[:, -1:]  # [S, 1]
     target = (u.unsqueeze(-1) * total.double()).to(cdf.dtype)  # [S, 1]
     target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))  # rounding must not reach the end

@@ -5,8 +5,7 @@ A decode step of a small model is a chain of tiny kernels: unfused, RMSNorm alon
 graph each still costs ~2 us of GPU time however little it computes, which at 24 layers is most
 of a decode step. These two Triton kernels bring a layer to about 14 kernels.
 
-(A fused rotary kernel was tried and dropped: on an H100 its bf16 products did not round like
-PyTorch's, and greedy agreement with Hugging Face fell; rotary stays four torch kernels.)
+Rotary and the cache write are one more kernel, in `rotary.py`.
 
 Each reproduces the roundings of the unfused PyTorch/Hugging Face code in half precision (an
 intermediate that PyTorch stores in bf16 is rounded to bf16 here too), so the engine stays close

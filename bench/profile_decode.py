@@ -1,0 +1,93 @@
+"""Where a decode step of the built-in engine goes: wall time, device time and host time per step.
+
+Runs workload (a) of `bench/rollout.py` (P prompts x L tokens -> N new, temperature 1) twice per
+mode, with async (speculative) steps on and off: once with 1 new token (prefill and the first
+sample) and once with N, so `(full - prefill) / (N - 1)` is the time of one decode step. Device
+time per step comes from the torch profiler (sum of kernel times, same subtraction). Host time
+is split by timing the engine's own methods; `wait` is time the engine thread spent blocked on
+the device (event synchronize), so host work per step is roughly `wall - wait`.
+
+Example (GPU):
+    PYTHONPATH=. python3 bench/profile_decode.py --prompts 64 --prompt-len 256 --new 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+
+from bench.rollout import build_model, engine_generate, random_prompts
+from agentrl.rollout.backends.embedded import EmbeddedEngine
+
+TIMES: dict[str, float] = defaultdict(float)
+
+
+def timed(name, fn):
+    def wrapper(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            TIMES[name] += time.perf_counter() - t0
+    return wrapper
+
+
+def device_seconds(fn) -> float:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages()) / 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--new", type=int, default=256)
+    args = ap.parse_args()
+    model = build_model(argparse.Namespace(model=None, random_qwen2_0_5b=True, dtype="bfloat16")).cuda().eval()
+    engine = EmbeddedEngine(model, device="cuda", dtype=torch.bfloat16, max_model_len=args.prompt_len + args.new + 8,
+                            max_batch_size=args.prompts)
+    prompts = random_prompts(args.prompts, args.prompt_len, model.config.vocab_size, 0)
+    engine_generate(engine, prompts, args.new)  # warm-up: graphs captured, kernels compiled
+    engine._launch = timed("launch", engine._launch)
+    engine._speculate = timed("speculate (incl. its launch)", engine._speculate)
+    engine._complete = timed("complete (incl. wait)", engine._complete)
+    engine._deliver = timed("deliver", engine._deliver)
+    engine._graphs.run = timed("graph stage+upload+replay", engine._graphs.run)
+    torch.cuda.Event.synchronize = timed("wait (event synchronize)", torch.cuda.Event.synchronize)
+    steps = args.new - 1
+    for mode in (True, False):
+        engine.async_steps = mode
+        sched = engine._sched
+        sched.schedule = timed("schedule", type(sched).schedule.__get__(sched))
+        sched.finish_step = timed("finish_step", type(sched).finish_step.__get__(sched))
+        walls = {}
+        for n in (1, args.new):
+            best = None
+            for _ in range(3):
+                TIMES.clear()
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                engine_generate(engine, prompts, n)
+                torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                if best is None or dt < best[0]:
+                    best = (dt, dict(TIMES))
+            walls[n] = best
+        dev = {n: device_seconds(lambda n=n: engine_generate(engine, prompts, n)) for n in (1, args.new)}
+        wall = (walls[args.new][0] - walls[1][0]) / steps * 1e3
+        device = (dev[args.new] - dev[1]) / steps * 1e3
+        print(f"async_steps={mode}: decode step {wall:.3f} ms wall, {device:.3f} ms device "
+              f"({args.prompts * 1e3 / wall:.0f} tok/s in decode); prefill+first sample {walls[1][0] * 1e3:.1f} ms")
+        for name, sec in sorted(walls[args.new][1].items(), key=lambda kv: -kv[1]):
+            print(f"    {name:32s} {sec / args.new * 1e3:7.3f} ms/step")
+
+
+if __name__ == "__main__":
+    main()
