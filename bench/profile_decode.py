@@ -35,13 +35,49 @@ def timed(name, fn):
     return wrapper
 
 
-def device_seconds(fn) -> float:
+def kernel_seconds(fn) -> dict[str, float]:
+    """Device seconds per kernel name over one call of `fn` (torch profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages()) / 1e6
+    return {e.key: getattr(e, "self_device_time_total", 0) / 1e6 for e in prof.key_averages()
+            if getattr(e, "self_device_time_total", 0) > 0}
+
+
+def print_kernels(full: dict[str, float], base: dict[str, float], per: int, top: int = 14) -> None:
+    """The kernels of `full` minus `base`, per `per` (steps), largest first."""
+    diff = {k: v - base.get(k, 0.0) for k, v in full.items()}
+    for name, sec in sorted(diff.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"      {sec / per * 1e6:8.1f} us  {name[:90]}")
+
+
+def turns(engine: EmbeddedEngine, no_cache: EmbeddedEngine, args) -> None:
+    """Workload (c): wall and device time of the whole run, prefix caching on and off."""
+    from bench.rollout import engine_turn, episodes
+
+    vocab = engine.vocab_size
+    starts = random_prompts(args.prompts, args.prompt_len, vocab, 2)
+    for name, eng in (("prefix cache on", engine), ("prefix cache off", no_cache)):
+        def play(e=eng):
+            return episodes(engine_turn(e), starts, 4, args.obs, args.turn_new, vocab)
+        play()
+        best = min(_wall(play) for _ in range(3))
+        steps0 = eng.stats.extra["steps"]
+        kern = kernel_seconds(play)
+        steps = eng.stats.extra["steps"] - steps0
+        print(f"(c) {name}: {best * 1e3:.1f} ms wall, {sum(kern.values()) * 1e3:.1f} ms in kernels, "
+              f"{steps:.0f} steps")
+        print_kernels(kern, {}, 1, top=10)
+
+
+def _wall(fn) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -49,6 +85,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--turns", action="store_true", help="also profile workload (c): 4 turns, cache on and off")
+    ap.add_argument("--obs", type=int, default=32)
+    ap.add_argument("--turn-new", type=int, default=64)
     args = ap.parse_args()
     model = build_model(argparse.Namespace(model=None, random_qwen2_0_5b=True, dtype="bfloat16")).cuda().eval()
     engine = EmbeddedEngine(model, device="cuda", dtype=torch.bfloat16, max_model_len=args.prompt_len + args.new + 8,
@@ -80,13 +119,23 @@ def main() -> None:
                 if best is None or dt < best[0]:
                     best = (dt, dict(TIMES))
             walls[n] = best
-        dev = {n: device_seconds(lambda n=n: engine_generate(engine, prompts, n)) for n in (1, args.new)}
+        dev = {n: kernel_seconds(lambda n=n: engine_generate(engine, prompts, n)) for n in (1, args.new)}
         wall = (walls[args.new][0] - walls[1][0]) / steps * 1e3
-        device = (dev[args.new] - dev[1]) / steps * 1e3
+        device = (sum(dev[args.new].values()) - sum(dev[1].values())) / steps * 1e3
         print(f"async_steps={mode}: decode step {wall:.3f} ms wall, {device:.3f} ms device "
               f"({args.prompts * 1e3 / wall:.0f} tok/s in decode); prefill+first sample {walls[1][0] * 1e3:.1f} ms")
         for name, sec in sorted(walls[args.new][1].items(), key=lambda kv: -kv[1]):
             print(f"    {name:32s} {sec / args.new * 1e3:7.3f} ms/step")
+        if mode:
+            print("    device time of one decode step by kernel:")
+            print_kernels(dev[args.new], dev[1], steps)
+    if args.turns:
+        longest = args.prompt_len + 4 * (args.obs + args.turn_new) + 8
+        big = EmbeddedEngine(model, device="cuda", dtype=torch.bfloat16, max_model_len=longest,
+                             max_batch_size=args.prompts)
+        off = EmbeddedEngine(model, device="cuda", dtype=torch.bfloat16, max_model_len=longest,
+                             max_batch_size=args.prompts, enable_prefix_caching=False)
+        turns(big, off, args)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,26 @@
-"""Sampling from the full distribution in one Triton kernel (CUDA), for rows without top-k/top-p/min-p.
+"""Sampling from the full distribution in two small Triton kernels (CUDA), for rows without top-k/top-p/min-p.
 
-`sampling.sample` inverts the CDF in torch: a float32 copy of the logits, `log_softmax`, `exp`,
-`cumsum` and `searchsorted`, five passes over an `[S, V]` float32 tensor. At a 151,936-token
+`sampling.sample_reference` inverts the CDF in torch: a float32 copy of the logits, `log_softmax`,
+`exp`, `cumsum` and `searchsorted`, five passes over an `[S, V]` float32 tensor. At a 151,936-token
 vocabulary that is ~0.5 ms of a ~2 ms decode step at 64 rows (`cumsum` alone is ~260 us: its scan
-kernel is parallel over rows only). This kernel reads each row of logits twice and writes nothing
-but the result:
+kernel is parallel over rows only). Here each row's vocabulary is cut into NB slices, so a step
+runs S * NB programs (about four per SM), and the logits are read about once:
 
-1. online max and sum of `exp(x / T)`, giving the row's log-normaliser `lse`, and its argmax;
-2. the running sum of `p = exp(x / T - lse)` chunk by chunk, counting the positions whose
-   cumulative probability is <= the row's uniform number `u`: that count is the sampled index
-   (what `searchsorted(cdf, u, right=True)` returns, so zero-probability tokens are never picked).
-   If rounding leaves the last cumulative value below `u`, the last token with non-zero
-   probability is taken.
+1. `partials` (one program per row and slice): the slice's max and sum of `exp(x / T - max)`, and
+   its first argmax.
+2. `pick` (same grid): every program combines its row's NB partials into the log-normaliser
+   `lse` and each slice's probability mass; the one slice whose cumulative mass interval holds the
+   row's uniform number `u` scans its own logits, counting positions whose cumulative probability
+   is <= `u`: that count is the sampled index (what `searchsorted(cdf, u, right=True)` returns, so a
+   zero-probability token is never picked). If rounding leaves `u` above the total, the last slice
+   with mass takes it, and within a slice the last token with non-zero probability.
 
 The reported logprob is `x[token] / T - lse` in float32, like the torch path. Rows with
-temperature 0 take the argmax (first maximum) and report it at temperature 1. The torch path
-(`sampling.sample_reference_full`) is what the GPU tests compare against; token choices can
-differ only where `u` falls within float32 rounding of a CDF boundary.
+temperature 0 take the argmax (first maximum) and report it at temperature 1. The torch path is
+what the GPU tests compare against; token choices can differ only where `u` falls within float32
+rounding of a CDF boundary.
 
-Letters: S rows, V vocabulary, C chunk of the vocabulary one loop iteration reads.
+Letters: S rows, V vocabulary, NB slices per row, C chunk of a slice one loop iteration reads.
 """
 
 from __future__ import annotations
@@ -27,7 +29,20 @@ import functools
 
 import torch
 
-_CHUNK = 4096
+_CHUNK = 2048
+
+
+def _slices(rows: int, vocab: int, num_sms: int) -> int:
+    """Slices per row: a power of two giving ~4 programs per SM, at most 64, none emptier than a chunk."""
+    nb = 1
+    while nb < 64 and rows * nb < 4 * num_sms and vocab > nb * _CHUNK:
+        nb *= 2
+    return nb
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def sample_full_distribution(logits: torch.Tensor, temperature: torch.Tensor | None, u: torch.Tensor,
@@ -45,48 +60,63 @@ def sample_full_distribution(logits: torch.Tensor, temperature: torch.Tensor | N
     """
     S, V = logits.shape
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
-    tokens = torch.empty(S, dtype=torch.int64, device=logits.device)
-    logprobs = torch.empty(S, dtype=torch.float32, device=logits.device)
+    dev = logits.device
+    tokens = torch.empty(S, dtype=torch.int64, device=dev)
+    logprobs = torch.empty(S, dtype=torch.float32, device=dev)
     if S == 0:
         return tokens, logprobs
+    nb = _slices(S, V, _num_sms(dev.index or 0))
+    width = -(-(-(-V // nb)) // _CHUNK) * _CHUNK  # slice width, whole chunks
+    part = torch.empty(4, S, nb, dtype=torch.float32, device=dev)  # max, sum, best value, best index
     temp = logits if temperature is None else temperature.reshape(S).float().contiguous()
     g = logits if greedy is None else greedy.to(torch.int8).contiguous()
-    _kernel()[(S,)](logits, logits.stride(0), V, temp, u.float().contiguous(), g, tokens, logprobs,
-                    HAS_TEMP=temperature is not None, HAS_GREEDY=greedy is not None, CHUNK=_CHUNK,
-                    num_warps=8)
+    kern = _kernels()
+    flags = dict(HAS_TEMP=temperature is not None, HAS_GREEDY=greedy is not None, CHUNK=_CHUNK)
+    kern.partials[(S, nb)](logits, logits.stride(0), V, width, temp, g, part, NB=nb, num_warps=4, **flags)
+    kern.pick[(S, nb)](logits, logits.stride(0), V, width, temp, u.float().contiguous(), g, part, tokens, logprobs,
+                       NB=nb, BLOCK_NB=max(nb, 2), num_warps=4, **flags)
     return tokens, logprobs
 
 
 @functools.cache
-def _kernel():
+def _kernels():
     """Compile on first use (Triton is imported here so that CPU imports stay light)."""
+    import types
+
     import triton
     import triton.language as tl
 
     @triton.jit
-    def sample_rows(x_ptr, stride, V, t_ptr, u_ptr, g_ptr, tok_ptr, lp_ptr,
-                    HAS_TEMP: tl.constexpr, HAS_GREEDY: tl.constexpr, CHUNK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        base = x_ptr + row * stride
-        offs = tl.arange(0, CHUNK)
-        inv_t = 1.0
+    def _inv_temperature(t_ptr, g_ptr, row, HAS_TEMP: tl.constexpr, HAS_GREEDY: tl.constexpr):
+        inv_t = tl.full((), 1.0, tl.float32)
         if HAS_TEMP:
             inv_t = 1.0 / tl.load(t_ptr + row)
-        is_greedy = False
+        is_greedy = tl.full((), 0, tl.int32)
         if HAS_GREEDY:
-            is_greedy = tl.load(g_ptr + row) != 0
-            inv_t = tl.where(is_greedy, 1.0, inv_t)
-        # Pass 1: max, sum of exp (online), first argmax.
-        m = float("-inf")
-        s = 0.0
-        best = float("-inf")
-        best_i = 0
-        for start in range(0, V, CHUNK):
+            is_greedy = (tl.load(g_ptr + row) != 0).to(tl.int32)
+            inv_t = tl.where(is_greedy != 0, 1.0, inv_t)
+        return inv_t, is_greedy
+
+    @triton.jit
+    def partials(x_ptr, stride, V, width, t_ptr, g_ptr, part_ptr, NB: tl.constexpr,
+                 HAS_TEMP: tl.constexpr, HAS_GREEDY: tl.constexpr, CHUNK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        j = tl.program_id(1)
+        inv_t, is_greedy = _inv_temperature(t_ptr, g_ptr, row, HAS_TEMP, HAS_GREEDY)
+        base = x_ptr + row * stride
+        offs = tl.arange(0, CHUNK)
+        lo = j * width
+        hi = tl.minimum(lo + width, V)
+        m = tl.full((), float("-inf"), tl.float32)
+        s = tl.full((), 0.0, tl.float32)
+        best = tl.full((), float("-inf"), tl.float32)
+        best_i = tl.full((), 0, tl.int32)
+        for start in range(lo, hi, CHUNK):
             idx = start + offs
-            raw = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
+            raw = tl.load(base + idx, mask=idx < hi, other=float("-inf")).to(tl.float32)
             x = raw * inv_t
             m_new = tl.maximum(m, tl.max(x, 0))
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a chunk of only -inf: no NaN from -inf - -inf
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # only -inf so far: no NaN from -inf - -inf
             s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), 0)
             m = m_new
             rm = tl.max(raw, 0)
@@ -94,25 +124,58 @@ def _kernel():
             better = rm > best
             best_i = tl.where(better, ri, best_i)
             best = tl.where(better, rm, best)
-        lse = m + tl.log(s)
-        # Pass 2: count cumulative probabilities <= u; remember the last non-zero probability.
-        target = tl.load(u_ptr + row)
-        run = 0.0
-        count = 0
-        last_nz = 0
-        for start in range(0, V, CHUNK):
-            idx = start + offs
-            x = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_t
-            p = tl.exp(x - lse)
-            c = tl.cumsum(p, 0) + run
-            count += tl.sum(((c <= target) & (idx < V)).to(tl.int32), 0)
-            last_nz = tl.maximum(last_nz, tl.max(tl.where(p > 0, idx, 0), 0))
-            run = tl.max(c, 0)
-        tok = tl.minimum(count, last_nz)
-        if HAS_GREEDY:
-            tok = tl.where(is_greedy, best_i, tok)
-        lp = tl.load(base + tok).to(tl.float32) * inv_t - lse
-        tl.store(tok_ptr + row, tok.to(tl.int64))
-        tl.store(lp_ptr + row, lp)
+        plane = row * NB + j
+        n = tl.num_programs(0).to(tl.int64) * NB
+        tl.store(part_ptr + plane, m)
+        tl.store(part_ptr + n + plane, s)
+        tl.store(part_ptr + 2 * n + plane, best)
+        tl.store(part_ptr + 3 * n + plane, best_i.to(tl.float32))
 
-    return sample_rows
+    @triton.jit
+    def pick(x_ptr, stride, V, width, t_ptr, u_ptr, g_ptr, part_ptr, tok_ptr, lp_ptr, NB: tl.constexpr,
+             BLOCK_NB: tl.constexpr, HAS_TEMP: tl.constexpr, HAS_GREEDY: tl.constexpr, CHUNK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        j = tl.program_id(1)
+        inv_t, is_greedy = _inv_temperature(t_ptr, g_ptr, row, HAS_TEMP, HAS_GREEDY)
+        base = x_ptr + row * stride
+        n = tl.num_programs(0).to(tl.int64) * NB
+        k = tl.arange(0, BLOCK_NB)
+        ok = k < NB
+        mk = tl.load(part_ptr + row * NB + k, mask=ok, other=float("-inf"))
+        sk = tl.load(part_ptr + n + row * NB + k, mask=ok, other=0.0)
+        top = tl.max(mk, 0)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        lse = top + tl.log(tl.sum(sk * tl.exp(mk - top), 0))
+        mass = sk * tl.exp(mk - lse)  # [BLOCK_NB] probability of each slice
+        before = tl.sum(tl.where(k < j, mass, 0.0), 0)
+        mine = tl.sum(tl.where(k == j, mass, 0.0), 0)
+        last = tl.max(tl.where(mass > 0, k, -1), 0)
+        target = tl.load(u_ptr + row)
+        claim = (mine > 0) & (before <= target) & ((target < before + mine) | (j == last)) & (is_greedy == 0)
+        if claim:
+            offs = tl.arange(0, CHUNK)
+            lo = j * width
+            hi = tl.minimum(lo + width, V)
+            run = before
+            count = tl.full((), 0, tl.int32)
+            last_nz = lo
+            for start in range(lo, hi, CHUNK):
+                idx = start + offs
+                inside = idx < hi
+                x = tl.load(base + idx, mask=inside, other=float("-inf")).to(tl.float32) * inv_t
+                p = tl.exp(x - lse)
+                c = tl.cumsum(p, 0) + run
+                count += tl.sum(((c <= target) & inside).to(tl.int32), 0)
+                last_nz = tl.maximum(last_nz, tl.max(tl.where((p > 0) & inside, idx, lo), 0))
+                run = tl.max(c, 0)
+            tok = tl.minimum(lo + count, last_nz)
+            tl.store(tok_ptr + row, tok.to(tl.int64))
+            tl.store(lp_ptr + row, tl.load(base + tok).to(tl.float32) * inv_t - lse)
+        if (is_greedy != 0) & (j == 0):
+            bv = tl.load(part_ptr + 2 * n + row * NB + k, mask=ok, other=float("-inf"))
+            bi = tl.load(part_ptr + 3 * n + row * NB + k, mask=ok, other=0.0).to(tl.int32)
+            tok = tl.min(tl.where(bv == tl.max(bv, 0), bi, V), 0)  # slices are in order: the first maximum
+            tl.store(tok_ptr + row, tok.to(tl.int64))
+            tl.store(lp_ptr + row, tl.load(base + tok).to(tl.float32) - lse)
+
+    return types.SimpleNamespace(partials=partials, pick=pick)
