@@ -70,6 +70,25 @@ def turns(engine: EmbeddedEngine, no_cache: EmbeddedEngine, args) -> None:
         print(f"(c) {name}: {best * 1e3:.1f} ms wall, {sum(kern.values()) * 1e3:.1f} ms in kernels, "
               f"{steps:.0f} steps")
         print_kernels(kern, {}, 1, top=10)
+        per_turn = []
+
+        def timed_turns(e=eng):
+            gen = engine_turn(e)
+
+            def g(convs, new):
+                t0 = time.perf_counter()
+                out = gen(convs, new)
+                torch.cuda.synchronize()
+                per_turn.append(time.perf_counter() - t0)
+                return out
+            return episodes(g, starts, 4, args.obs, args.turn_new, vocab)
+        timed_turns()
+        print("    turns (ms):", " ".join(f"{t * 1e3:.1f}" for t in per_turn))
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            play()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50))
 
 
 def _wall(fn) -> float:
