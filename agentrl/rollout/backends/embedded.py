@@ -15,6 +15,12 @@ leave at every step) and resolves each request's future on its own event loop. T
 when idle, so nothing lingers between `asyncio.run` calls, and tools keep running on the event
 loop while the model computes.
 
+Async steps (default on CUDA): after launching step t the thread launches step t+1 at once
+(`Scheduler.speculate`: every sequence decodes one more token, fed on the device from step t's
+sampled ids) and only then waits for step t's tokens, so stop checks, bookkeeping and the next
+launch run on the host while the device computes. A row launched for a sequence that turned out
+to stop at step t is dropped; outputs are the same as one step at a time.
+
 Partial rollouts: `abort()` ends every request in flight at the next step boundary; each returns
 what it has (`finish_reason="abort"`, its tokens and logprobs). `update_weights()` copies new
 weights in place between two steps and empties the prefix cache (its KV is stale); sequences in
