@@ -171,8 +171,11 @@ class PagedKVCache:
         """Copy whole blocks `src -> dst` in every layer (copy-on-write of a shared partial block)."""
         if not pairs:
             return
-        src = torch.tensor([s for s, _ in pairs], device=self.k[0].device)
-        dst = torch.tensor([d for _, d in pairs], device=self.k[0].device)
+        dev = self.k[0].device
+        idx = torch.tensor(pairs, dtype=torch.long).t().contiguous()  # [2, n]: sources, destinations
+        if dev.type == "cuda":  # pinned and non-blocking: a pageable copy would wait for the device
+            idx = idx.pin_memory()
+        src, dst = idx.to(dev, non_blocking=True)
         for k, v in zip(self.k, self.v):
             k.index_copy_(0, dst, k.index_select(0, src))
             v.index_copy_(0, dst, v.index_select(0, src))
