@@ -46,6 +46,28 @@ def kernel_seconds(fn) -> dict[str, float]:
             if getattr(e, "self_device_time_total", 0) > 0}
 
 
+def device_gaps(fn, threshold_us: float = 200.0) -> None:
+    """Print where the device sat idle for more than `threshold_us` during one call of `fn`."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+    gaps, end = [], spans[0][1]
+    for a, b in spans[1:]:
+        if a - end > threshold_us:
+            gaps.append((end - spans[0][0], a - end))
+        end = max(end, b)
+    busy = end - spans[0][0]
+    print(f"    device idle gaps > {threshold_us:.0f} us: {len(gaps)}, {sum(g for _, g in gaps) / 1e3:.1f} ms of "
+          f"{busy / 1e3:.1f} ms (profiled wall {wall * 1e3:.1f} ms); largest: "
+          + ", ".join(f"{g / 1e3:.1f} ms at {t / 1e3:.0f}" for t, g in sorted(gaps, key=lambda x: -x[1])[:8]))
+
+
 def print_kernels(full: dict[str, float], base: dict[str, float], per: int, top: int = 14) -> None:
     """The kernels of `full` minus `base`, per `per` (steps), largest first."""
     diff = {k: v - base.get(k, 0.0) for k, v in full.items()}
@@ -84,6 +106,7 @@ def turns(engine: EmbeddedEngine, no_cache: EmbeddedEngine, args) -> None:
             return episodes(g, starts, 4, args.obs, args.turn_new, vocab)
         timed_turns()
         print("    turns (ms):", " ".join(f"{t * 1e3:.1f}" for t in per_turn))
+        device_gaps(play)
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             play()
