@@ -68,6 +68,60 @@ def device_gaps(fn, threshold_us: float = 200.0) -> None:
           + ", ".join(f"{g / 1e3:.1f} ms at {t / 1e3:.0f}" for t, g in sorted(gaps, key=lambda x: -x[1])[:8]))
 
 
+def boundary_timeline(engine: EmbeddedEngine, play) -> None:
+    """Host timeline around the turn boundaries of workload (c): what runs between two turns."""
+    marks: list[tuple[float, str]] = []
+
+    def mark(name, fn):
+        def wrapper(*a, **k):
+            marks.append((time.perf_counter(), name + ">"))
+            out = fn(*a, **k)
+            marks.append((time.perf_counter(), "<" + name))
+            return out
+        return wrapper
+
+    saved = {n: getattr(engine, n) for n in ("_deliver", "_flush", "_launch", "_complete", "_step")}
+    for n, f in saved.items():
+        setattr(engine, n, mark(n, f))
+    sched = engine._sched
+    sched.schedule = mark("schedule", type(sched).schedule.__get__(sched))
+    try:
+        play()
+    finally:
+        for n in saved:
+            delattr(engine, n)
+        del sched.schedule
+    # A boundary: the last `<_deliver` before a `_flush>`; print from 1 ms before it to the first eager launch.
+    for i, (t, name) in enumerate(marks):
+        if name == "_flush>" and i > 10:
+            j = max(k for k in range(i) if marks[k][1] == "<_deliver")
+            end = next(k for k in range(i, len(marks)) if marks[k][1] == "<_launch")
+            print("    boundary: " + "  ".join(f"{(marks[k][0] - marks[j][0]) * 1e3:.2f}:{marks[k][1]}"
+                                             for k in range(max(j - 6, 0), end + 1)))
+
+
+def host_profile(engine: EmbeddedEngine, play) -> None:
+    """cProfile of the engine thread's steps during one call of `play` (top functions by own time)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    step = engine._step
+
+    def profiled(*a, **k):
+        prof.enable()
+        try:
+            return step(*a, **k)
+        finally:
+            prof.disable()
+    engine._step = profiled
+    try:
+        play()
+    finally:
+        del engine._step
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
 def print_kernels(full: dict[str, float], base: dict[str, float], per: int, top: int = 14) -> None:
     """The kernels of `full` minus `base`, per `per` (steps), largest first."""
     diff = {k: v - base.get(k, 0.0) for k, v in full.items()}
@@ -107,6 +161,9 @@ def turns(engine: EmbeddedEngine, no_cache: EmbeddedEngine, args) -> None:
         timed_turns()
         print("    turns (ms):", " ".join(f"{t * 1e3:.1f}" for t in per_turn))
         device_gaps(play)
+        boundary_timeline(eng, play)
+        if args.cprofile:
+            host_profile(eng, play)
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             play()
@@ -128,6 +185,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--turns", action="store_true", help="also profile workload (c): 4 turns, cache on and off")
+    ap.add_argument("--cprofile", action="store_true", help="with --turns: cProfile the engine thread's steps")
     ap.add_argument("--obs", type=int, default=32)
     ap.add_argument("--turn-new", type=int, default=64)
     args = ap.parse_args()
