@@ -80,22 +80,21 @@ def boundary_timeline(engine: EmbeddedEngine, play) -> None:
             return out
         return wrapper
 
-    saved = {n: getattr(engine, n) for n in ("_deliver", "_flush", "_launch", "_complete", "_step")}
-    for n, f in saved.items():
-        setattr(engine, n, mark(n, f))
     sched = engine._sched
-    sched.schedule = mark("schedule", type(sched).schedule.__get__(sched))
+    owners = {"_deliver": engine, "_flush": engine, "_step": engine, "launch": engine._steps,
+              "complete": engine._steps, "schedule": sched}
+    for n, obj in owners.items():
+        setattr(obj, n, mark(n, getattr(obj, n)))
     try:
         play()
     finally:
-        for n in saved:
-            delattr(engine, n)
-        del sched.schedule
+        for n, obj in owners.items():
+            delattr(obj, n)
     # A boundary: the last `<_deliver` before a `_flush>`; print from 1 ms before it to the first eager launch.
     for i, (t, name) in enumerate(marks):
         if name == "_flush>" and i > 10:
             j = max(k for k in range(i) if marks[k][1] == "<_deliver")
-            end = next(k for k in range(i, len(marks)) if marks[k][1] == "<_launch")
+            end = next(k for k in range(i, len(marks)) if marks[k][1] == "<launch")
             print("    boundary: " + "  ".join(f"{(marks[k][0] - marks[j][0]) * 1e3:.2f}:{marks[k][1]}"
                                              for k in range(max(j - 6, 0), end + 1)))
 
@@ -194,11 +193,12 @@ def main() -> None:
                             max_batch_size=args.prompts)
     prompts = random_prompts(args.prompts, args.prompt_len, model.config.vocab_size, 0)
     engine_generate(engine, prompts, args.new)  # warm-up: graphs captured, kernels compiled
-    engine._launch = timed("launch", engine._launch)
-    engine._speculate = timed("speculate (incl. its launch)", engine._speculate)
-    engine._complete = timed("complete (incl. wait)", engine._complete)
+    dev_steps = engine._steps
+    dev_steps.launch = timed("launch", dev_steps.launch)
+    dev_steps.speculate = timed("speculate (incl. its launch)", dev_steps.speculate)
+    dev_steps.complete = timed("complete (incl. wait)", dev_steps.complete)
     engine._deliver = timed("deliver", engine._deliver)
-    engine._graphs.run = timed("graph stage+upload+replay", engine._graphs.run)
+    dev_steps.graphs.run = timed("graph stage+upload+replay", dev_steps.graphs.run)
     torch.cuda.Event.synchronize = timed("wait (event synchronize)", torch.cuda.Event.synchronize)
     steps = args.new - 1
     for mode in (True, False):

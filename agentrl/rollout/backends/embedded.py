@@ -7,7 +7,8 @@ other backends are held to. The parts, each in its own module:
 - `scheduler.py`: continuous batching under the KV budget (admission, preemption, shared prefixes);
 - `step_inputs.py` + `model_runner.py` + `attention.py`: one forward pass over a flat batch of
   decode tokens and prefill chunks, writing and reading the paged cache;
-- `sampling.py`: batched sampling with per-row parameters, logprobs in float32.
+- `sampling.py`: batched sampling with per-row parameters, logprobs in float32;
+- `device_steps.py`: launching a step on the device, the speculative next step, reading tokens back.
 
 This module is the front: `generate` is a coroutine that hands the request to one background
 thread, which runs model steps back to back while any request is in flight (requests join and
@@ -42,12 +43,12 @@ import torch
 
 from agentrl.errors import EngineError
 from agentrl.rollout.backends.cuda_graphs import DecodeGraphs
+from agentrl.rollout.backends.device_steps import DeviceSteps, InFlight
 from agentrl.rollout.backends.kv_cache import BlockAllocator, PagedKVCache
 from agentrl.rollout.backends.model_runner import ModelRunner
-from agentrl.rollout.backends.sampling import SamplingBatch, StopStrings, sample, validate
-from agentrl.rollout.backends.scheduler import Scheduler, StepPlan
+from agentrl.rollout.backends.sampling import StopStrings, validate
+from agentrl.rollout.backends.scheduler import Scheduler
 from agentrl.rollout.backends.scheduler import Sequence as Seq
-from agentrl.rollout.backends.step_inputs import build_step_inputs
 from agentrl.rollout.engine import EngineStats, Generation, SamplingParams
 
 _CPU_KV_BYTES = 256 * 2**20  # default KV budget on CPU
@@ -69,22 +70,6 @@ class _Request:
     stop_check: StopStrings | None
     epoch: int = 0
     cancelled: bool = False
-
-
-@dataclass(eq=False)
-class _InFlight:
-    """A launched step whose sampled tokens the host has not read yet."""
-
-    plan: StepPlan
-    tokens: torch.Tensor  # [S] int64 on the device (a speculative next step reads its input ids here)
-    host: torch.Tensor  # [2, S] float64: tokens and logprobs, on the host once `event` has completed
-    event: torch.cuda.Event | None
-    version: int  # weight version that computed the step
-
-
-def _to_device(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    t = torch.tensor(values, dtype=dtype)
-    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
 
 
 def _resolve(fut: asyncio.Future, value: object) -> None:
@@ -142,8 +127,7 @@ class EmbeddedEngine:
         self.kv_cache_tokens = kv_cache_tokens or self._default_kv_tokens()
         self.weight_version = 0
         self.stats = EngineStats()
-        self._cache: PagedKVCache | None = None
-        self._graphs: DecodeGraphs | None = None  # built with the cache; they read its addresses
+        self._steps = DeviceSteps(self.runner, block_size, max_batch_size, self.cuda_graphs)
         self._sched = self._new_scheduler()
         self._lock = threading.Lock()  # held by a model step; weight updates and sleep wait for it
         self._cv = threading.Condition()  # guards the inbox, the abort epoch, the thread handle, sleep state
@@ -155,9 +139,16 @@ class EmbeddedEngine:
         self._asleep = 0
         self._cancels = 0  # generate() calls cancelled so far (the engine thread drops them)
         self._seen = (0, 0)  # (abort epoch, cancels) the engine thread has already acted on
-        self._counts = {"steps": 0, "graph_steps": 0, "speculative_steps": 0, "dropped_rows": 0,
-                        "cached_prompt_tokens": 0}
-        self._pending: _InFlight | None = None  # a launched step not yet finished on the host
+        self._cached_prompt_tokens = 0
+        self._pending: InFlight | None = None  # a launched step not yet finished on the host
+
+    @property
+    def _cache(self) -> PagedKVCache | None:
+        return self._steps.cache
+
+    @property
+    def _graphs(self) -> DecodeGraphs | None:
+        return self._steps.graphs
 
     # -- the Engine contract -----------------------------------------------------------------
     async def generate(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> Generation:
@@ -205,7 +196,7 @@ class EmbeddedEngine:
         self.abort()
         self._join()
         with self._lock:
-            self._cache = self._graphs = None
+            self._steps.release()
             self._sched = self._new_scheduler()
             if level >= 2 and self.device.type != "cpu":
                 self.model.to("cpu")
@@ -248,7 +239,7 @@ class EmbeddedEngine:
         for seq in seqs:
             self.stats.requests += 1
             self.stats.prompt_tokens += seq.prompt_len
-            self._counts["cached_prompt_tokens"] += max(seq.cached_tokens, 0)
+            self._cached_prompt_tokens += max(seq.cached_tokens, 0)
 
     def _deliver(self, seqs: list[Seq]) -> None:
         """Resolve the finished requests' futures (after the stats are up to date: callers read them)."""
@@ -305,22 +296,21 @@ class EmbeddedEngine:
                 except EngineError as exc:
                     self._post(req, exc)
             done = self._abort_stale(new, epoch)
-            if self._pending is None and self._sched.has_work:
-                if self._cache is None:
-                    self._cache = self.runner.new_cache(self._sched.alloc.num_blocks, self.block_size)
-                    if self.cuda_graphs:
-                        self._graphs = DecodeGraphs(self.runner, self._cache, self.max_batch_size,
-                                                    self._sched.block_table.shape[1])
-                plan = self._sched.schedule()
+            steps, sched = self._steps, self._sched
+            if self._pending is None and sched.has_work:
+                steps.allocate(sched.alloc.num_blocks, sched.block_table.shape[1])
+                plan = sched.schedule()
                 if not plan.chunks:
                     raise EngineError("the scheduler found nothing to run while requests wait (scheduler bug)")
-                self._pending = self._launch(plan)
+                self._pending = steps.launch(plan, sched, self.weight_version)
                 self.stats.batches += plan.admitted > 0
             if self._pending is not None:
                 current, self._pending = self._pending, None
-                if self.async_steps and self._abort_seen():
-                    self._pending = self._speculate(current)  # runs on the device while the host finishes `current`
-                done += self._complete(current)
+                if self.async_steps and self._abort_seen():  # runs on the device while the host finishes `current`
+                    self._pending = steps.speculate(current, sched, self.weight_version)
+                finished, kept = steps.complete(current, sched)
+                self.stats.generated_tokens += kept
+                done += finished
             self._account(done)
             self.stats.generate_seconds += time.perf_counter() - t0
             self._update_extra()
@@ -337,61 +327,6 @@ class EmbeddedEngine:
         if seen == self._seen and all(r.epoch == epoch for r in new):
             return []
         return self._sched.abort_where(lambda s: s.payload.epoch < epoch or s.payload.cancelled)
-
-    def _launch(self, plan: StepPlan, fed: torch.Tensor | None = None) -> _InFlight:
-        """Queue the forward and the sampling of `plan` on the device; nothing waits for them here.
-
-        `fed`: the step's token ids as a device tensor (a speculative step: the host has not seen them).
-        """
-        rows = [c for c in plan.chunks if c.sample]
-        if self._graphs is not None and self._graphs.bucket(len(plan.chunks)) and DecodeGraphs.decode_only(plan.chunks):
-            logits = self._graphs.run(plan.chunks, self._sched.block_table, fed)  # [N, V]
-            if len(rows) < len(plan.chunks):  # a one-token prefill chunk that does not sample
-                keep = [i for i, c in enumerate(plan.chunks) if c.sample]
-                logits = logits.index_select(0, _to_device(keep, torch.long, self.device))
-            self._counts["graph_steps"] += 1
-        else:
-            inputs = build_step_inputs(plan, self._sched.block_table, self.block_size, self.device, fed is not None)
-            if fed is not None:
-                inputs.input_ids[:fed.shape[0]].copy_(fed)
-            logits = self.runner.forward(inputs, self._cache)  # [S, V]
-        self._cache.copy_blocks(plan.copies)
-        batch = SamplingBatch.build([c.seq.payload.sampling for c in rows],
-                                    [c.start + c.n - c.seq.prompt_len for c in rows], self.device)
-        tokens, logprobs = sample(logits, batch)
-        packed = torch.stack([tokens.double(), logprobs.double()])  # [2, S]
-        event = None
-        if self.device.type == "cuda":  # copy back without waiting; `event` marks when it has landed
-            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-            host.copy_(packed, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            host = packed.cpu()
-        self._counts["steps"] += 1
-        return _InFlight(plan, tokens, host, event, self.weight_version)
-
-    def _speculate(self, current: _InFlight) -> _InFlight | None:
-        """Launch the decode step after `current` before `current`'s tokens reach the host."""
-        spec = self._sched.speculate(current.plan)
-        if spec is None:
-            return None
-        plan, src = spec
-        fed = current.tokens[:len(src)] if src == list(range(len(src))) else \
-            current.tokens.index_select(0, _to_device(src, torch.long, self.device))
-        self._counts["speculative_steps"] += 1
-        return self._launch(plan, fed)
-
-    def _complete(self, step: _InFlight) -> list[Seq]:
-        """Wait for `step`'s sampled tokens and record them; returns the sequences that finished."""
-        if step.event is not None:
-            step.event.synchronize()
-        host = step.host.tolist()
-        sampled = [c for c in step.plan.chunks if c.sample]
-        live = sum(1 for c in sampled if c.seq.finish_reason is None)  # the others finished meanwhile: dropped
-        self.stats.generated_tokens += live
-        self._counts["dropped_rows"] += len(sampled) - live
-        return self._sched.finish_step(step.plan, [int(t) for t in host[0]], host[1], step.version)
 
     def _fail_all(self, exc: EngineError) -> None:
         with self._lock:
@@ -418,15 +353,12 @@ class EmbeddedEngine:
         return Scheduler(alloc, self.max_batch_size, self.max_step_tokens, self.max_model_len)
 
     def _update_extra(self) -> None:
-        s, c = self._sched, self._counts
+        s, graphs = self._sched, self._steps.graphs
         self.stats.extra.update(
-            steps=float(c["steps"]),
-            graph_steps=float(c["graph_steps"]),
-            speculative_steps=float(c["speculative_steps"]),
-            dropped_rows=float(c["dropped_rows"]),
-            graph_capture_seconds=self._graphs.capture_seconds if self._graphs is not None else 0.0,
-            cached_prompt_tokens=float(c["cached_prompt_tokens"]),
-            prefix_cache_hit_rate=c["cached_prompt_tokens"] / max(1, self.stats.prompt_tokens),
+            **{k: float(v) for k, v in self._steps.counts.items()},
+            graph_capture_seconds=graphs.capture_seconds if graphs is not None else 0.0,
+            cached_prompt_tokens=float(self._cached_prompt_tokens),
+            prefix_cache_hit_rate=self._cached_prompt_tokens / max(1, self.stats.prompt_tokens),
             kv_blocks=float(s.alloc.capacity), kv_block_size=float(self.block_size),
             kv_blocks_peak=float(max(s.alloc.peak_used, self.stats.extra.get("kv_blocks_peak", 0.0))),
             **{k: float(v) for k, v in s.counters.items()},
