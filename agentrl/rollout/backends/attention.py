@@ -157,12 +157,16 @@ class SdpaPagedAttention:
 
 
 class KernelPagedAttention:
-    """The Triton paged-attention kernels (CUDA)."""
+    """The Triton paged-attention kernels (CUDA).
+
+    The new tokens' K/V are written by the model runner's fused rotary kernel (`kernels/rotary.py`),
+    so unlike `SdpaPagedAttention` this backend has no `write`.
+    """
 
     def __init__(self) -> None:
-        from agentrl.rollout.backends.kernels import paged_decode_attention, paged_prefill_attention, write_kv
+        from agentrl.rollout.backends.kernels import paged_decode_attention, paged_prefill_attention
 
-        self._decode, self._prefill, self.write = paged_decode_attention, paged_prefill_attention, write_kv
+        self._decode, self._prefill = paged_decode_attention, paged_prefill_attention
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: StepMetadata,
                  scale: float) -> torch.Tensor:

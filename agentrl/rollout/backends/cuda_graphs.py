@@ -68,6 +68,7 @@ class DecodeGraphs:
         # Two pinned copies used in turn: the engine stages step t+1 while step t's upload may
         # still be queued behind earlier work on the device.
         self._hosts = [torch.zeros(4 * B + B * M, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        self._views = [self._host_views(h) for h in self._hosts]
         self._uploaded = [torch.cuda.Event(), torch.cuda.Event()]
         self._turn = 0
         self.dev = torch.zeros_like(self._hosts[0], device=dev)
@@ -114,10 +115,12 @@ class DecodeGraphs:
         self._turn ^= 1
         self._uploaded[self._turn].synchronize()
         self.host = self._hosts[self._turn]
-        h = self.host.numpy()
-        B = self.B
-        self.h_ids, self.h_pos, self.h_slots, self.h_lens = (h[i * B:(i + 1) * B] for i in range(4))
-        self.h_table = h[4 * B:].reshape(B, self.M)
+        self.h_ids, self.h_pos, self.h_slots, self.h_lens, self.h_table = self._views[self._turn]
+
+    def _host_views(self, host: torch.Tensor) -> tuple[np.ndarray, ...]:
+        """numpy views (ids, positions, slots, lengths, table) of one pinned input buffer."""
+        h, B = host.numpy(), self.B
+        return (*(h[i * B:(i + 1) * B] for i in range(4)), h[4 * B:].reshape(B, self.M))
 
     def _stage(self, chunks: list[Chunk], block_table: np.ndarray, b: int, fed: bool = False) -> None:
         """Write the step's inputs into the pinned host buffer; rows n..b-1 become padding."""

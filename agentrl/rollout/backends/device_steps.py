@@ -28,6 +28,7 @@ from agentrl.rollout.backends.sampling import SamplingBatch, sample
 from agentrl.rollout.backends.scheduler import Scheduler, StepPlan
 from agentrl.rollout.backends.scheduler import Sequence as Seq
 from agentrl.rollout.backends.step_inputs import build_step_inputs
+from agentrl.rollout.backends.transfer import to_device
 
 
 @dataclass(eq=False)
@@ -39,12 +40,6 @@ class InFlight:
     host: torch.Tensor  # [2, S] float64: tokens and logprobs, on the host once `event` has completed
     event: torch.cuda.Event | None
     version: int  # weight version that computed the step
-
-
-def to_device(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list on the device without waiting for it (pinned staging on CUDA)."""
-    t = torch.tensor(values, dtype=dtype)
-    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
 
 
 class DeviceSteps:
@@ -89,7 +84,7 @@ class DeviceSteps:
             logits = graphs.run(plan.chunks, sched.block_table, fed)  # [N, V]
             if len(rows) < len(plan.chunks):  # a one-token prefill chunk that does not sample
                 keep = [i for i, c in enumerate(plan.chunks) if c.sample]
-                logits = logits.index_select(0, to_device(keep, torch.long, self.device))
+                logits = logits.index_select(0, to_device(torch.tensor(keep), self.device))
             self.counts["graph_steps"] += 1
         else:
             inputs = build_step_inputs(plan, sched.block_table, self.block_size, self.device, fed is not None)
@@ -119,7 +114,7 @@ class DeviceSteps:
             return None
         plan, src = spec
         fed = current.tokens[:len(src)] if src == list(range(len(src))) else \
-            current.tokens.index_select(0, to_device(src, torch.long, self.device))
+            current.tokens.index_select(0, to_device(torch.tensor(src), self.device))
         self.counts["speculative_steps"] += 1
         return self.launch(plan, sched, version, fed)
 

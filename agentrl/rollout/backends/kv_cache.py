@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from agentrl.errors import EngineError
+from agentrl.rollout.backends.transfer import to_device
 
 NULL_BLOCK = 0
 
@@ -171,11 +172,7 @@ class PagedKVCache:
         """Copy whole blocks `src -> dst` in every layer (copy-on-write of a shared partial block)."""
         if not pairs:
             return
-        dev = self.k[0].device
-        idx = torch.tensor(pairs, dtype=torch.long).t().contiguous()  # [2, n]: sources, destinations
-        if dev.type == "cuda":  # pinned and non-blocking: a pageable copy would wait for the device
-            idx = idx.pin_memory()
-        src, dst = idx.to(dev, non_blocking=True)
+        src, dst = to_device(torch.tensor(pairs, dtype=torch.long).t().contiguous(), self.k[0].device)
         for k, v in zip(self.k, self.v):
             k.index_copy_(0, dst, k.index_select(0, src))
             v.index_copy_(0, dst, v.index_select(0, src))

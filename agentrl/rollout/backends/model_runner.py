@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from agentrl.errors import EngineError
-from agentrl.rollout.backends.attention import StepMetadata, make_attention
+from agentrl.rollout.backends.attention import KernelPagedAttention, StepMetadata, make_attention
 from agentrl.rollout.backends.kernels.fused_ops import add_rms_norm, silu_and_mul
 from agentrl.rollout.backends.kernels.rotary import rope_write_kv
 from agentrl.rollout.backends.kv_cache import PagedKVCache
@@ -146,7 +146,7 @@ class ModelRunner:
         Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         x = F.embedding(inp.input_ids, self.embed)  # [N, H]
         N = x.shape[0]
-        fused_rope = x.is_cuda  # one kernel for rotary + cache write (kernels/rotary.py), bit-identical
+        fused_rope = isinstance(self.attention, KernelPagedAttention)  # rotary + cache write: one kernel
         if not fused_rope:
             cos = self.cos.index_select(0, inp.positions).unsqueeze(1)  # [N, 1, D], gathered once for all layers
             sin = self.sin_signed.index_select(0, inp.positions).unsqueeze(1)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from agentrl.errors import EngineError
+from agentrl.rollout.backends.transfer import to_device
 from agentrl.rollout.engine import SamplingParams
 
 _M32 = 0xFFFFFFFF
@@ -44,7 +45,7 @@ class SamplingBatch:
     seeds: torch.Tensor | None  # [R] int64
     positions: torch.Tensor | None  # [R] int64: index of the token being sampled in the output
     all_greedy: bool
-    top_k_max: int = 0  # largest top_k (known on the host: reading it from the device would wait for it)
+    top_k_max: int  # largest top_k (known on the host: reading it from the device would wait for it)
 
     @classmethod
     def build(cls, params: Sequence[SamplingParams], positions: Sequence[int], device: torch.device) -> SamplingBatch:
@@ -53,10 +54,7 @@ class SamplingBatch:
         sampled = [p for p in params if p.temperature > 0]
 
         def tensor(values, dtype=torch.float32):
-            t = torch.tensor(values, dtype=dtype)
-            if device.type == "cuda":  # pinned: a copy from pageable memory could wait for the device
-                t = t.pin_memory()
-            return t.to(device, non_blocking=True)
+            return to_device(torch.tensor(values, dtype=dtype), device)
 
         seeded = [i for i, p in enumerate(params) if p.seed is not None and p.temperature > 0]
         return cls(
@@ -131,7 +129,7 @@ def _truncate(logp: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         keep = torch.minimum(k, (ahead < b.top_p.unsqueeze(-1) * cum[:, -1:]).sum(-1))  # [S]
         out = out.masked_fill(logp < sorted_lp.gather(-1, (keep - 1).unsqueeze(-1)), float("-inf"))
     elif b.top_k is not None:
-        k_max = b.top_k_max or int(b.top_k.max())
+        k_max = b.top_k_max
         top = logp.topk(min(k_max, V), dim=-1).values  # [S, k_max]
         k = torch.where(b.top_k > 0, b.top_k.clamp(max=V), k_max).clamp(max=top.shape[-1])
         cut = top.gather(-1, (k - 1).unsqueeze(-1))  # [S, 1]

@@ -17,6 +17,7 @@ import torch
 from agentrl.rollout.backends.attention import StepMetadata
 from agentrl.rollout.backends.model_runner import StepInputs
 from agentrl.rollout.backends.scheduler import Chunk, StepPlan
+from agentrl.rollout.backends.transfer import to_device
 
 
 class _Pack:
@@ -39,10 +40,7 @@ class _Pack:
         for dtype, parts in self.parts.items():
             if not parts:
                 continue
-            flat = torch.from_numpy(np.concatenate([p.reshape(-1) for p in parts]))
-            if device.type == "cuda":  # a copy from pageable memory could wait for the device to catch up
-                flat = flat.pin_memory()
-            flat = flat.to(device, non_blocking=True)
+            flat = to_device(torch.from_numpy(np.concatenate([p.reshape(-1) for p in parts])), device)
             views, i = [], 0
             for p in parts:
                 views.append(flat[i:i + p.size].view(p.shape))
