@@ -11,16 +11,67 @@ instead of replaying autograd through log_softmax, exp, multiply and sum over [C
 tensors (the replay was the largest cost of a training step on the H100; docs/benchmarks.md).
 When nothing depends on the entropy its gradient term is skipped. With `compiled=True` (CUDA) the
 two [C, V] kernels are fused by torch.compile.
+
+Some families change the logits after the head, inside their `*ForCausalLM.forward`, which this
+path does not call: Granite divides by `logits_scaling`, Gemma 2 caps with `final_logit_softcapping`.
+`LogitTransform` applies the same (scale, then cap) here, in forward and backward; a config
+attribute of that kind that it does not know is refused (`logit_transform`).
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from agentrl.errors import TrainerError
 from agentrl.trainer.packing import PackedBatch
+
+# Config attributes by which some transformers families rescale or cap logits after the head.
+# The first two are implemented; a model whose config sets another one is refused.
+_KNOWN_LOGIT_ATTRS = ("logits_scaling", "final_logit_softcapping")
+_OTHER_LOGIT_ATTRS = ("logit_scale", "output_multiplier_scale", "logits_soft_cap", "lm_head_multiplier",
+                      "mup_width_scale", "logit_softcapping")
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model's head output goes through before the softmax: `cap * tanh(scale * z / cap)`.
+
+    `scale` 1 and `cap` 0 (off) is the identity, the case of most families.
+    """
+
+    scale: float = 1.0
+    cap: float = 0.0
+
+    def apply(self, z: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            z = z * self.scale
+        if self.cap:
+            z = torch.tanh(z / self.cap) * self.cap
+        return z
+
+    def grad(self, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """d(loss)/d(raw logits) from d(loss)/d(transformed logits) `g`; `z` are the raw logits."""
+        if self.cap:
+            t = torch.tanh(z.float() * (self.scale / self.cap))
+            g = (g.float() * (1.0 - t * t)).to(g.dtype)
+        return g * self.scale if self.scale != 1.0 else g
+
+
+def logit_transform(config) -> LogitTransform:
+    """The `LogitTransform` a Hugging Face config asks for; refuses attributes it does not implement."""
+    for name in _OTHER_LOGIT_ATTRS:
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0, 0, 0.0, False):
+            raise TrainerError(f"{type(config).__name__}.{name}={value!r} changes the logits in a way agentrl's "
+                               "trainer does not implement; its logprobs would be wrong. Supported: "
+                               f"{', '.join(_KNOWN_LOGIT_ATTRS)} (see docs/architectures.md)")
+    scaling = getattr(config, "logits_scaling", None) or 1.0
+    cap = getattr(config, "final_logit_softcapping", None) or 0.0
+    return LogitTransform(scale=1.0 / float(scaling), cap=float(cap))
 
 
 def forward_hidden(model: torch.nn.Module, packed: PackedBatch) -> torch.Tensor:
@@ -75,29 +126,30 @@ class _ChunkLogprobs(torch.autograd.Function):
     """(logp [C], entropy [C]) of one chunk; saves only per-token numbers, recomputes logits in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, inv_t, compiled):
+    def forward(ctx, hidden, weight, bias, targets, inv_t, compiled, transform=LogitTransform()):
         ctx.set_materialize_grads(False)
         stats = _kernels(True)[0] if compiled else _stats
-        logits = F.linear(hidden, weight, bias)  # [C, V]
+        logits = transform.apply(F.linear(hidden, weight, bias))  # [C, V]
         lse, logp, entropy = stats(logits, targets, inv_t)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.inv_t, ctx.compiled = inv_t, compiled
+        ctx.inv_t, ctx.compiled, ctx.transform = inv_t, compiled, transform
         return logp, entropy
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         if g_logp is None and g_ent is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         if g_logp is None:
             g_logp = torch.zeros_like(lse)
         grad = _kernels(True)[1] if ctx.compiled else _grad
-        logits = F.linear(hidden, weight, bias)  # [C, V], recomputed
-        g = grad(logits, targets, lse, entropy, g_logp, g_ent, ctx.inv_t)  # [C, V]
+        raw = F.linear(hidden, weight, bias)  # [C, V], recomputed
+        g = grad(ctx.transform.apply(raw), targets, lse, entropy, g_logp, g_ent, ctx.inv_t)  # [C, V]
+        g = ctx.transform.grad(raw, g)
         g_hidden = g @ weight if ctx.needs_input_grad[0] else None
         g_weight = g.t() @ hidden if ctx.needs_input_grad[1] else None
         g_bias = g.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
-        return g_hidden, g_weight, g_bias, None, None, None
+        return g_hidden, g_weight, g_bias, None, None, None, None
 
 
 def token_stats(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
@@ -111,8 +163,9 @@ def token_stats(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: t
     """
     hidden = _hidden(model, input_ids, position_ids, cu_seqlens, max_seqlen)  # [N, E]
     head = model.get_output_embeddings()
+    transform = logit_transform(model.config)
     parts = [_ChunkLogprobs.apply(hidden[s:s + chunk_size], head.weight, head.bias, targets[s:s + chunk_size],
-                                  inv_temperature, compiled)
+                                  inv_temperature, compiled, transform)
              for s in range(0, hidden.shape[0], chunk_size)]
     return torch.stack([torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])])  # [2, N]
 

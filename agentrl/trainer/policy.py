@@ -12,9 +12,13 @@ from pathlib import Path
 
 import torch
 
-from agentrl.errors import ConfigError
+from agentrl.errors import ConfigError, TrainerError
 
 _PEFT_PREFIX = "base_model.model."
+# Largest |logprob| difference between the packed path and transformers' own forward that the
+# load-time check accepts: float32 agrees to ~1e-6 on CPU (TF32 matmuls on GPUs to ~1e-3); an
+# ignored option (a sliding window, a logit cap or scale) is off by 0.1 to several nats.
+_CHECK_TOLERANCE = {torch.float32: 2e-2, torch.bfloat16: 0.25, torch.float16: 0.1}
 
 
 def load_policy(path: str, *, dtype: torch.dtype, device: str, attn_implementation: str,
@@ -24,6 +28,8 @@ def load_policy(path: str, *, dtype: torch.dtype, device: str, attn_implementati
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    if attn_implementation == "agentrl_varlen":
+        check_packed_forward(model.to(device))
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora_rank > 0:
@@ -40,6 +46,46 @@ def load_policy(path: str, *, dtype: torch.dtype, device: str, attn_implementati
         if gradient_checkpointing:
             model.enable_input_require_grads()
     return model.to(device).eval()
+
+
+@torch.no_grad()
+def check_packed_forward(model: torch.nn.Module, lengths: tuple[int, ...] = (11, 6)) -> float:
+    """Compare the trainer's packed logprobs with transformers' own forward, once, at load.
+
+    The packed path calls the backbone and the head itself and attends with its own kernel, so a
+    family that computes something else in its `*ForCausalLM.forward` or passes an attention option
+    agentrl does not know would train on wrong logprobs. The families of docs/architectures.md are
+    tested against transformers one by one; this check covers every other model a user brings: two
+    short random sequences, packed, against an eager per-sequence forward. Returns the largest
+    difference; raises `TrainerError` when it is beyond rounding.
+    """
+    from agentrl.trainer.actor import token_logprobs
+    from agentrl.trainer.packing import pack_sequences
+
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    seqs = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+    packed, _ = token_logprobs(model, pack_sequences(seqs, device=device), chunk_size=8)
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        worst, offset = 0.0, 0
+        for s in seqs:
+            logp = torch.log_softmax(model(torch.tensor([s], device=device)).logits[0].float(), -1)  # [n, V]
+            want = logp[:-1].gather(-1, torch.tensor(s[1:], device=device).unsqueeze(-1)).squeeze(-1)
+            worst = max(worst, (packed[offset:offset + len(s) - 1] - want).abs().max().item())
+            offset += len(s)
+    finally:
+        model.set_attn_implementation(implementation)
+    tol = _CHECK_TOLERANCE.get(next(model.parameters()).dtype, 0.25)
+    if not worst <= tol:
+        raise TrainerError(
+            f"{type(model).__name__} ({model.config.model_type}): the trainer's packed forward differs from "
+            f"transformers' own by {worst:.3g} nats (tolerance {tol:g}), so it would train on wrong logprobs. "
+            "This model family does something agentrl's trainer does not implement; see docs/architectures.md "
+            "for the supported families, and open an issue with the model's config.json")
+    return worst
 
 
 def compile_blocks(model: torch.nn.Module) -> torch.nn.Module:
