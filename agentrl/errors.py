@@ -39,6 +39,10 @@ class TrainerError(AgentRLError, RuntimeError):
     """The trainer cannot go on (non-finite losses in a row, bad batch, ...)."""
 
 
+class CheckpointError(TrainerError):
+    """A checkpoint is incomplete, corrupt (fails its manifest's sizes or hashes) or unreadable."""
+
+
 class ToolErrorKind(str, enum.Enum):
     """The kinds of tool failure a model can cause or meet; each is counted in metrics."""
 

@@ -199,10 +199,12 @@ def train(cfg: Config, on_step: Callable[[int, dict[str, float]], None] | None =
     result: dict[str, object] = {"history": [], "resumed_from": None}
     start = 0
     if resume:
-        start = restore_run(run_dir, cfg, s.policy, optimizer, scheduler, guard)
+        restored = restore_run(run_dir, cfg, s.policy, optimizer, scheduler, guard)
+        start = restored.step
         s.push_weights(version=start)
         result["resumed_from"] = start
-        writer.write({"event": "resume", "from_step": start})
+        for event in restored.events():  # skipped corrupt checkpoints, then the resume itself
+            writer.write(event)
     else:
         (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
         if ev.before and ev.num_tasks:

@@ -2,14 +2,18 @@
 a run whose updates keep going non-finite.
 
 A run's state is the policy, the optimizer and scheduler, the RNG states and the guard's counters;
-the data position is the step number itself (task seeds are a function of the step). Resuming
-checks that the config still describes the same run: only the step count, evaluation and
-checkpoint settings may change.
+the data position is the step number itself (task seeds are a function of the step). Resuming loads
+the newest checkpoint that passes its integrity checks (see `agentrl.trainer.checkpoint`), warns about
+and sets aside newer ones that fail, and checks that the config still describes the same run: only the
+step count, evaluation and checkpoint settings, and the run directory's place may change.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -17,14 +21,19 @@ from agentrl.config import Config
 from agentrl.errors import TrainerError
 from agentrl.trainer.checkpoint import (
     latest_checkpoint,
-    load_checkpoint,
+    load_latest,
     rng_state,
     save_checkpoint,
+    set_aside,
     set_rng_state,
 )
 
+logger = logging.getLogger(__name__)
+
 # Config keys that may differ between a run and its continuation.
-_MAY_CHANGE = {"train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite_steps"}
+# run_dir may change: a run directory can be moved and resumed from its new place.
+_MAY_CHANGE = {"train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite_steps",
+               "run_dir"}
 
 
 class NonFiniteGuard:
@@ -70,9 +79,13 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def _identity(cfg: Config) -> dict[str, object]:
-    flat = _flat(cfg.model_dump(mode="json"))
+def _fixed(flat: dict[str, object]) -> dict[str, object]:
+    """The keys that must not change on resume."""
     return {k: v for k, v in flat.items() if k not in _MAY_CHANGE and not k.startswith("eval.")}
+
+
+def _identity(cfg: Config) -> dict[str, object]:
+    return _fixed(_flat(cfg.model_dump(mode="json")))
 
 
 def save_run(run_dir: str | Path, cfg: Config, step: int, policy: torch.nn.Module, optimizer, scheduler,
@@ -83,26 +96,64 @@ def save_run(run_dir: str | Path, cfg: Config, step: int, policy: torch.nn.Modul
     return save_checkpoint(run_dir, step, state, meta={"config": _identity(cfg)}, keep_last=cfg.train.keep_checkpoints)
 
 
+class SetAside(NamedTuple):
+    """A newer checkpoint that failed its checks: its name, why, and the name it was renamed to."""
+
+    checkpoint: str
+    reason: str
+    renamed_to: str
+
+
+@dataclass(frozen=True)
+class Restored:
+    """Where a resumed run starts: the completed step count, the checkpoint it came from (a name inside
+    `run_dir/checkpoints`), whether that checkpoint's bytes were verified, and the newer ones skipped."""
+
+    step: int
+    checkpoint: str
+    verified: bool
+    skipped: tuple[SetAside, ...] = ()
+
+    def events(self) -> list[dict[str, object]]:
+        """Records for the run's metrics.jsonl: one per skipped checkpoint, then the resume itself."""
+        out: list[dict[str, object]] = [{"event": "checkpoint_skipped", "checkpoint": s.checkpoint, "reason": s.reason,
+                                         "set_aside_as": s.renamed_to} for s in self.skipped]
+        out.append({"event": "resume", "from_step": self.step, "checkpoint": self.checkpoint,
+                    "verified": self.verified})
+        return out
+
+
 def restore_run(run_dir: str | Path, cfg: Config, policy: torch.nn.Module, optimizer, scheduler,
-                guard: NonFiniteGuard) -> int:
-    """Load the latest checkpoint of `run_dir` into the given objects; returns the completed step count."""
-    path = latest_checkpoint(run_dir)
-    if path is None:
-        raise TrainerError(f"nothing to resume: {Path(run_dir) / 'checkpoints'} holds no complete checkpoint "
-                           "(run without --resume to start, or point run_dir at the run to continue)")
-    state, meta = load_checkpoint(path)
-    saved, now = meta.get("config", {}), _identity(cfg)
+                guard: NonFiniteGuard) -> Restored:
+    """Load the newest intact checkpoint of `run_dir` into the given objects.
+
+    Newer checkpoints that fail their checks are reported (a warning on the console) and renamed to
+    `rejected-step-NNNNNN`, so the continued run neither loads nor counts them again.
+    """
+    loaded = load_latest(run_dir)
+    path, state, meta = loaded.path, loaded.state, loaded.meta
+    # Filtered again: checkpoints of earlier versions recorded keys that may now change (run_dir).
+    saved, now = _fixed(meta.get("config", {})), _identity(cfg)
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if changed:
         detail = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
         raise TrainerError(f"cannot resume {path}: the config differs from the run's ({detail}). Only "
                            f"{', '.join(sorted(_MAY_CHANGE))} and eval.* may change on resume")
+    step = int(state["step"])
+    if step > cfg.train.steps:
+        raise TrainerError(f"{path} is at step {step}, past train.steps={cfg.train.steps}; raise train.steps")
     policy.load_state_dict(state["policy"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     guard.load(state["guard"])
     set_rng_state(state["rng"])
-    step = int(state["step"])
-    if step > cfg.train.steps:
-        raise TrainerError(f"{path} is at step {step}, past train.steps={cfg.train.steps}; raise train.steps")
-    return step
+    moved = set_aside(loaded)
+    for skip, new in zip(loaded.skipped, moved):
+        logger.warning("checkpoint %s skipped and renamed to %s: %s", skip.path.name, new.name, skip.reason)
+    if loaded.skipped:
+        logger.warning("resuming from the newest intact checkpoint, %s (step %d)", path.name, step)
+    if not loaded.verified:
+        logger.warning("checkpoint %s has no manifest (written before checkpoints carried checksums): loaded "
+                       "without verifying its bytes", path.name)
+    return Restored(step, path.name, loaded.verified,
+                    tuple(SetAside(s.path.name, s.reason, m.name) for s, m in zip(loaded.skipped, moved)))

@@ -1,17 +1,22 @@
-"""`agentrl train --resume` after a SIGKILL repeats the uninterrupted run bit for bit (CPU), and
+"""`agentrl train --resume` repeats the uninterrupted run bit for bit (CPU) after a SIGKILL, after the
+run directory was moved, and from the previous checkpoint when the latest one is corrupt or truncated;
 repeated non-finite updates stop a run with a message naming the last good checkpoint."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
+
+from agentrl.trainer.checkpoint import checkpoint_step, latest_checkpoint
 
 SCRIPT = Path(__file__).with_name("run_train.py")
 STEPS = 12
@@ -46,15 +51,41 @@ def _step_records(run_dir: Path, after_resume: bool = False) -> dict[int, dict]:
     return {r["step"]: r for r in lines if "step" in r}
 
 
-def test_resume_after_kill_matches_uninterrupted_run(stopping_model_dir, tmp_path):
-    cfg = _config(tmp_path, stopping_model_dir)
-    full = tmp_path / "full"
-    done = subprocess.run(_cmd(cfg, full), env=_env(), capture_output=True, text=True, timeout=600)
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    reference = _step_records(full)
-    assert sorted(reference) == list(range(1, STEPS + 1))
-    assert len({r["loss"] for r in reference.values()}) > 3  # real, varying losses, not all zero
+    return done
 
+
+def _policy(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / f"step-{step:06d}" / "state.pt", weights_only=False)["policy"]
+
+
+@pytest.fixture(scope="module")
+def reference(stopping_model_dir, tmp_path_factory) -> Path:
+    """An uninterrupted run of STEPS steps that keeps every checkpoint (to compare weights at any step)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    full = tmp / "full"
+    _run(_cmd(_config(tmp, stopping_model_dir), full, f"train.keep_checkpoints={STEPS}"))
+    records = _step_records(full)
+    assert sorted(records) == list(range(1, STEPS + 1))
+    assert len({r["loss"] for r in records.values()}) > 3  # real, varying losses, not all zero
+    return full
+
+
+def _assert_continues_reference(run_dir: Path, reference: Path, first: int, last: int) -> None:
+    """Steps first..last after the last resume of `run_dir` equal the reference run's, and so do the weights."""
+    after, want = _step_records(run_dir, after_resume=True), _step_records(reference)
+    assert min(after) == first
+    for step in range(first, last + 1):
+        for key in ("loss", "grad_norm", "reward", "entropy"):
+            assert after[step][key] == want[step][key], (step, key, after[step][key], want[step][key])
+    a, b = _policy(reference, last), _policy(run_dir, last)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_kill_matches_uninterrupted_run(stopping_model_dir, tmp_path, reference):
+    cfg = _config(tmp_path, stopping_model_dir)
     cut = tmp_path / "cut"
     proc = subprocess.Popen(_cmd(cfg, cut), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = cut / "checkpoints" / "latest"
@@ -64,19 +95,66 @@ def test_resume_after_kill_matches_uninterrupted_run(stopping_model_dir, tmp_pat
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = int(latest.read_text().strip().split("-")[1])
+    # A kill between renaming a checkpoint into place and moving the pointer leaves a newer complete one.
+    killed_at = checkpoint_step(latest_checkpoint(cut))
     assert 2 <= killed_at <= STEPS - 5, killed_at
 
-    resumed = subprocess.run(_cmd(cfg, cut, "--resume"), env=_env(), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    after = _step_records(cut, after_resume=True)
-    assert min(after) == killed_at + 1
-    for step in range(killed_at + 1, killed_at + 6):
-        for key in ("loss", "grad_norm", "reward", "entropy"):
-            assert after[step][key] == reference[step][key], (step, key, after[step][key], reference[step][key])
-    a = torch.load(full / "checkpoints" / f"step-{STEPS:06d}" / "state.pt", weights_only=False)["policy"]
-    b = torch.load(cut / "checkpoints" / f"step-{STEPS:06d}" / "state.pt", weights_only=False)["policy"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    _run(_cmd(cfg, cut, "--resume"))
+    _assert_continues_reference(cut, reference, killed_at + 1, STEPS)
+
+
+def test_moved_run_directory_resumes(stopping_model_dir, tmp_path, reference):
+    cfg = _config(tmp_path, stopping_model_dir)
+    first, moved = tmp_path / "a", tmp_path / "elsewhere" / "b"
+    _run(_cmd(cfg, first, "train.steps=2"))
+    moved.parent.mkdir()
+    shutil.move(first, moved)
+    _run(_cmd(cfg, moved, "train.steps=4", "--resume"))
+    assert not first.exists()
+    _assert_continues_reference(moved, reference, 3, 4)
+
+
+def test_resume_falls_back_from_a_corrupt_or_truncated_latest_checkpoint(stopping_model_dir, tmp_path, reference):
+    cfg = _config(tmp_path, stopping_model_dir)
+    flipped, truncated = tmp_path / "flipped", tmp_path / "truncated"
+    _run(_cmd(cfg, flipped, "train.steps=3"))  # keeps step-000002 and step-000003
+    shutil.copytree(flipped, truncated)
+    state_pt = flipped / "checkpoints" / "step-000003" / "state.pt"
+    raw = bytearray(state_pt.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    state_pt.write_bytes(bytes(raw))
+    state_pt = truncated / "checkpoints" / "step-000003" / "state.pt"
+    state_pt.write_bytes(state_pt.read_bytes()[:-100])
+    for run_dir, why in ((flipped, "state.pt is corrupt: sha256"), (truncated, "state.pt has")):
+        done = _run(_cmd(cfg, run_dir, "train.steps=5", "--resume"))
+        out = " ".join((done.stdout + done.stderr).split())
+        assert "checkpoint step-000003 skipped and renamed to rejected-step-000003" in out and why in out, out[-3000:]
+        events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        skipped = [e for e in events if e.get("event") == "checkpoint_skipped"]
+        assert [(e["checkpoint"], e["set_aside_as"]) for e in skipped] == [("step-000003", "rejected-step-000003")]
+        assert why in skipped[0]["reason"]
+        resume = [e for e in events if e.get("event") == "resume"]
+        assert [(e["from_step"], e["checkpoint"], e["verified"]) for e in resume] == [(2, "step-000002", True)]
+        _assert_continues_reference(run_dir, reference, 3, 5)
+
+
+def test_checkpoint_from_before_manifests_resumes_with_a_warning(stopping_model_dir, tmp_path, reference):
+    cfg = _config(tmp_path, stopping_model_dir)
+    run_dir = tmp_path / "old"
+    old = run_dir / "checkpoints" / "step-000002"
+    shutil.copytree(reference / "checkpoints" / "step-000002", old)
+    # What the previous version wrote: no manifest, no format, and run_dir inside the recorded config.
+    (old / "manifest.json").unlink()
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["format"]
+    meta["config"]["run_dir"] = "/where/it/used/to/be"
+    (old / "meta.json").write_text(json.dumps(meta))
+    done = _run(_cmd(cfg, run_dir, "train.steps=3", "--resume"))
+    out = " ".join((done.stdout + done.stderr).split())
+    assert "checkpoint step-000002 has no manifest" in out and "without verifying its bytes" in out, out[-3000:]
+    resume = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][0]
+    assert resume == {"event": "resume", "from_step": 2, "checkpoint": "step-000002", "verified": False}
+    _assert_continues_reference(run_dir, reference, 3, 3)
 
 
 def test_resume_refuses_a_changed_config(stopping_model_dir, tmp_path):
