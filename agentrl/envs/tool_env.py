@@ -17,7 +17,11 @@ from agentrl.envs.core import Env, Message, Observation, Task
 from agentrl.errors import EnvError
 from agentrl.tools.core import Tool
 from agentrl.tools.executor import ToolExecutor
-from agentrl.tools.parsers import get_parser
+from agentrl.tools.parsers import bind_parser
+
+# A turn longer than this is parsed in a worker thread: parsing is linear, but a megabyte still
+# takes tens of milliseconds that every episode sharing the event loop would wait for.
+PARSE_OFF_LOOP_CHARS = 64 * 1024
 
 
 class ToolEnv(Env):
@@ -25,7 +29,8 @@ class ToolEnv(Env):
 
     Args:
         tools: The tools offered to the model.
-        parser: Name of the tool-call parser (`hermes` by default).
+        parser: Name of the tool-call parser (`hermes` by default); it is given the tools' parameter
+            schemas, which `qwen3_coder` uses to type each value.
         max_calls_per_turn: Calls beyond this in one turn are refused with a tool error.
         system_prompt: Optional system message placed before the task.
 
@@ -40,7 +45,7 @@ class ToolEnv(Env):
         system_prompt: str | None = None,
     ):
         self.tools = tuple(tools)
-        self.parse = get_parser(parser)
+        self.parse = bind_parser(parser, {t.name: t.parameters for t in self.tools})
         self.executor = ToolExecutor(self.tools, max_calls_per_turn=max_calls_per_turn)
         self.system_prompt = system_prompt
         self.task: Task | None = None
@@ -87,7 +92,10 @@ class ToolEnv(Env):
             raise EnvError("step() called on a finished episode; call reset() first")
         if not isinstance(action, str):
             raise EnvError(f"action must be the model's text (str), got {type(action).__name__}")
-        parsed = self.parse(action)
+        if len(action) > PARSE_OFF_LOOP_CHARS:  # same result either way; only where the time is spent differs
+            parsed = await asyncio.to_thread(self.parse, action)
+        else:
+            parsed = self.parse(action)
         if not parsed.calls and not parsed.issues:
             self._done = True
             reward = float(self.score(self.task, action))

@@ -18,6 +18,7 @@ import jsonschema
 from agentrl.errors import ToolError, ToolErrorKind, did_you_mean
 from agentrl.tools.core import Tool, ToolCall, ToolResult
 from agentrl.tools.parsers import ParseIssue
+from agentrl.tools.schema import InexactIntegerError, integral_floats_to_int
 
 TRUNCATION_MARKER = "\n...[output truncated: {n} more characters]"
 # A name the model wrote is echoed back (message and tool message name) only this far: a hostile
@@ -113,9 +114,14 @@ class ToolExecutor:
             return self._error(tool.name, ToolError(
                 ToolErrorKind.INVALID_ARGUMENTS, f"invalid arguments for {tool.name!r} {_schema_error_message(err)}"
             ), call.id)
+        try:  # JSON Schema accepts 2.0 as an integer; an `int` parameter still gets the int 2
+            arguments = integral_floats_to_int(call.arguments, tool.parameters)
+        except InexactIntegerError as exc:
+            return self._error(tool.name, ToolError(
+                ToolErrorKind.INVALID_ARGUMENTS, f"invalid arguments for {tool.name!r} {exc}"), call.id)
         try:
             async with self._semaphore(tool):
-                output = await self._invoke_with_retries(tool, call.arguments)
+                output = await self._invoke_with_retries(tool, arguments)
         except ToolError as exc:
             return self._error(tool.name, exc, call.id)
         text = _format_output(output)

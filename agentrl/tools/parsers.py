@@ -1,23 +1,44 @@
 """Tool-call parsers: model text in, `ToolCall`s and typed parse errors out.
 
-A parser never raises on model text. Whatever it cannot read becomes a `ParseIssue` that the
-executor turns into a tool error message, so the model learns from its malformed call and the
-episode goes on. Parsers are registered by name (`hermes` first).
+A parser never raises on model text, takes time linear in the text, and returns at most
+`MAX_PARSED_CALLS` calls and issues (one more issue says the rest were not read). Whatever it
+cannot read becomes a `ParseIssue` that the executor turns into a tool error message, so the
+model learns from its malformed call and the episode goes on. JSON inside a call is decoded by
+the one strict policy of `agentrl.tools.model_json` (no NaN/Infinity, no float overflow, no
+integer over 1,000 digits, no duplicate keys, bounded size and depth).
+
+Parsers are registered by name (`hermes`, `llama3_json`, `mistral`, `qwen3_coder`). A parser is
+called as `parser(text, tools=None)`, where `tools` maps each tool's name to its JSON Schema
+parameters; formats that write JSON carry their own types and ignore it, `qwen3_coder` (whose
+values are bare text) uses it to type each value. `bind_parser` gives an env a one-argument
+parser with its schemas bound; a third-party parser written as `parser(text)` still works.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+from agentrl.errors import RegistryError
 from agentrl.registry import Registry
 from agentrl.tools.core import ToolCall
+from agentrl.tools.model_json import MAX_JSON_DEPTH, ModelJSONError, decode_model_json  # noqa: F401 (re-exported)
 
 # Bounds that keep a hostile turn from costing the parser more than it costs to read the text.
 MAX_CALL_CHARS = 1_000_000
-MAX_JSON_DEPTH = 64
+# Calls and issues read from one turn; the executor runs far fewer (`max_calls_per_turn`), and a
+# turn of tens of thousands of tiny calls must not become tens of thousands of objects.
+MAX_PARSED_CALLS = 1024
+MAX_SHOWN_NAME_CHARS = 80
+_CALL_SHAPE = '{"name": "<tool>", "arguments": {...}}'
+
+#: Tool name -> JSON Schema of its parameters (`Tool.parameters`).
+ToolSchemas = Mapping[str, Mapping[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -38,37 +59,53 @@ class ParsedTurn:
 
 
 class ToolCallParser(Protocol):
-    def __call__(self, text: str) -> ParsedTurn: ...
+    def __call__(self, text: str, tools: ToolSchemas | None = None) -> ParsedTurn: ...
 
 
 PARSERS: Registry[ToolCallParser] = Registry("tool-call parser", group="agentrl.parsers")
 
 
 def get_parser(name: str) -> ToolCallParser:
+    """The registered parser `name` (unknown names raise `RegistryError` with a suggestion)."""
     return PARSERS.get(name)
 
 
-def _json_depth_ok(text: str) -> bool:
-    depth = 0
-    in_str = False
-    escaped = False
-    for ch in text:
-        if in_str:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "[{":
-            depth += 1
-            if depth > MAX_JSON_DEPTH:
-                return False
-        elif ch in "]}":
-            depth -= 1
-    return True
+def _takes_tools(fn: Callable[..., Any]) -> bool:
+    """Whether `fn` accepts `tools=`; raises when it needs more than the text and `tools`."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: called with the text only
+        return False
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return True
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    required = [p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if len(required) > 1 + ("tools" in named and "tools" in required):
+        raise RegistryError(f"tool-call parser {fn!r} requires the arguments {required}; a parser must accept "
+                            "(text) or (text, tools=None) and return a ParsedTurn")
+    return "tools" in named
+
+
+def bind_parser(name: str, tools: ToolSchemas | None = None) -> Callable[[str], ParsedTurn]:
+    """The parser `name` as a function of the text alone, with the tool schemas bound.
+
+    A parser that does not accept `tools` (a third-party `parser(text)`) is returned as it is:
+    it types values itself.
+
+    Example:
+        >>> parse = bind_parser("qwen3_coder", {"echo": {"type": "object", "properties": {"s": {"type": "string"}}}})
+        >>> parse("<tool_call><function=echo><parameter=s>007</parameter></function></tool_call>").calls[0].arguments
+        {'s': '007'}
+    """
+    parser = get_parser(name)
+    if not _takes_tools(parser):
+        return parser  # type: ignore[return-value]
+    return functools.partial(parser, tools=dict(tools) if tools is not None else None)
+
+
+def shown_name(name: str) -> str:
+    """A model-written name as quoted in a message: a megabyte-long name must not flood the context."""
+    return repr(name if len(name) <= MAX_SHOWN_NAME_CHARS else name[:MAX_SHOWN_NAME_CHARS] + "...")
 
 
 def call_from_json(body: str, index: int) -> ToolCall | ParseIssue:
@@ -76,62 +113,74 @@ def call_from_json(body: str, index: int) -> ToolCall | ParseIssue:
     snippet = body[:200]
     if len(body) > MAX_CALL_CHARS:
         return ParseIssue(f"tool call is {len(body)} characters long; the limit is {MAX_CALL_CHARS}", snippet)
-    if not _json_depth_ok(body):
-        return ParseIssue(f"tool call JSON is nested deeper than {MAX_JSON_DEPTH} levels", snippet)
     try:
-        obj = json.loads(body)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "too deeply nested"
-        return ParseIssue(f"tool call is not valid JSON ({msg}); expected "
-                          '{"name": "<tool>", "arguments": {...}}', snippet)
+        obj = decode_model_json(body)
+    except ModelJSONError as exc:
+        return ParseIssue(f"tool call {exc.reason}; expected {_CALL_SHAPE}", snippet)
     return call_from_object(obj, index, snippet)
 
 
 def call_from_object(obj: object, index: int, snippet: str = "") -> ToolCall | ParseIssue:
     """Read an already decoded `{"name": str, "arguments"|"parameters": object}`."""
     if not isinstance(obj, dict):
-        return ParseIssue(f"tool call must be a JSON object, got {type(obj).__name__}", snippet)
+        return ParseIssue(f"tool call must be a JSON object, got {type(obj).__name__}; expected {_CALL_SHAPE}",
+                          snippet)
     name = obj.get("name")
     if not isinstance(name, str) or not name:
-        return ParseIssue('tool call needs a string "name"', snippet)
+        return ParseIssue(f'tool call needs a string "name"; expected {_CALL_SHAPE}', snippet)
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):
         try:
-            args = json.loads(args) if args.strip() else {}
-        except (json.JSONDecodeError, RecursionError):
-            return ParseIssue(f'"arguments" of {name!r} is a string that is not valid JSON', snippet)
+            args = decode_model_json(args) if args.strip() else {}
+        except ModelJSONError as exc:
+            return ParseIssue(f'"arguments" of {shown_name(name)} is a string that {exc.reason}; write the '
+                              "arguments as a JSON object", snippet)
     if not isinstance(args, dict):
-        return ParseIssue(f'"arguments" of {name!r} must be a JSON object, got {type(args).__name__}', snippet)
+        return ParseIssue(f'"arguments" of {shown_name(name)} must be a JSON object, got {type(args).__name__}',
+                          snippet)
     return ToolCall(name=name, arguments=args, id=f"call_{index}")
+
+
+def turn_from(content: str, found: list[ToolCall | ParseIssue]) -> ParsedTurn:
+    """Split what a parser found, in order, into calls and issues, past `MAX_PARSED_CALLS` summarised.
+
+    Parsers stop reading once they hold more than `MAX_PARSED_CALLS` items, so the overflow issue
+    cannot say how many more there were.
+    """
+    if len(found) > MAX_PARSED_CALLS:
+        found = found[:MAX_PARSED_CALLS] + [ParseIssue(
+            f"this turn holds more than {MAX_PARSED_CALLS} tool calls; the rest were not read")]
+    calls = tuple(x for x in found if isinstance(x, ToolCall))
+    issues = tuple(x for x in found if isinstance(x, ParseIssue))
+    return ParsedTurn(content=content, calls=calls, issues=issues)
 
 
 _HERMES_OPEN, _HERMES_CLOSE = "<tool_call>", "</tool_call>"
 
 
 @PARSERS.decorator("hermes")
-def parse_hermes(text: str) -> ParsedTurn:
+def parse_hermes(text: str, tools: ToolSchemas | None = None) -> ParsedTurn:
     """Hermes / Qwen format: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, any number.
 
     A call ends at the first `</tool_call>` after its opening tag, as in the serving engines' hermes
     parsers (inside a JSON string a model writes `<\\/tool_call>`). An unterminated final block
     (the turn ran out of tokens) is reported as an issue. The tags are found with `str.find`,
-    not a lazy regular expression, so a 50 MB turn costs milliseconds, not seconds.
+    not a lazy regular expression, so a 50 MB turn costs milliseconds, not seconds. The JSON
+    carries its own types, so `tools` is not used.
     """
-    calls: list[ToolCall] = []
-    issues: list[ParseIssue] = []
+    found: list[ToolCall | ParseIssue] = []
     first = text.find(_HERMES_OPEN)
     content = text if first < 0 else text[:first]
-    start, i = first, 0
-    while start >= 0:
+    start = first
+    while start >= 0 and len(found) <= MAX_PARSED_CALLS:
         body_start = start + len(_HERMES_OPEN)
         end = text.find(_HERMES_CLOSE, body_start)
         if end < 0:
-            issues.append(ParseIssue("tool call is not closed with </tool_call>", text[body_start : body_start + 200]))
+            found.append(ParseIssue("tool call is not closed with </tool_call>", text[body_start : body_start + 200]))
             break
-        out = call_from_json(text[body_start:end].strip(), i)
-        (calls if isinstance(out, ToolCall) else issues).append(out)
-        start, i = text.find(_HERMES_OPEN, end + len(_HERMES_CLOSE)), i + 1
-    return ParsedTurn(content=content.strip(), calls=tuple(calls), issues=tuple(issues))
+        found.append(call_from_json(text[body_start:end].strip(), len(found)))
+        start = text.find(_HERMES_OPEN, end + len(_HERMES_CLOSE))
+    return turn_from(content.strip(), found)
 
 
 # -- helpers shared by the JSON-based formats below -------------------------------------------
@@ -182,7 +231,7 @@ def _calls_from_cut_list(text: str, start: int, first_index: int) -> list[ToolCa
     """
     found: list[ToolCall | ParseIssue] = []
     pos = start + 1
-    while True:
+    while len(found) <= MAX_PARSED_CALLS:
         while pos < len(text) and text[pos] in " \t\r\n,":
             pos += 1
         end = _json_end(text, pos) if pos < len(text) and text[pos] == "{" else None
@@ -190,21 +239,19 @@ def _calls_from_cut_list(text: str, start: int, first_index: int) -> list[ToolCa
             return found + [_unclosed(text, pos if pos < len(text) else start, "tool call list")]
         found.append(call_from_json(text[pos:end], first_index + len(found)))
         pos = end
+    return found
 
 
 def _calls_from_json_array(body: str, first_index: int) -> list[ToolCall | ParseIssue]:
-    """Decode `[{call}, {call}, ...]` (depth and size checked first)."""
-    if not _json_depth_ok(body):
-        return [ParseIssue(f"tool call JSON is nested deeper than {MAX_JSON_DEPTH} levels", body[:200])]
+    """Decode `[{call}, {call}, ...]` (strict JSON; at most `MAX_PARSED_CALLS` + 1 items read)."""
     try:
-        items = json.loads(body)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "too deeply nested"
-        return [ParseIssue(f"tool call list is not valid JSON ({msg}); "
-                           'expected [{"name": ..., "arguments": {...}}]', body[:200])]
+        items = decode_model_json(body)
+    except ModelJSONError as exc:
+        return [ParseIssue(f"tool call list {exc.reason}; expected [{_CALL_SHAPE}, ...]", body[:200])]
     if not items:
-        return [ParseIssue("tool call list is empty", body[:200])]
-    return [call_from_object(item, first_index + i, json.dumps(item)[:200]) for i, item in enumerate(items)]
+        return [ParseIssue(f"tool call list is empty; expected [{_CALL_SHAPE}, ...]", body[:200])]
+    return [call_from_object(item, first_index + i, json.dumps(item)[:200])
+            for i, item in enumerate(items[: MAX_PARSED_CALLS + 1])]
 
 
 # -- Llama 3.x JSON -------------------------------------------------------------------------
@@ -214,12 +261,12 @@ _LLAMA_SEPARATORS = " \t\r\n;,"
 
 
 @PARSERS.decorator("llama3_json")
-def parse_llama3_json(text: str) -> ParsedTurn:
+def parse_llama3_json(text: str, tools: ToolSchemas | None = None) -> ParsedTurn:
     """Llama 3.x JSON calls: `{"name": ..., "parameters": {...}}`, optionally after `<|python_tag|>`.
 
     Several calls may follow one another, separated by `;` or newlines (a JSON list of calls is
     read too). Calls start at the first `<|python_tag|>`, else at the first `{"name":`; the text
-    before is the content, and prose after the last call is appended to it.
+    before is the content, and prose after the last call is appended to it. `tools` is not used.
 
     Example:
         >>> parse_llama3_json('<|python_tag|>{"name": "f", "parameters": {"x": 1}}').calls[0].arguments
@@ -234,7 +281,7 @@ def parse_llama3_json(text: str) -> ParsedTurn:
         start = text.rindex("[", 0, start)
     found: list[ToolCall | ParseIssue] = []
     pos, trailing = start, ""
-    while True:
+    while len(found) <= MAX_PARSED_CALLS:
         while pos < len(text) and (text[pos] in _LLAMA_SEPARATORS or text.startswith(_PYTHON_TAG, pos)):
             pos += len(_PYTHON_TAG) if text[pos] == "<" else 1
         if pos >= len(text):
@@ -255,13 +302,7 @@ def parse_llama3_json(text: str) -> ParsedTurn:
         found += [call_from_json(body, len(found))] if body[0] == "{" else _calls_from_json_array(body, len(found))
         pos = end
     content = (text[:start].strip() + " " + trailing.strip()).strip()
-    return _turn(content, found)
-
-
-def _turn(content: str, found: list[ToolCall | ParseIssue]) -> ParsedTurn:
-    calls = tuple(x for x in found if isinstance(x, ToolCall))
-    issues = tuple(x for x in found if isinstance(x, ParseIssue))
-    return ParsedTurn(content=content, calls=calls, issues=issues)
+    return turn_from(content, found)
 
 
 # -- Mistral --------------------------------------------------------------------------------
@@ -284,19 +325,24 @@ def _read_mistral_group(text: str, pos: int, index: int) -> tuple[list[ToolCall 
         return cut or [_unclosed(text, start, "tool call")], len(text)
     body = text[start:end]
     if named:  # the newer `[TOOL_CALLS]name[ARGS]{...}` form
-        wrapped = '{"name": ' + json.dumps(named.group(1)) + ', "arguments": ' + body + "}"
-        return [call_from_json(wrapped, index)], end
+        try:
+            arguments = decode_model_json(body)
+        except ModelJSONError as exc:
+            return [ParseIssue(f"the arguments of {shown_name(named.group(1))} {exc.reason}; expected "
+                               f'{_MISTRAL_TAG}name[ARGS]{{"x": 1}}', body[:200])], end
+        return [call_from_object({"name": named.group(1), "arguments": arguments}, index, body[:200])], end
     if body[0] == "{":
         return [call_from_json(body, index)], end
     return _calls_from_json_array(body, index), end
 
 
 @PARSERS.decorator("mistral")
-def parse_mistral(text: str) -> ParsedTurn:
+def parse_mistral(text: str, tools: ToolSchemas | None = None) -> ParsedTurn:
     """Mistral calls: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`.
 
     Also reads the newer `[TOOL_CALLS]name[ARGS]{...}` form and several markers in one turn. The
     text before the first marker is the content; prose after the last call is appended to it.
+    `tools` is not used.
 
     Example:
         >>> parse_mistral('[TOOL_CALLS][{"name": "f", "arguments": {"x": 1}}]').calls[0].name
@@ -307,81 +353,15 @@ def parse_mistral(text: str) -> ParsedTurn:
         return ParsedTurn(text.strip(), (), ())
     found: list[ToolCall | ParseIssue] = []
     pos, trailing = first, ""
-    while text.startswith(_MISTRAL_TAG, pos):
+    while text.startswith(_MISTRAL_TAG, pos) and len(found) <= MAX_PARSED_CALLS:
         group, pos = _read_mistral_group(text, pos + len(_MISTRAL_TAG), len(found))
         found += group
         while pos < len(text) and text[pos].isspace():
             pos += 1
     if pos < len(text):
         trailing = text[pos:]
-    return _turn((text[:first].strip() + " " + trailing.strip()).strip(), found)
+    return turn_from((text[:first].strip() + " " + trailing.strip()).strip(), found)
 
 
-# -- Qwen3-Coder XML-style ------------------------------------------------------------------
-_QWEN_BLOCK = re.compile(r"<tool_call>(.*?)(</tool_call>|\Z)", re.S)
-_QWEN_FUNCTION = re.compile(r"<function=([^>\n]*)>(.*?)(</function>|(?=<function=)|\Z)", re.S)
-_QWEN_PARAMETER = re.compile(r"<parameter=([^>\n]*)>(.*?)(?:</parameter>|(?=<parameter=)|\Z)", re.S)
-
-
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _qwen_value(raw: str) -> object:
-    """A parameter value: one newline trimmed at each end, JSON-decoded when it is JSON."""
-    value = raw[1:] if raw.startswith("\n") else raw
-    value = value[:-1] if value.endswith("\n") else value
-    if not value.strip() or not _json_depth_ok(value):
-        return value
-    try:
-        return json.loads(value, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
-        return value
-
-
-def _qwen_function(name: str, body: str, index: int) -> ToolCall | ParseIssue:
-    snippet = f"<function={name}>{body}"[:200]
-    name = name.strip()
-    if not name:
-        return ParseIssue("<function=...> needs a tool name, e.g. <function=search>", snippet)
-    if len(body) > MAX_CALL_CHARS:
-        return ParseIssue(f"tool call is {len(body)} characters long; the limit is {MAX_CALL_CHARS}", snippet)
-    arguments: dict[str, object] = {}
-    for m in _QWEN_PARAMETER.finditer(body):
-        key = m.group(1).strip()
-        if not key:
-            return ParseIssue(f"a <parameter=...> of {name!r} has no name", snippet)
-        if key in arguments:
-            return ParseIssue(f"parameter {key!r} of {name!r} is given twice", snippet)
-        arguments[key] = _qwen_value(m.group(2))
-    return ToolCall(name=name, arguments=arguments, id=f"call_{index}")
-
-
-@PARSERS.decorator("qwen3_coder")
-def parse_qwen3_coder(text: str) -> ParsedTurn:
-    """Qwen3-Coder calls: `<tool_call><function=NAME><parameter=ARG>value</parameter></function></tool_call>`.
-
-    Values are JSON-decoded when they are JSON (`3` -> 3, `[1, 2]` -> [1, 2]) and kept as strings
-    otherwise. A missing `</parameter>` is tolerated when the next tag delimits the value; an
-    unclosed `<function=...>` or `<tool_call>` (a turn cut short) is an issue.
-
-    Example:
-        >>> t = parse_qwen3_coder("<tool_call><function=f><parameter=x>\\n3\\n</parameter></function></tool_call>")
-        >>> t.calls[0].arguments
-        {'x': 3}
-    """
-    first = text.find("<tool_call>")
-    found: list[ToolCall | ParseIssue] = []
-    for block in _QWEN_BLOCK.finditer(text):
-        if not block.group(2):
-            found.append(ParseIssue("tool call is not closed with </tool_call>", block.group(1)[:200]))
-            continue
-        functions = list(_QWEN_FUNCTION.finditer(block.group(1)))
-        if not functions:
-            found.append(ParseIssue("<tool_call> holds no <function=NAME>...</function>", block.group(1)[:200]))
-        for fn in functions:
-            if not fn.group(3):
-                found.append(ParseIssue("<function=...> is not closed with </function>", fn.group(0)[:200]))
-            else:
-                found.append(_qwen_function(fn.group(1), fn.group(2), len(found)))
-    return _turn((text if first < 0 else text[:first]).strip(), found)
+# Registered lazily: the XML-style format lives in its own module, which imports this one.
+PARSERS.register("qwen3_coder", "agentrl.tools.qwen3_coder_parser:parse_qwen3_coder")

@@ -113,3 +113,100 @@ def function_schema(fn: Callable[..., Any], name: str | None = None, description
         "description": description if description is not None else summary,
         "parameters": {"type": "object", "properties": properties, "required": required, "additionalProperties": False},
     }
+
+
+# -- integral floats for integer parameters --------------------------------------------------
+# JSON Schema calls 2.0 an integer, so validation lets it through to a parameter typed `int`; the
+# function must still receive an int. Every float up to 2**53 in magnitude holds its integer
+# exactly; beyond, `1e300` may not be the integer the model wrote, so it is refused instead.
+MAX_EXACT_FLOAT_INT = 2**53
+_MAX_WALK_DEPTH = 100
+
+
+class InexactIntegerError(ValueError):
+    """A float too large to stand for the integer a schema asks for; `str()` is model-facing."""
+
+
+def _branches(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    return [b for key in ("anyOf", "oneOf") for b in (schema.get(key) or ()) if isinstance(b, dict)]
+
+
+def _kinds(node: dict[str, Any]) -> set[str] | None:
+    """The JSON types one schema node names (`type`, or the members of `enum`/`const`); None: any."""
+    declared = node.get("type")
+    if isinstance(declared, str):
+        return {declared}
+    if isinstance(declared, list):
+        return {t for t in declared if isinstance(t, str)}
+    members = node["enum"] if isinstance(node.get("enum"), list) else [node["const"]] if "const" in node else None
+    if members is None:
+        return None
+    return {"number" if isinstance(v, float) else "integer" if isinstance(v, int) and not isinstance(v, bool)
+            else "other" for v in members}
+
+
+def _integer_only(schema: dict[str, Any]) -> bool:
+    """Whether a number at `schema` may only be an integer (no `anyOf`/`oneOf` branch admits a float)."""
+    kinds = _kinds(schema) or set()
+    branches = _branches(schema)
+    if not kinds and not branches:
+        return False
+    for branch in branches:
+        more = _kinds(branch)
+        if more is None:
+            return False  # a branch without a type admits any value, floats included
+        kinds |= more
+    return "integer" in kinds and "number" not in kinds
+
+
+def _child_schema(schema: dict[str, Any], key: str | None) -> Any:
+    """The schema of property `key` (or of the items of an array when `key` is None)."""
+    for node in [schema, *_branches(schema)]:
+        if key is None:
+            if isinstance(node.get("items"), dict):
+                return node["items"]
+            continue
+        properties = node.get("properties")
+        if isinstance(properties, dict) and key in properties:
+            return properties[key]
+        if isinstance(node.get("additionalProperties"), dict):
+            return node["additionalProperties"]
+    return None
+
+
+def integral_floats_to_int(value: Any, schema: Any, path: str = "$", depth: int = 0) -> Any:
+    """`value` with every integral float that `schema` admits only as an integer made an int.
+
+    Call it after validation: the schema then admits the value, and the result still satisfies it.
+    Dicts and lists are rebuilt where they hold such a float; everything else is returned as is.
+
+    Raises:
+        InexactIntegerError: an integral float beyond 2**53 where an integer is expected.
+
+    Example:
+        >>> integral_floats_to_int({"n": 2.0, "x": 2.0}, {"properties": {"n": {"type": "integer"},
+        ...                                                            "x": {"type": "number"}}})
+        {'n': 2, 'x': 2.0}
+    """
+    if not isinstance(schema, dict) or depth > _MAX_WALK_DEPTH:
+        return value
+    if isinstance(value, float):
+        if not (value.is_integer() and _integer_only(schema)):
+            return value
+        if abs(value) > MAX_EXACT_FLOAT_INT:
+            raise InexactIntegerError(f"at {path}: {value!r} is an integer written as a float beyond 2**53, where "
+                                      "floats skip integers; write the integer's digits, without a decimal point "
+                                      "or exponent")
+        return int(value)
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            child = _child_schema(schema, key)
+            out[key] = item if child is None else integral_floats_to_int(item, child, f"{path}[{key!r}]", depth + 1)
+        return out
+    if isinstance(value, list):
+        items = _child_schema(schema, None)
+        if items is None:
+            return value
+        return [integral_floats_to_int(v, items, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+    return value

@@ -1,9 +1,9 @@
 """Issue 3's acceptance table: hostile and malformed tool calls, written as model text, end to end.
 
 Every case is a model turn fed to `ToolEnv.step` of a small env with the real parts: the `hermes`
-parser, the real `ToolExecutor`, the real sandboxed `python` tool and the real `http_get` tool
-(once with the default policy, once as `local_http_get` allow-listed for this file's own server
-on 127.0.0.1). For each case the test asserts:
+parser (`qwen3_coder` where a case says so), the real `ToolExecutor`, the real sandboxed `python`
+tool and the real `http_get` tool (once with the default policy, once as `local_http_get`
+allow-listed for this file's own server on 127.0.0.1). For each case the test asserts:
 
 * the expected error kind reaches the model: in the tool message and in `info["tool_errors"]`
   (a program that fails inside the sandbox is an answer, not a tool error: the model reads its
@@ -83,10 +83,10 @@ def py(code: str) -> str:
 class HostileEnv(ToolEnv):
     """Just tools: a fixed task, never scored (every case's turn holds a tool call)."""
 
-    def __init__(self) -> None:
+    def __init__(self, parser: str = "hermes") -> None:
         local = dataclasses.replace(make_http_get_tool(LOCAL), name="local_http_get")
         super().__init__([make_python_tool(LIMITS), make_http_get_tool(FetchPolicy(deadline_s=1.5)), local],
-                         max_calls_per_turn=MAX_CALLS)
+                         parser=parser, max_calls_per_turn=MAX_CALLS)
 
     def sample_task(self, split: str, seed: int) -> Task:
         return Task(id=f"{split}-{seed}", prompt="Use the tools.", answer="", split=split)
@@ -231,10 +231,18 @@ def ctx():
 
 
 @pytest.fixture(scope="module")
-def env():
-    env = HostileEnv()
-    yield env
-    env.close()
+def envs():
+    """One `HostileEnv` per parser, made on first use."""
+    made: dict[str, HostileEnv] = {}
+
+    def get(parser: str) -> HostileEnv:
+        if parser not in made:
+            made[parser] = HostileEnv(parser)
+        return made[parser]
+
+    yield get
+    for env in made.values():
+        env.close()
 
 
 # -- the table ---------------------------------------------------------------------------------
@@ -255,6 +263,7 @@ class Case:
         needs: Isolation the case's assertions rely on (`SandboxIsolation` fields, any one suffices).
         check: Extra assertions on (ctx, observation, info).
         host_paths: Host paths (functions of ctx) that must not exist afterwards.
+        parser: The env's tool-call parser.
     """
 
     text: Text
@@ -265,6 +274,7 @@ class Case:
     needs: tuple[str, ...] = ()
     check: Check | None = None
     host_paths: Callable[[Ctx], list[str]] | None = None
+    parser: str = "hermes"
 
 
 def check_rate_limited(ctx: Ctx, obs: tuple[Message, ...], info: dict) -> None:
@@ -358,6 +368,16 @@ def raw(body: str) -> str:
     return f"<tool_call>{body}</tool_call>"
 
 
+def qwen(name: str, **arguments: str) -> str:
+    """A qwen3_coder call; values are written as the bare text the model would write."""
+    params = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in arguments.items())
+    return f"<tool_call>\n<function={name}>\n{params}</function>\n</tool_call>"
+
+
+def qwen_case(text: str, kind: ToolErrorKind | None, expect: str = "") -> Case:
+    return Case(text, kind, expect, parser="qwen3_coder")
+
+
 def local_get(path: str) -> Callable[[Ctx], str]:
     return lambda c: call("local_http_get", url=c.server + path)
 
@@ -385,7 +405,30 @@ CASES: dict[str, Case] = {
     "10^5-deep nesting": Case(raw('{"name": "python", "arguments": {"code": ' + DEEP + "}}"), PARSE,
                               "nested deeper than"),
     "10^5-deep nesting in an arguments string": Case(raw('{"name": "python", "arguments": "' + DEEP + '"}'), PARSE,
-                                                     "not valid JSON"),
+                                                     "is a string that is nested deeper than 64 levels"),
+    # -- values JSON does not have (one policy: agentrl.tools.model_json) ------------------------
+    "integer literal of 5,000 digits": Case(raw('{"name": "python", "arguments": {"code": ' + "7" * 5000 + "}}"),
+                                            PARSE, "integer of 5000 digits; the limit is 1000 digits"),
+    "integer of 10^5 digits in an arguments string": Case(
+        raw('{"name": "python", "arguments": "{\\"code\\": ' + "7" * 10**5 + '}"}'), PARSE, "integer of 100000 digits"),
+    "NaN": Case(raw('{"name": "python", "arguments": {"code": NaN}}'), PARSE, "holds NaN, which is not a JSON number"),
+    "-Infinity": Case(raw('{"name": "python", "arguments": {"code": -Infinity}}'), PARSE, "holds -Infinity"),
+    "1e999": Case(raw('{"name": "python", "arguments": {"code": 1e999}}'), PARSE, "beyond the range of a 64-bit float"),
+    "duplicate keys": Case(raw('{"name": "python", "arguments": {"code": "print(1)", "code": "import os"}}'), PARSE,
+                           "has the key 'code' twice in one object"),
+    "duplicate name keys": Case(raw('{"name": "pyhton", "name": "python", "arguments": {"code": "1"}}'), PARSE,
+                                "has the key 'name' twice"),
+    # -- qwen3_coder: values typed by the schema, scanning in linear time ---------------------------
+    "qwen3_coder: code that is a JSON number stays text": qwen_case(qwen("python", code="12345"), None),
+    "qwen3_coder: code that is a JSON document stays text": qwen_case(
+        qwen("python", code='{"a": [1, 2.0], "b": "x"}'), None),
+    "qwen3_coder: code 1e999 stays text": qwen_case(qwen("python", code="print(1e999)"), None, "inf"),
+    "qwen3_coder: a wrong parameter is named": qwen_case(qwen("python", source="print(1)"), INVALID,
+                                                         "'code' is a required property"),
+    "qwen3_coder: 16,000 unclosed <function= tags": qwen_case(raw("<function=" * 16_000), PARSE,
+                                                              "<tool_call> holds no <function=NAME>"),
+    "qwen3_coder: 16,000 unclosed <parameter= tags": qwen_case(
+        raw("<function=python>" + "<parameter=" * 16_000), PARSE, "not closed with </function>"),
     "hundreds of calls in one turn": Case(py("print(1)") * 300, None, "1\n", errors={"rate_limited": 300 - MAX_CALLS},
                                           check=check_rate_limited),
     # -- hostile programs: the sandbox ---------------------------------------------------------
@@ -434,8 +477,9 @@ CASES: dict[str, Case] = {
 
 
 @pytest.mark.parametrize("label", list(CASES))
-def test_hostile_call(ctx: Ctx, env: HostileEnv, label: str) -> None:
+def test_hostile_call(ctx: Ctx, envs: Callable[[str], HostileEnv], label: str) -> None:
     case = CASES[label]
+    env = envs(case.parser)
     missing = [n for n in case.needs if not getattr(ctx.isolation, n)]
     if case.needs and len(missing) == len(case.needs):
         pytest.skip(f"this host's sandbox lacks {' and '.join(case.needs)}: {label!r} would not be contained")

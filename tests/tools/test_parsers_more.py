@@ -1,5 +1,6 @@
-"""The llama3_json, mistral and qwen3_coder parsers: several calls per turn, malformed and hostile
-calls reported as issues (never raised), and streaming safety (any prefix of a turn parses)."""
+"""The llama3_json and mistral parsers (qwen3_coder has its own file), and what every parser must do:
+several calls per turn, malformed and hostile calls reported as issues (never raised), streaming
+safety (any prefix of a turn parses), linear time on hostile repetitions."""
 
 from __future__ import annotations
 
@@ -8,15 +9,20 @@ import time
 
 import pytest
 
+from agentrl.errors import RegistryError
 from agentrl.tools.parsers import (
     MAX_CALL_CHARS,
     MAX_JSON_DEPTH,
+    MAX_PARSED_CALLS,
+    PARSERS,
     ParsedTurn,
+    bind_parser,
     get_parser,
+    parse_hermes,
     parse_llama3_json,
     parse_mistral,
-    parse_qwen3_coder,
 )
+from agentrl.tools.qwen3_coder_parser import parse_qwen3_coder
 
 
 def _calls(turn: ParsedTurn) -> list[tuple[str, dict]]:
@@ -34,7 +40,7 @@ def test_registered_by_name(name, fn):
     assert get_parser(name) is fn
 
 
-@pytest.mark.parametrize("fn", [parse_llama3_json, parse_mistral, parse_qwen3_coder])
+@pytest.mark.parametrize("fn", [parse_hermes, parse_llama3_json, parse_mistral, parse_qwen3_coder])
 def test_plain_text_has_no_calls(fn):
     turn = fn("The answer is {4}.")
     assert turn == ParsedTurn("The answer is {4}.", (), ())
@@ -83,8 +89,9 @@ def test_mistral_list_and_newer_forms():
 def test_mistral_good_and_bad_calls_in_one_list():
     turn = parse_mistral('[TOOL_CALLS][{"name": "a", "arguments": {}}, 7, {"arguments": {}}, {"name": "c"}]')
     assert _calls(turn) == [("a", {}), ("c", {})]
-    assert [i.message for i in turn.issues] == ["tool call must be a JSON object, got int",
-                                                'tool call needs a string "name"']
+    shape = '; expected {"name": "<tool>", "arguments": {...}}'
+    assert [i.message for i in turn.issues] == ["tool call must be a JSON object, got int" + shape,
+                                                'tool call needs a string "name"' + shape]
 
 
 def test_mistral_cut_list_keeps_the_finished_calls():
@@ -106,54 +113,6 @@ def test_mistral_cut_list_keeps_the_finished_calls():
 ])
 def test_mistral_malformed(text, fragment):
     _one_issue(parse_mistral(text), fragment)
-
-
-# -- Qwen3-Coder ----------------------------------------------------------------------------
-QWEN_TWO_CALLS = (
-    "I will search.\n<tool_call>\n<function=search>\n<parameter=query>\nbest pizza\nin town\n</parameter>\n"
-    "<parameter=limit>\n5\n</parameter>\n<parameter=filters>\n{\"open\": true}\n</parameter>\n</function>\n"
-    "</tool_call>\n<tool_call>\n<function=noop>\n</function>\n</tool_call>"
-)
-
-
-def test_qwen3_coder_several_calls_and_value_decoding():
-    turn = parse_qwen3_coder(QWEN_TWO_CALLS)
-    assert turn.content == "I will search." and turn.issues == ()
-    # one newline trimmed at each end of a value; JSON decoded where it is JSON, else kept as text
-    assert _calls(turn) == [("search", {"query": "best pizza\nin town", "limit": 5, "filters": {"open": True}}),
-                            ("noop", {})]
-
-
-@pytest.mark.parametrize("raw,value", [("3", 3), ("-2.5", -2.5), ("true", True), ("null", None), ('"5"', "5"),
-                                       ("[1, 2]", [1, 2]), ("NaN", "NaN"), ("Infinity", "Infinity"),
-                                       ("x = 1", "x = 1"), ("\n\nkept\n\n", "\nkept\n"), ("", "")])
-def test_qwen3_coder_values(raw, value):
-    turn = parse_qwen3_coder(f"<tool_call><function=f><parameter=v>{raw}</parameter></function></tool_call>")
-    assert _calls(turn) == [("f", {"v": value})]
-
-
-def test_qwen3_coder_tolerates_a_missing_parameter_close_tag_when_the_next_tag_delimits():
-    turn = parse_qwen3_coder("<tool_call><function=f><parameter=a>1<parameter=b>two</function></tool_call>")
-    assert _calls(turn) == [("f", {"a": 1, "b": "two"})]
-
-
-@pytest.mark.parametrize("text,fragment", [
-    ("<tool_call><function=f><parameter=a>1</parameter>", "not closed with </tool_call>"),
-    ("<tool_call><function=f><parameter=a>1</parameter></tool_call>", "not closed with </function>"),
-    ("<tool_call><function=>x</function></tool_call>", "needs a tool name"),
-    ("<tool_call><function=f><parameter=>1</parameter></function></tool_call>", "has no name"),
-    ("<tool_call><function=f><parameter=a>1</parameter><parameter=a>2</parameter></function></tool_call>",
-     "given twice"),
-    ('<tool_call>{"name": "f", "arguments": {}}</tool_call>', "holds no <function=NAME>"),
-])
-def test_qwen3_coder_malformed(text, fragment):
-    _one_issue(parse_qwen3_coder(text), fragment)
-
-
-def test_qwen3_coder_hostile_values_stay_strings():
-    deep = "[" * 100_000 + "]" * 100_000
-    turn = parse_qwen3_coder(f"<tool_call><function=f><parameter=v>{deep}</parameter></function></tool_call>")
-    assert _calls(turn) == [("f", {"v": deep})]  # too deep to decode: the text itself, not a crash
 
 
 # -- every parser --------------------------------------------------------------------------
@@ -195,6 +154,8 @@ def test_hostile_text_never_raises_and_stays_cheap(fn, text):
 
 
 @pytest.mark.parametrize("fn,wrap", [
+    (parse_hermes, lambda calls: "".join(f"<tool_call>{json.dumps({'name': n, 'arguments': a})}</tool_call>"
+                                         for n, a in calls)),
     (parse_llama3_json, lambda calls: "; ".join(json.dumps({"name": n, "parameters": a}) for n, a in calls)),
     (parse_mistral, lambda calls: "[TOOL_CALLS]" + json.dumps([{"name": n, "arguments": a} for n, a in calls])),
     (parse_qwen3_coder, lambda calls: "".join(
@@ -205,3 +166,111 @@ def test_hundreds_of_calls_in_one_turn(fn, wrap):
     calls = [(f"tool_{i}", {"i": i, "s": f"v{i}"}) for i in range(300)]
     turn = fn(wrap(calls))
     assert _calls(turn) == calls and turn.issues == ()
+
+
+# -- the JSON policy, the same in every JSON format ------------------------------------------
+JSON_FORMATS = {
+    parse_hermes: lambda args: '<tool_call>{"name": "f", "arguments": ' + args + "}</tool_call>",
+    parse_llama3_json: lambda args: '<|python_tag|>{"name": "f", "parameters": ' + args + "}",
+    parse_mistral: lambda args: '[TOOL_CALLS][{"name": "f", "arguments": ' + args + "}]",
+}
+
+
+@pytest.mark.parametrize("fn", list(JSON_FORMATS), ids=lambda f: f.__name__)
+@pytest.mark.parametrize("args,fragment", [
+    ('{"x": NaN}', "holds NaN, which is not a JSON number"),
+    ('{"x": [Infinity]}', "holds Infinity"),
+    ('{"x": -Infinity}', "holds -Infinity"),
+    ('{"x": 1e999}', "holds the number 1e999, which is beyond the range of a 64-bit float"),
+    ('{"x": ' + "4" * 4301 + "}", "holds an integer of 4301 digits; the limit is 1000 digits"),
+    ('{"x": 1, "x": 2}', "has the key 'x' twice in one object"),
+    ('"{\\"x\\": NaN}"', '"arguments" of \'f\' is a string that holds NaN'),
+    ('"{\\"x\\": ' + "4" * 5000 + '}"', "is a string that holds an integer of 5000 digits"),
+])
+def test_values_json_does_not_have_are_issues(fn, args, fragment):
+    _one_issue(fn(JSON_FORMATS[fn](args)), fragment)
+
+
+def test_mistral_named_form_follows_the_policy():
+    _one_issue(parse_mistral('[TOOL_CALLS]f[ARGS]{"x": NaN}'), "the arguments of 'f' holds NaN")
+    deep = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH  # 64 levels: allowed as the arguments' value
+    assert parse_mistral('[TOOL_CALLS]f[ARGS]{"x": ' + deep[1:-1] + "}").calls[0].arguments == {"x": json.loads(
+        deep[1:-1])}
+
+
+# -- what every parser must do ---------------------------------------------------------------
+ALL = [parse_hermes, parse_llama3_json, parse_mistral, parse_qwen3_coder]
+_HOSTILE_REPETITIONS = {
+    "16,000 unclosed <function=": "<tool_call>" + "<function=" * 16_000 + "</tool_call>",
+    "16,000 unclosed <function=x": "<tool_call>" + "<function=x" * 16_000 + "</tool_call>",
+    "16,000 unclosed <parameter=": "<tool_call><function=f>" + "<parameter=" * 16_000 + "</function></tool_call>",
+    "16,000 <parameter=x> without values": ("<tool_call><function=f>" + "<parameter=x>" * 16_000
+                                            + "</function></tool_call>"),
+    "nested tags": ("<tool_call><function=f><parameter=p>" * 5_000) + ("</parameter></function></tool_call>" * 5_000),
+    "50,000 <tool_call>": "<tool_call>" * 50_000,
+    "50,000 [TOOL_CALLS]": "[TOOL_CALLS]" * 50_000,
+    "50,000 <|python_tag|>": "<|python_tag|>" * 50_000,
+    "1 MB of one value": "<tool_call><function=f><parameter=v>" + "x" * 2**20 + "</parameter></function></tool_call>",
+    "1 MB of '{\"name\": '": '{"name": ' * (2**20 // 9),
+    "1 MB of quotes and backslashes": '[TOOL_CALLS]["' + '\\"' * (2**20 // 3),
+    "1 MB of '<tool_call>{\"'": '<tool_call>{"' * (2**20 // 13),
+}
+
+
+@pytest.mark.parametrize("fn", ALL, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("label", list(_HOSTILE_REPETITIONS))
+def test_hostile_repetitions_parse_in_linear_time(fn, label):
+    # the old lazy-regex qwen3_coder parser took ~8 s on the first case here (quadratic); 2 s is
+    # generous enough for a loaded CI host and still far below a quadratic scanner
+    start = time.perf_counter()
+    turn = fn(_HOSTILE_REPETITIONS[label], {"f": {"type": "object", "properties": {"p": {"type": "integer"}}}})
+    assert time.perf_counter() - start < 2.0
+    assert all(i.message for i in turn.issues) and len(turn.calls) + len(turn.issues) <= MAX_PARSED_CALLS + 1
+
+
+@pytest.mark.parametrize("fn,one_call", [
+    (parse_hermes, '<tool_call>{"name": "f", "arguments": {}}</tool_call>'),
+    (parse_llama3_json, '{"name": "f", "parameters": {}};'),
+    (parse_mistral, '[TOOL_CALLS][{"name": "f", "arguments": {}}]'),
+    (parse_qwen3_coder, "<tool_call><function=f></function></tool_call>"),
+])
+def test_calls_past_the_cap_are_summarised(fn, one_call):
+    turn = fn(one_call * (MAX_PARSED_CALLS + 500))
+    assert len(turn.calls) == MAX_PARSED_CALLS and turn.calls[-1].id == f"call_{MAX_PARSED_CALLS - 1}"
+    assert [i.message for i in turn.issues] == [
+        f"this turn holds more than {MAX_PARSED_CALLS} tool calls; the rest were not read"]
+    assert len(fn(one_call * MAX_PARSED_CALLS).calls) == MAX_PARSED_CALLS  # exactly the cap: no summary
+
+
+# -- binding the tool schemas ------------------------------------------------------------------
+def test_bind_parser_passes_the_schemas_to_parsers_that_take_them():
+    schemas = {"f": {"type": "object", "properties": {"x": {"type": "string"}}}}
+    text = "<tool_call><function=f><parameter=x>1</parameter></function></tool_call>"
+    assert bind_parser("qwen3_coder", schemas)(text).calls[0].arguments == {"x": "1"}
+    assert bind_parser("qwen3_coder")(text).calls[0].arguments == {"x": 1}  # no schema: JSON when it is JSON
+    assert bind_parser("hermes", schemas)('<tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call>').calls
+
+
+def test_one_argument_third_party_parsers_keep_working():
+    seen = []
+
+    def legacy(text):
+        seen.append(text)
+        return ParsedTurn(text, (), ())
+
+    PARSERS.register("legacy-test", legacy)
+    try:
+        assert bind_parser("legacy-test", {"f": {}}) is legacy and bind_parser("legacy-test")("hi").content == "hi"
+    finally:
+        PARSERS.unregister("legacy-test")
+    assert seen == ["hi"]
+
+
+def test_parsers_that_need_more_than_text_and_tools_are_refused():
+    PARSERS.register("greedy-test", lambda text, tokenizer: ParsedTurn(text, (), ()))
+    try:
+        with pytest.raises(RegistryError, match=r"requires the arguments \['text', 'tokenizer'\]; a parser must "
+                                                r"accept \(text\) or \(text, tools=None\)"):
+            bind_parser("greedy-test")
+    finally:
+        PARSERS.unregister("greedy-test")
