@@ -1,10 +1,11 @@
-"""The `agentrl` command: train, eval, envs, tools, check-env, tiny-model.
+"""The `agentrl` command: train, eval, envs, tools, check-env, check-model, tiny-model.
 
 Example:
     agentrl tiny-model --out models/tiny-calculator
     agentrl train examples/calculator.yaml train.steps=30
     agentrl eval examples/calculator.yaml --model runs/calculator/final
     agentrl check-env gym-frozenlake-v0 --episodes 20
+    agentrl check-model models/tiny-calculator --env calculator-v0
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from rich.markup import escape as rich_escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from agentrl.errors import AgentRLError
+from agentrl.errors import AgentRLError, ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reinforcement learning for tool-using LLM agents.")
 console = Console()
@@ -187,6 +188,38 @@ def check_env_cmd(
         console.print(f"[bold green]{env_id} passed[/] ({summary})")
         return
     console.print(f"[bold red]{env_id} failed {counts['fail']} check(s)[/] ({summary})")
+    raise typer.Exit(code=1)
+
+
+@app.command("check-model")
+def check_model_cmd(
+    model_dir: Path = typer.Argument(..., help="Model directory (tokenizer files and config.json; weights unused)."),
+    env_id: str = typer.Option(..., "--env", help="Registered environment id, e.g. calculator-v0."),
+    parser: Optional[str] = typer.Option(None, help="Tool-call parser to check (default: the env's own)."),
+    episodes: int = typer.Option(3, "--episodes", "-n", min=1, help="Scripted episodes to play."),
+) -> None:
+    """Pre-flight check of a model's tokenizer, chat template and parser on an env; exit 1 on any failure."""
+    from agentrl.rollout.check_model import check_model
+
+    if not model_dir.is_dir():
+        _fail(ConfigError(f"{model_dir} is not a directory; give a Hugging Face model directory"))
+    try:
+        report = check_model(model_dir, env_id, parser=parser, episodes=episodes)
+    except AgentRLError as exc:
+        _fail(exc)
+    table = Table(title=f"agentrl check-model {model_dir} --env {env_id}")
+    table.add_column("check")
+    table.add_column("result")
+    table.add_column("details", overflow="fold")
+    for row in report.results:
+        table.add_row(row.name, _STATUS_STYLE[row.status], rich_escape(row.detail))
+    console.print(table)
+    counts = {s: sum(r.status == s for r in report.results) for s in _STATUS_STYLE}
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    if report.ok:
+        console.print(f"[bold green]{model_dir} is ready for {env_id}[/] ({summary})")
+        return
+    console.print(f"[bold red]{model_dir} failed {counts['fail']} check(s) for {env_id}[/] ({summary})")
     raise typer.Exit(code=1)
 
 

@@ -20,6 +20,11 @@ class ConfigError(AgentRLError, ValueError):
     """A config file or override is malformed or out of bounds."""
 
 
+class ChatTemplateError(ConfigError):
+    """The model's chat template rejects a conversation agentrl renders, or rewrites history that
+    token-in/token-out rollouts have already appended to (see `agentrl check-model`)."""
+
+
 class RegistryError(AgentRLError, KeyError):
     """A name is unknown to a registry, or registered twice."""
 

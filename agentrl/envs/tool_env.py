@@ -4,18 +4,24 @@ Each turn the model either calls tools (the env runs them and returns their outp
 messages) or answers (the env scores the answer and the episode ends). A subclass supplies tasks
 (`sample_task`) and a scorer (`score`); everything about tool calls — parsing, validation,
 timeouts, errors shown to the model, error counts — is handled here.
+
+Every tool message carries the id of the call it answers (`tool_call_id`): chat templates that
+pair calls with results need it, and some (Mistral's) refuse ids of any other format than nine
+alphanumeric characters. Calls are numbered through the episode (`call_id`); an unreadable call
+gets an id of its own, so every tool message has one.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from dataclasses import replace
 from collections.abc import Sequence
 from typing import Any
 
 from agentrl.envs.core import Env, Message, Observation, Task
 from agentrl.errors import EnvError
-from agentrl.tools.core import Tool
+from agentrl.tools.core import Tool, ToolResult, call_id
 from agentrl.tools.executor import ToolExecutor
 from agentrl.tools.parsers import bind_parser
 
@@ -45,11 +51,13 @@ class ToolEnv(Env):
         system_prompt: str | None = None,
     ):
         self.tools = tuple(tools)
+        self.parser_name = parser
         self.parse = bind_parser(parser, {t.name: t.parameters for t in self.tools})
         self.executor = ToolExecutor(self.tools, max_calls_per_turn=max_calls_per_turn)
         self.system_prompt = system_prompt
         self.task: Task | None = None
         self._done = True
+        self._calls_numbered = 0
 
     # -- to implement ------------------------------------------------------------------------
     def sample_task(self, split: str, seed: int) -> Task:
@@ -71,6 +79,7 @@ class ToolEnv(Env):
         task_seed = int(self.np_random.integers(0, 2**31 - 1)) if seed is None else seed
         self.task = self.sample_task(split, task_seed)
         self._done = False
+        self._calls_numbered = 0
         obs: list[Message] = []
         if self.system_prompt:
             obs.append(Message("system", self.system_prompt))
@@ -101,7 +110,20 @@ class ToolEnv(Env):
             reward = float(self.score(self.task, action))
             return (), reward, True, False, {"tool_errors": {}, "answer": parsed.content}
         before = Counter(self.executor.error_counts)
-        results = await self.executor.execute(parsed.calls, parsed.issues)
+        calls = [replace(c, id=self._next_call_id()) for c in parsed.calls]
+        results = await self.executor.execute(calls, parsed.issues)
         errors = dict(self.executor.error_counts - before)
-        obs: Observation = tuple(Message("tool", r.content, name=r.name or None) for r in results)
+        obs: Observation = tuple(self._tool_message(r) for r in results)
         return obs, 0.0, False, False, {"tool_errors": errors, "tool_calls": len(parsed.calls)}
+
+    def tool_call_id(self, n: int) -> str:
+        """The id of the episode's `n`-th tool call (override for a template that wants another format)."""
+        return call_id(n)
+
+    def _next_call_id(self) -> str:
+        self._calls_numbered += 1
+        return self.tool_call_id(self._calls_numbered - 1)
+
+    def _tool_message(self, result: ToolResult) -> Message:
+        return Message("tool", result.content, name=result.name or None,
+                       tool_call_id=result.call_id or self._next_call_id() or None)

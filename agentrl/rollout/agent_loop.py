@@ -4,7 +4,8 @@ The conversation is rendered once; then each turn appends the model's tokens exa
 (loss mask 1) and the observation's tokens as rendered by the chat template (loss mask 0). The
 env only ever sees text decoded from sampled tokens, and the trainer only ever sees the sampled
 tokens themselves. Env or engine failures end the episode as data (`Trajectory.error`), never as an
-exception out of the batch.
+exception out of the batch; the one exception is a chat template that rejects the conversation or
+rewrites its history (`ChatTemplateError`), which would break every episode alike and so stops the run.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
 from agentrl.envs.core import Env, Message
-from agentrl.errors import EnvError
+from agentrl.errors import ChatTemplateError, EnvError
 from agentrl.rollout.chat import ChatRenderer
 from agentrl.rollout.engine import Engine, SamplingParams
 from agentrl.rollout.trajectory import Trajectory
@@ -148,6 +149,8 @@ async def run_episode(
                 truncation = "max_total_tokens"
                 break
             b.add_observation(obs_ids)
+    except ChatTemplateError:
+        raise  # a template the loop cannot append to breaks every episode alike: a setup error, not data
     except Exception as exc:  # noqa: BLE001 - a broken episode is data, not a crash
         error = f"{type(exc).__name__}: {str(exc)[:500]}"
         truncation = "error"

@@ -85,9 +85,34 @@ def tool(
     return build(fn) if fn is not None else build
 
 
+#: Tool-call ids are this many alphanumeric characters: the strictest format templates ask for
+#: (Mistral's refuse any other), and one every other template accepts.
+CALL_ID_LENGTH = 9
+_BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def call_id(n: int) -> str:
+    """The id of an episode's `n`-th tool call: `call` and `n` in five base-36 digits (`call0000a`).
+
+    Nine alphanumeric characters, unique for the first 36**5 calls of an episode, and a pure
+    function of `n`, so seeded episodes stay deterministic.
+
+    Example:
+        >>> call_id(0), call_id(35), call_id(36)
+        ('call00000', 'call0000z', 'call00010')
+    """
+    n %= 36**5
+    digits = "".join(_BASE36[(n // 36**k) % 36] for k in reversed(range(5)))
+    return "call" + digits
+
+
 @dataclass(frozen=True)
 class ToolCall:
-    """One call parsed from the model's text."""
+    """One call parsed from the model's text.
+
+    `id` answers the call in its tool message (`ToolResult.call_id`). Parsers give positional
+    placeholders; `ToolEnv` replaces them with `call_id(n)` before running the calls.
+    """
 
     name: str
     arguments: dict[str, Any]
@@ -96,7 +121,10 @@ class ToolCall:
 
 @dataclass(frozen=True)
 class ToolResult:
-    """The outcome of one call, rendered to the model as a tool message."""
+    """The outcome of one call, rendered to the model as a tool message.
+
+    `call_id` is the id of the call it answers ('' for an unreadable call, which has none).
+    """
 
     name: str
     content: str

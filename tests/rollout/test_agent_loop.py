@@ -77,7 +77,7 @@ def test_multi_turn_mask_covers_exactly_sampled_tokens(env_and_renderer):
     decoded = renderer.decode(traj.token_ids)
     assert rendered.startswith(decoded) and rendered[len(decoded):] == renderer._after_turn
     assert messages[3].role == "tool" and messages[3].content.startswith("Error (parse)")
-    assert messages[5] == Message("tool", answer, name="calculator")
+    assert messages[5] == Message("tool", answer, name="calculator", tool_call_id="call00001")
 
 
 def test_max_turns_and_total_tokens_truncate(env_and_renderer):
