@@ -244,11 +244,19 @@ class CallCgroup:
 
 @contextlib.contextmanager
 def call_cgroup(plan: CgroupPlan | None, memory_bytes: int, max_tasks: int) -> Iterator[CallCgroup | None]:
-    """A fresh cgroup for one call (None without a plan), removed when the block ends."""
+    """A fresh cgroup for one call (None without a plan), removed when the block ends.
+
+    Raises:
+        RuntimeError: The cgroup could not be made (an infrastructure fault, like any other
+            failure to start the sandbox).
+    """
     if plan is None:
         yield None
         return
-    group = CallCgroup(plan, memory_bytes, max_tasks)
+    try:
+        group = CallCgroup(plan, memory_bytes, max_tasks)
+    except OSError as exc:
+        raise RuntimeError(f"could not make the call's cgroup under {plan.memory_parent}: {exc}") from exc
     try:
         yield group
     finally:

@@ -285,12 +285,11 @@ def test_delegated_cgroup_v2_bounds_a_call(monkeypatch, tmp_path):
     delegated = os.path.join(os.path.dirname(own), f"agentrl-test-{os.getpid()}")  # a sibling: holds no process
     os.mkdir(delegated)
     try:
-        with open(os.path.join(delegated, "cgroup.subtree_control"), "w") as f:
-            f.write("+memory +pids")
         monkeypatch.setenv(sandbox_cgroup.ENV_VAR, delegated)
         monkeypatch.setattr(sandbox_module, "_isolation", {})
         iso = isolation()
-        assert iso.cgroup == sandbox_cgroup.CgroupPlan(2, delegated, delegated)
+        pids = "pids" in open(os.path.join(delegated, "cgroup.controllers")).read().split()
+        assert iso.cgroup == sandbox_cgroup.CgroupPlan(2, delegated, delegated if pids else None)
         result = run(THREE_HOGS, SandboxLimits(wall_seconds=5.0, memory_bytes=128 * 2**20))
         assert result.memory_exceeded and result.peak_memory_bytes <= 128 * 2**20, result
         assert [n for n in os.listdir(delegated) if n.startswith("agentrl-")] == []
