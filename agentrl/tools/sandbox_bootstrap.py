@@ -175,7 +175,7 @@ def _build_root(cfg: dict, libc: _Libc, jail: str) -> None:
     if os.path.islink("/etc/localtime"):
         os.symlink(os.readlink("/etc/localtime"), jail + "/etc/localtime")
     for name in _DEVICES:
-        _bind_read_only_device(libc, "/dev/" + name, jail + "/dev/" + name)
+        _bind_device(libc, "/dev/" + name, jail + "/dev/" + name)
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                          ("stderr", "/proc/self/fd/2")):
         os.symlink(target, jail + "/dev/" + name)
@@ -184,7 +184,7 @@ def _build_root(cfg: dict, libc: _Libc, jail: str) -> None:
     _writable_dirs(cfg, libc, jail)
 
 
-def _bind_read_only_device(libc: _Libc, source: str, target: str) -> None:
+def _bind_device(libc: _Libc, source: str, target: str) -> None:
     os.makedirs(os.path.dirname(target), exist_ok=True)
     open(target, "w").close()
     libc.mount(source, target, None, _MS_BIND)  # keeps the device usable: no nodev on this mount
