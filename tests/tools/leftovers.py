@@ -9,7 +9,7 @@ def scan_leftover_processes() -> list[tuple[int, str, str]]:
     """(pid, state, cmdline head) of every live or zombie process this test process's runs left.
 
     That is: a process under one of the per-run uids this process hands out (2**31 + pid-derived
-    slot, see `agentrl.tools.sandbox._UidPool`), a child of this process (unshare or the
+    slot, see `agentrl.tools.sandbox_workdir._UidPool`), a child of this process (unshare or the
     bootstrap, not reaped), or, without root, a `python -I -S -` interpreter (forked children
     inherit its argv).
     """

@@ -20,11 +20,12 @@ refused assert that no connection was even attempted. Code in the sandbox has no
 namespace route at all; the one case that tries a socket there runs only when the host gives a
 network namespace, so no packet is ever sent to a non-loopback address.
 
-Decision on reading host files: the sandbox root is the host root re-bound read-only, so
-world-readable files such as /etc/passwd are readable by design (documented in
-`agentrl.tools.sandbox`). What must not leak is secrets: the case sets a secret in this process's
-environment and asserts that neither `os.environ`, `/proc/1/environ` nor any `/proc/*/environ`
-the program can see shows it, and that a secret file in the host's /tmp is not visible.
+Reading host files: the sandbox's root is a minimal one (system dirs read-only and a synthetic
+/etc, see `agentrl.tools.sandbox_bootstrap`), so /etc/passwd is readable but is not the host's.
+What must not leak is secrets: the case sets a secret in this process's environment and asserts
+that neither `os.environ`, `/proc/1/environ` nor any `/proc/*/environ` the program can see shows
+it, and that a secret file in the host's /tmp is not visible. tests/tools/test_sandbox_hostile.py
+holds the full table of hostile programs.
 """
 
 from __future__ import annotations
@@ -285,7 +286,7 @@ def check_rate_limited(ctx: Ctx, obs: tuple[Message, ...], info: dict) -> None:
 
 def check_no_secret(ctx: Ctx, obs: tuple[Message, ...], info: dict) -> None:
     text = obs[0].content
-    assert "root:x:0:0" in text  # world-readable host files are readable: the root is re-bound read-only
+    assert "root:x:0:0" in text  # the sandbox's own /etc/passwd
     assert "environ pid 1 " in text  # /proc/1/environ was read
     assert SECRET not in text and "AGENTRL_HOSTILE_SECRET" not in text
 

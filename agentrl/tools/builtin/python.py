@@ -7,6 +7,7 @@ Choices a model meets:
 * A program that runs past the wall-clock limit raises `ToolError(TIMEOUT)`.
 * A program that fails (non-zero exit, exception, signal) is a normal result: stdout, then a
   marker line, then the tail of stderr, so the model can read its own traceback and fix it.
+  A limit that killed it (CPU, the call's memory, disk) is named in the marker line.
 * A sandbox that cannot start is an `InfrastructureFault` (retried by the executor's policy),
   with a message that names no host path.
 """
@@ -19,7 +20,7 @@ import signal
 from agentrl.errors import ToolError, ToolErrorKind
 from agentrl.tools.core import Tool, ToolPolicy, tool
 from agentrl.tools.executor import InfrastructureFault
-from agentrl.tools.sandbox import SandboxLimits, SandboxResult, run_python
+from agentrl.tools.sandbox import MiB, SandboxLimits, SandboxResult, run_python
 
 logger = logging.getLogger(__name__)
 
@@ -27,19 +28,32 @@ STDERR_TAIL_CHARS = 2000
 TRUNCATED_HEAD_CHARS = 500
 
 
-def format_result(result: SandboxResult) -> str:
-    """stdout, plus a status line and the stderr tail when the program did not exit cleanly."""
+def format_result(result: SandboxResult, limits: SandboxLimits = SandboxLimits()) -> str:
+    """stdout, plus a status line and the stderr tail when the program did not exit cleanly.
+
+    A limit the sandbox enforced by killing (CPU, the call's memory, disk without a mount
+    namespace) is named in the status line, so the model can tell it from its own crash.
+    """
+    mib = lambda n: f"{n / MiB:g} MiB"  # noqa: E731
+    if result.memory_exceeded:
+        hint = f" (this call's memory limit of {mib(limits.memory_bytes)} was reached)"
+    elif result.disk_exceeded:
+        hint = f" (the program wrote more than {mib(limits.disk_bytes)} of files)"
+    elif result.killed_signal == signal.SIGXCPU:
+        hint = " (CPU time limit reached)"
+    else:
+        hint = ""
     if result.exit_code == 0:
-        return result.stdout
+        # a process of the call was killed at the memory limit, but the program went on
+        return result.stdout + (f"[a process was killed{hint}]\n" if hint else "")
     if result.killed_signal is not None:
         try:
             name = signal.Signals(result.killed_signal).name
         except ValueError:
             name = f"signal {result.killed_signal}"
-        hint = " (CPU time limit reached)" if result.killed_signal == signal.SIGXCPU else ""
         status = f"[killed by {name}{hint}]"
     else:
-        status = f"[exit code {result.exit_code}]"
+        status = f"[exit code {result.exit_code}{hint}]"
     parts = [result.stdout.rstrip("\n"), status, result.stderr[-STDERR_TAIL_CHARS:].rstrip("\n")]
     return "\n".join(p for p in parts if p)
 
@@ -51,7 +65,8 @@ def make_python_tool(limits: SandboxLimits = SandboxLimits()) -> Tool:
         """Run a Python 3 program and return what it printed to stdout.
 
         Each call runs in a fresh, isolated process: no network, no state kept between calls,
-        standard library only. Print the values you need; on failure the end of stderr is shown.
+        standard library only, files only in its working directory and /tmp (small and
+        private). Print the values you need; on failure the end of stderr is shown.
 
         Args:
             code: A complete Python program, e.g. "print(sum(range(10)))".
@@ -70,7 +85,7 @@ def make_python_tool(limits: SandboxLimits = SandboxLimits()) -> Tool:
                 f"the program printed more than {limits.max_output_bytes} bytes and was stopped; print a "
                 f"summary instead. Its output began with:\n{head}",
             )
-        return format_result(result)
+        return format_result(result, limits)
 
     return tool(python, policy=ToolPolicy(timeout_s=limits.wall_seconds + 5.0))
 
