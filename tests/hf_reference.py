@@ -35,7 +35,8 @@ def common_prefix(a, b) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def assert_logprobs_match(hf, prompt: list[int], tokens, logprobs, temperature: float, tol: float, what: str = "") -> None:
+def assert_logprobs_match(hf, prompt: list[int], tokens, logprobs, temperature: float, tol: float,
+                          what: str = "") -> None:
     """The engine's logprobs of its tokens equal HF's teacher-forced ones within `tol`."""
     ref = teacher_forced_logprobs(hf, prompt, tokens, temperature)
     want = ref.gather(-1, torch.tensor(list(tokens)).unsqueeze(-1)).squeeze(-1)

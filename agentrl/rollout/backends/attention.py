@@ -95,8 +95,8 @@ class SdpaPagedAttention:
             if window is not None:
                 hidden |= keys < lens - window
             if self._decode_by_matmul(k_cache):
-                dec = torch.zeros(hidden.shape, dtype=k_cache.dtype, device=hidden.device).masked_fill_(hidden, -torch.inf)
-                dec = dec.unsqueeze(1)  # [Bd, 1, L]
+                dec = torch.zeros(hidden.shape, dtype=k_cache.dtype, device=hidden.device)
+                dec = dec.masked_fill_(hidden, -torch.inf).unsqueeze(1)  # [Bd, 1, L]
             else:
                 dec = (~hidden).view(meta.num_decode, 1, 1, L)  # [Bd, 1, 1, L]
         if meta.prefill_block_table is not None:

@@ -84,7 +84,8 @@ def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
     return torch.tanh(x / cap) * cap
 
 
-def moe(h: torch.Tensor, router_w: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, spec: ArchSpec) -> torch.Tensor:
+def moe(h: torch.Tensor, router_w: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+        spec: ArchSpec) -> torch.Tensor:
     """Top-k routed experts (Qwen3-MoE), h [N, H] -> [N, H].
 
     Routing as HF: router logits in the model dtype, softmax in float32, the k largest (optionally

@@ -117,8 +117,9 @@ def bind_weights(model: torch.nn.Module, spec: ArchSpec) -> ModelWeights:
                            lm_head=reader.get(model.get_output_embeddings(), "weight"))
     unread = [name for name, p in model.named_parameters() if id(p) not in reader.read]
     if unread:
+        more = " ..." if len(unread) > 6 else ""
         raise EngineError(f"the built-in engine's {spec.family} adapter does not implement the parameters "
-                          f"{unread[:6]}{' ...' if len(unread) > 6 else ''} (a variant it does not know); {USE_INSTEAD}")
+                          f"{unread[:6]}{more} (a variant it does not know); {USE_INSTEAD}")
     return weights
 
 
@@ -127,7 +128,8 @@ def _bind_layer(blk: torch.nn.Module, i: int, spec: ArchSpec, reader: _Reader) -
     hf_window = getattr(at, "sliding_window", layer.window)  # Mistral and Phi-3 read the config in the call
     if hf_window != layer.window:
         raise EngineError(f"layer {i}: the config's sliding-window settings disagree (HF's attention module has "
-                          f"{hf_window}, its mask {layer.window}), so HF's attention backends would differ. {USE_INSTEAD}")
+                          f"{hf_window}, its mask {layer.window}), so HF's attention backends would differ. "
+                          f"{USE_INSTEAD}")
     if hasattr(mlp, "experts") != layer.moe:
         raise EngineError(f"layer {i}: expected {'an MoE' if layer.moe else 'a dense'} MLP from the config, "
                           f"found {type(mlp).__name__}. {USE_INSTEAD}")
