@@ -2,9 +2,9 @@
 greedy comparison that tells a real disagreement from a numerical near-tie.
 
 The reference is always HF in float32 on the CPU. On the CPU the engine agrees with it to ~1e-6,
-so greedy paths are identical. On a GPU, kernels that multiply float32 in TF32 move logits by up
-to ~1e-3, enough to flip an argmax where HF's two best tokens are that close; comparing tokens
-alone would then fail on a correct engine, and loosening the comparison would hide a wrong one.
+so greedy paths are identical. On a GPU, kernels that sum in another order move logits slightly,
+enough to flip an argmax where HF's two best tokens are that close; comparing tokens alone would
+then fail on a correct engine, and loosening the comparison would hide a wrong one.
 `assert_greedy_matches` does neither: it checks the engine's logprob of every token it chose
 against HF's teacher-forced logprob (within `tol`), and where the greedy paths part it requires
 that HF's best token beat the engine's choice by at most `tie_tol` nats at that step.

@@ -10,8 +10,9 @@ would show if ignored), on `embedded` and `embedded-async`:
 Then every option outside the table is refused at load with an `EngineError` naming it, and the
 suite itself is checked: an engine that leaves out one feature fails it.
 
-`AGENTRL_TEST_DEVICE=cuda` runs the engines on the GPU (float32 weights; TF32 in the attention
-kernels widens the logprob tolerance to 2e-3, and greedy paths may part only at near-ties).
+`AGENTRL_TEST_DEVICE=cuda` runs the engines on the GPU (float32 weights; a GPU's summation order
+widens the logprob tolerance to 2e-3, and greedy paths may part only at near-ties). There the
+families exercise both the fused kernels and the torch fallbacks (docs/architectures.md).
 """
 
 from __future__ import annotations
