@@ -71,7 +71,7 @@ class ArchSpec:
     layout: str = "pre"
     qk_norm: str | None = None
     activation: str = "silu"
-    attn_scale: float = 0.0  # softmax scale (0: head_dim ** -0.5)
+    attn_scale: float | None = None  # softmax scale (None: head_dim ** -0.5)
     attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the mask (Gemma 2)
     final_softcap: float | None = None  # the same on the output logits (Gemma 2 / 3)
     embed_scale: float | None = None  # embeddings are multiplied by this (Granite)
@@ -86,7 +86,7 @@ class ArchSpec:
 
     @property
     def scale(self) -> float:
-        return self.attn_scale or self.head_dim ** -0.5
+        return self.head_dim ** -0.5 if self.attn_scale is None else self.attn_scale
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,9 @@ def _window_all(cfg, base: ArchSpec) -> tuple[LayerSpec, ...]:
 
 def _window_by_layer_type(cfg, base: ArchSpec) -> tuple[LayerSpec, ...]:
     """Qwen2/3, Gemma 2/3, SmolLM3: `config.sliding_window` on the layers typed "sliding_attention"."""
-    types = getattr(cfg, "layer_types", None) or ["full_attention"] * len(base.layers)
+    types = getattr(cfg, "layer_types", None)
+    if types is None:  # transformers 4.x configs had no layer_types; their windows were placed otherwise
+        raise _refuse(f"a {cfg.model_type} config without layer_types (transformers >= 5 writes them)")
     unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
     if unknown:
         raise _refuse(f"the layer types {unknown} (only full_attention and sliding_attention)")
@@ -268,6 +270,9 @@ def rope_parameters(cfg, spec: ArchSpec) -> dict[str, dict]:
         params.setdefault("rope_type", params.get("type", "default"))
     names = {layer.rope for layer in spec.layers if layer.rope is not None}
     if spec.rope_by_layer_type:
+        missing = sorted(names - set(params))
+        if missing:
+            raise _refuse(f"rope parameters without an entry for the layer types {missing}")
         return {name: params[name] for name in names}
     return {name: params for name in names}
 

@@ -90,8 +90,9 @@ class _Reader:
             obj = getattr(obj, part, None)
             if obj is None:
                 if required:
-                    raise EngineError(f"expected a `{path}` in {type(module).__name__}; the checkpoint does not "
-                                      f"have the layout of its family. {USE_INSTEAD}")
+                    raise EngineError(f"expected a `{path}` in {type(module).__name__}: the model does not have "
+                                      "its family's layout in transformers 5 (an older transformers, or a "
+                                      f"variant). {USE_INSTEAD}")
                 return None
         self.read.add(id(obj))
         return obj
