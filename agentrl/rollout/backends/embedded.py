@@ -7,6 +7,8 @@ other backends are held to. The parts, each in its own module:
 - `scheduler.py`: continuous batching under the KV budget (admission, preemption, shared prefixes);
 - `step_inputs.py` + `model_runner.py` + `attention.py`: one forward pass over a flat batch of
   decode tokens and prefill chunks, writing and reading the paged cache;
+- `architectures.py` + `model_weights.py` + `layer_ops.py`: the table of model families the
+  forward pass implements (anything else is refused at load), their weights, their layers' parts;
 - `sampling.py`: batched sampling with per-row parameters, logprobs in float32;
 - `device_steps.py`: launching a step on the device, the speculative next step, reading tokens back.
 
