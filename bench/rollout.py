@@ -16,9 +16,15 @@ Output: one row per (workload, backend) with generated tokens/s and the ratio to
 Each measurement is repeated `--repeats` times after a warm-up, backends interleaved, and the
 best run is kept (the CPU machines this runs on are shared, so the best run is the least noisy).
 
+`--model-family` picks the architecture of the random model (default qwen2): the same shape
+(tiny, or Qwen2-0.5B's with `--random-qwen2-0.5b`) in another family of the engine's table, so
+numbers compare across families; `qwen3_moe` spreads the MLP over 64 experts, 8 per token, with
+the active width of the dense MLP.
+
 Example:
     PYTHONPATH=. python bench/rollout.py --cpu-small                       # CPU, tiny quickstart shape
     PYTHONPATH=. python bench/rollout.py --random-qwen2-0.5b --device cuda --dtype bfloat16
+    PYTHONPATH=. python bench/rollout.py --random-qwen2-0.5b --model-family qwen3_moe --device cuda
 """
 
 from __future__ import annotations
@@ -54,25 +60,41 @@ class Sizes:
 CPU_SMALL = Sizes(prompts=64, prompt_len=64, new=64, groups=8, n=8, episodes=16, turns=4, obs=32, turn_new=32)
 
 
+# (config class, model class) of each family `--model-family` can build, all from `transformers`.
+FAMILIES = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"), "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"), "gemma": ("GemmaConfig", "GemmaForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"), "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"), "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM"), "granite": ("GraniteConfig", "GraniteForCausalLM"),
+}
+
+
 def build_model(args):
-    """A local HF model, a random Qwen2-0.5B-shaped one, or (default) the quickstart tiny shape."""
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """A local HF model, or a random one of `--model-family` in the Qwen2-0.5B shape or (default)
+    the quickstart tiny shape."""
+    import transformers
 
     if args.model:
-        return AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype])
+        return transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype])
     if args.random_qwen2_0_5b:
-        cfg = Qwen2Config(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                          intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True,
-                          max_position_embeddings=4096)
+        shape = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                     intermediate_size=4864, vocab_size=151936, max_position_embeddings=4096)
     else:
         from agentrl.recipes.tiny_model import TinyModelShape
 
         s = TinyModelShape()
-        cfg = Qwen2Config(hidden_size=s.hidden_size, num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads,
-                          num_key_value_heads=s.num_kv_heads, intermediate_size=s.intermediate_size,
-                          vocab_size=s.vocab_size, max_position_embeddings=s.max_positions, tie_word_embeddings=True)
+        shape = dict(hidden_size=s.hidden_size, num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads,
+                     num_key_value_heads=s.num_kv_heads, intermediate_size=s.intermediate_size,
+                     vocab_size=s.vocab_size, max_position_embeddings=s.max_positions)
+    shape.update(tie_word_embeddings=True, head_dim=shape["hidden_size"] // shape["num_attention_heads"],
+                 pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if args.model_family == "qwen3_moe":  # the dense width spread over 8 active experts of 64
+        shape.update(num_experts=64, num_experts_per_tok=8, moe_intermediate_size=shape["intermediate_size"] // 8)
+    config_cls, model_cls = FAMILIES[args.model_family]
     torch.manual_seed(0)
-    return Qwen2ForCausalLM(cfg).to(DTYPES[args.dtype])
+    return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**shape)).to(DTYPES[args.dtype])
 
 
 def random_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -270,6 +292,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="a local Hugging Face model directory")
     ap.add_argument("--random-qwen2-0.5b", dest="random_qwen2_0_5b", action="store_true", help="random-init Qwen2-0.5B shape")
+    ap.add_argument("--model-family", default="qwen2", choices=sorted(FAMILIES),
+                    help="architecture of the random model (default qwen2; ignored with --model)")
     ap.add_argument("--cpu-small", action="store_true", help="CPU sizes: 64x64x64, 8x8 GRPO, 16 episodes")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=sorted(DTYPES))
@@ -305,7 +329,7 @@ def main() -> None:
                               max_batch_size=batch, enable_prefix_caching=False, cuda_graphs=graphs)
     hf_runs = {"hf_generate": args.hf_repeats or args.repeats}
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} "
+    print(f"family={model.config.model_type} device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} "
           f"params={sum(p.numel() for p in model.parameters()) / 1e6:.1f}M sizes={sz}", flush=True)
     rows: list[dict] = []
     work = args.workloads.split(",")

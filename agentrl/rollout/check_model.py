@@ -252,14 +252,10 @@ def _ids_row(records: list[Any], writer: TurnWriter, ids_required: str | None) -
 
 
 def _architecture_row(config: Any) -> CheckResult:
-    """Asks the built-in engine's architecture table; until it exists, names the architecture only."""
+    """Asks the built-in engine's architecture table (docs/architectures.md), from the config alone."""
+    from agentrl.rollout.backends.model_weights import check_architecture
+
     archs = ", ".join(getattr(config, "architectures", None) or [type(config).__name__])
-    try:
-        from agentrl.rollout.backends.architectures import check_architecture
-    except ModuleNotFoundError as exc:
-        if exc.name != "agentrl.rollout.backends.architectures":
-            raise
-        return CheckResult("engine architecture", "skip", f"{archs} (architecture table not available)")
     try:
         check_architecture(config)
     except EngineError as exc:

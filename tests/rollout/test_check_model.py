@@ -41,10 +41,27 @@ def test_the_quickstart_model_passes(tiny_model_dir):
     report = check_model(tiny_model_dir, "calculator-v0")
     assert report.ok, report.failures
     got = rows(report)
-    assert {name for name, (status, _) in got.items() if status != "pass"} == {"engine architecture"}
+    assert all(status == "pass" for status, _ in got.values()), got
     assert "9 tool calls" in got["episodes"][1] and "'unknown_tool': 3" in got["episodes"][1]
     assert "token ids equal a full re-render" in got["append-only"][1]
-    assert "Qwen2ForCausalLM" in got["engine architecture"][1]
+    assert "Qwen2ForCausalLM runs on the built-in engine" in got["engine architecture"][1]
+
+
+def test_an_architecture_the_engine_does_not_run_fails_its_row(tiny_model_dir, tmp_path):
+    """A config the built-in engine refuses (here: a GPT-2 config beside the tiny tokenizer) fails the
+    architecture row with the engine's reason, from the config alone (no weights in the directory)."""
+    from transformers import GPT2Config
+
+    model_dir = tmp_path / "gpt2"
+    shutil.copytree(tiny_model_dir, model_dir)
+    for f in model_dir.glob("*.safetensors"):
+        f.unlink()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4).save_pretrained(model_dir)
+    report = check_model(str(model_dir), "calculator-v0")
+    status, detail = rows(report)["engine architecture"]
+    assert status == "fail" and not report.ok
+    assert "'gpt2'" in detail and "rollout.engine: sglang" in detail
 
 
 def test_a_qwen3_style_template_passes_and_its_dropped_reasoning_is_reported(qwen3_model_dir):

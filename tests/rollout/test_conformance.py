@@ -6,8 +6,14 @@ suite by registering themselves. Every reference is computed independently with 
 `transformers` on the same weights (on the CPU, float32): `generate` for greedy decoding, a full
 forward pass with `log_softmax(logits / T)` for logprobs (what the trainer recomputes).
 
-`AGENTRL_TEST_DEVICE=cuda` runs the engines on the GPU (float32 weights). The Triton attention
-kernels multiply float32 inputs in TF32 there, so logprob tolerances widen from 1e-4 to 2e-3.
+`AGENTRL_TEST_DEVICE=cuda` runs the engines on the GPU (float32 weights). GPU kernels sum in
+another order than the CPU reference, so logprob tolerances widen from 1e-4 to 2e-3, and greedy
+outputs may part from HF's only where HF's two best tokens are within 2 * 2e-3 nats of each other
+(`tests/hf_reference.py`: every greedy token's logprob is checked against HF's teacher-forced one,
+and the step where the paths part must be such a near-tie). The attention kernels multiply float32
+in IEEE precision (Triton's TF32 default once moved a greedy path off HF's by a 10-nat margin).
+
+The same checks for every family of the engine's architecture table: tests/rollout/test_architectures.py.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from agentrl.rollout.engine import ENGINES, Engine, SamplingParams
+from tests.hf_reference import assert_greedy_matches
 
 # "embedded-async": the embedded engine launching step t+1 before step t's tokens reach the host
 # (its default on CUDA), forced on here so its speculative steps are checked on CPU too.
@@ -28,6 +35,7 @@ BACKENDS = ["embedded", "embedded-async", "sglang", "vllm"]
 BLOCK = 16  # the embedded engine's block size; the others cache at least at this granularity
 DEVICE = os.environ.get("AGENTRL_TEST_DEVICE", "cpu")
 TOL = 1e-4 if DEVICE == "cpu" else 2e-3  # logprob agreement with the float32 CPU reference
+TIE_TOL = 1e-5 if DEVICE == "cpu" else 2 * TOL  # how close HF's two best tokens must be where greedy paths part
 
 
 def make_engine(name: str, model_dir: str, **kwargs) -> Engine:
@@ -86,9 +94,7 @@ def recompute_logprobs(hf, prompt: list[int], output: tuple[int, ...], temperatu
 def test_greedy_matches_hf_generate(engine, hf, prompts):
     outs = run(engine, prompts, SamplingParams(temperature=0.0, max_tokens=24))
     for p, out in zip(prompts, outs):
-        ref = hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=None,
-                          pad_token_id=0)[0, len(p):].tolist()
-        assert list(out.token_ids) == ref
+        assert_greedy_matches(hf, p, out.token_ids, out.logprobs, TOL, TIE_TOL)
         assert out.finish_reason == "length" and len(out.logprobs) == 24
 
 
@@ -183,9 +189,11 @@ def test_update_weights_changes_outputs_and_drops_cached_kv(backend, tiny_model_
             w.add_(torch.randn_like(w) * 0.5)
     engine.update_weights(new.state_dict(), version=7)
     after = run(engine, [p], SamplingParams(temperature=0.0, max_tokens=12))[0]
-    ref = new.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None,
-                       pad_token_id=0)[0, len(p):].tolist()
-    assert list(after.token_ids) == ref and after.token_ids != before.token_ids
+    # Weights of std ~0.5 (25x the model's) make attention scores large and its softmax near one-hot,
+    # where any rounding difference on a GPU moves logits most (with TF32 products in the attention
+    # kernels this parted from HF by 10 nats on an H200; they now multiply float32 in IEEE).
+    assert_greedy_matches(new, p, after.token_ids, after.logprobs, TOL, TIE_TOL, "after update_weights: ")
+    assert after.token_ids != before.token_ids
     assert after.weight_version == 7 and after.prompt_cached_tokens == 0
 
 

@@ -13,6 +13,12 @@ Two implementations of one interface:
   axis (`[B, Hkv, G, D]`), which is GQA without repeating K/V.
 - `KernelPagedAttention` (CUDA): the Triton kernels of `backends/kernels/paged_attention.py`.
 
+Only the first implements a sliding window (keys older than the window are masked; their KV stays
+in the cache, so prefix sharing is unaffected) and Gemma 2's soft-capped scores
+(`cap * tanh(scores / cap)` before the mask, which SDPA cannot do: those layers compute the
+scores explicitly, as HF's eager attention does). The model runner sends the layers that need
+either to `SdpaPagedAttention` on every device.
+
 Letters: N tokens in the step, Bd decode sequences, Bp prefill sequences, T longest prefill chunk,
 Hq query heads, Hkv KV heads (G = Hq / Hkv), D head dim, P block size, M block-table width,
 L = M * P key positions.
@@ -49,7 +55,8 @@ class SdpaPagedAttention:
 
     def __init__(self) -> None:
         self._scratch: dict[str, torch.Tensor] = {}
-        self._masks: tuple[StepMetadata, torch.Tensor | None, torch.Tensor | None] | None = None
+        self._masks_of: StepMetadata | None = None  # the step whose masks `_masks` holds
+        self._masks: dict[int | None, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
 
     def _buffer(self, name: str, n: int, like: torch.Tensor) -> torch.Tensor:
         """A reused flat scratch buffer of at least `n` elements (zeroed when first made)."""
@@ -66,30 +73,41 @@ class SdpaPagedAttention:
         torch.index_select(cache, 0, block_table.reshape(-1), out=out)
         return out.view(B, M * P, H, D)
 
-    def _step_masks(self, meta: StepMetadata, k_cache: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Key masks of the step, built by the first layer and reused by the others.
+    def _step_masks(self, meta: StepMetadata, k_cache: torch.Tensor,
+                    window: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Key masks of the step for one window size, built by the first layer and reused by the others.
 
         Decode: additive (0 / -inf) `[Bd, 1, L]` for the matmul path, boolean `[Bd, 1, 1, L]` for SDPA.
-        Prefill: boolean `[Bp, 1, T, L]`.
+        Prefill: boolean `[Bp, 1, T, L]`. With a window, a query at position q keeps keys k with
+        q - window < k <= q (HF's sliding-window mask).
         """
-        if self._masks is not None and self._masks[0] is meta:
-            return self._masks[1], self._masks[2]
+        if self._masks_of is not meta:
+            self._masks_of, self._masks = meta, {}
+        if window in self._masks:
+            return self._masks[window]
         P = k_cache.shape[1]
         dec = pre = None
         if meta.num_decode:
             L = meta.decode_block_table.shape[1] * P
             keys = torch.arange(L, device=meta.slots.device)
-            past = keys >= meta.decode_seq_lens.unsqueeze(-1)  # [Bd, L]
+            lens = meta.decode_seq_lens.unsqueeze(-1)  # [Bd, 1]: the query sits at position len - 1
+            hidden = keys >= lens  # [Bd, L]
+            if window is not None:
+                hidden |= keys < lens - window
             if self._decode_by_matmul(k_cache):
-                dec = torch.zeros(past.shape, dtype=k_cache.dtype, device=past.device).masked_fill_(past, -torch.inf)
-                dec = dec.unsqueeze(1)  # [Bd, 1, L]
+                dec = torch.zeros(hidden.shape, dtype=k_cache.dtype, device=hidden.device)
+                dec = dec.masked_fill_(hidden, -torch.inf).unsqueeze(1)  # [Bd, 1, L]
             else:
-                dec = (~past).view(meta.num_decode, 1, 1, L)  # [Bd, 1, 1, L]
+                dec = (~hidden).view(meta.num_decode, 1, 1, L)  # [Bd, 1, 1, L]
         if meta.prefill_block_table is not None:
             L = meta.prefill_block_table.shape[1] * P
             keys = torch.arange(L, device=meta.slots.device)
-            pre = (keys <= meta.prefill_q_pos.unsqueeze(-1)).unsqueeze(1)  # [Bp, 1, T, L]
-        self._masks = (meta, dec, pre)
+            q_pos = meta.prefill_q_pos.unsqueeze(-1)  # [Bp, T, 1]
+            keep = keys <= q_pos
+            if window is not None:
+                keep &= keys > q_pos - window
+            pre = keep.unsqueeze(1)  # [Bp, 1, T, L]
+        self._masks[window] = (dec, pre)
         return dec, pre
 
     @staticmethod
@@ -102,7 +120,7 @@ class SdpaPagedAttention:
         return k_cache.shape[2] <= 4
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: StepMetadata,
-                mask: torch.Tensor, scale: float) -> torch.Tensor:
+                mask: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
         """Decode attention, q: [Bd, Hq, D] -> [Bd, Hq, D].
 
         Each sequence is one `bmm` item: its gathered keys `[L, Hkv * D]` are used as they lie, and
@@ -119,31 +137,36 @@ class SdpaPagedAttention:
         if not self._decode_by_matmul(k_cache):
             qg = q.reshape(Bd, Hkv, G, D)  # [Bd, Hkv, G, D]
             kh, vh = (t.view(Bd, -1, Hkv, D).transpose(1, 2) for t in (k, v))  # [Bd, Hkv, L, D]
-            return F.scaled_dot_product_attention(qg, kh, vh, attn_mask=mask, scale=scale).reshape(Bd, Hq, D)
+            return _attend(qg, kh, vh, mask, scale, softcap).reshape(Bd, Hq, D)
         # Only the diagonal blocks are ever written, so the rest of the buffer stays zero.
         q_e = self._buffer("q_e", Bd * Hq * Hkv * D, q)[:Bd * Hq * Hkv * D].view(Bd, Hq, Hkv * D)
         q_e.view(Bd, Hkv, G, Hkv, D).diagonal(0, 1, 3).copy_(q.reshape(Bd, Hkv, G, D).permute(0, 2, 3, 1))
-        scores = torch.baddbmm(mask, q_e, k.transpose(1, 2), alpha=scale)  # [Bd, Hq, L]
+        if softcap is None:
+            scores = torch.baddbmm(mask, q_e, k.transpose(1, 2), alpha=scale)  # [Bd, Hq, L]
+        else:  # HF's order: scale, cap, then the mask
+            scores = _softcap(torch.bmm(q_e, k.transpose(1, 2)) * scale, softcap) + mask
         out = torch.bmm(torch.softmax(scores, -1), v)  # [Bd, Hq, Hkv D]
         out = out.view(Bd, Hkv, G, Hkv, D).diagonal(0, 1, 3)  # [Bd, G, D, Hkv]
         return out.permute(0, 3, 1, 2).reshape(Bd, Hq, D)
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: StepMetadata,
-                 scale: float) -> torch.Tensor:
-        """q: [N, Hq, D] (K/V of the new tokens already written); returns [N, Hq, D]."""
-        dec_mask, pre_mask = self._step_masks(meta, k_cache)
+                 scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+        """q: [N, Hq, D] (K/V of the new tokens already written); returns [N, Hq, D].
+
+        `window`: sliding-window size of this layer (None: full causal); `softcap`: Gemma 2's score cap.
+        """
+        dec_mask, pre_mask = self._step_masks(meta, k_cache, window)
         N, Hq, D = q.shape
-        Hkv = k_cache.shape[2]
         Bd = meta.num_decode
         parts = []
         if Bd:
-            parts.append(self._decode(q[:Bd], k_cache, v_cache, meta, dec_mask, scale))
+            parts.append(self._decode(q[:Bd], k_cache, v_cache, meta, dec_mask, scale, softcap))
         if N > Bd:
             Bp, T = meta.prefill_q_pos.shape
             k = self._gather("k", k_cache, meta.prefill_block_table).transpose(1, 2)  # [Bp, Hkv, L, D]
             v = self._gather("v", v_cache, meta.prefill_block_table).transpose(1, 2)
             qp = q[Bd:].index_select(0, meta.prefill_pad_src).view(Bp, T, Hq, D).transpose(1, 2)  # [Bp, Hq, T, D]
-            out = F.scaled_dot_product_attention(qp, k, v, attn_mask=pre_mask, scale=scale, enable_gqa=Hq != Hkv)
+            out = _attend(qp, k, v, pre_mask, scale, softcap)
             parts.append(out.transpose(1, 2).reshape(Bp * T, Hq, D).index_select(0, meta.prefill_pad_valid))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -157,16 +180,17 @@ class SdpaPagedAttention:
 
 
 class KernelPagedAttention:
-    """The Triton paged-attention kernels (CUDA).
+    """The Triton paged-attention kernels (CUDA): full causal attention, no window, no soft-cap.
 
-    The new tokens' K/V are written by the model runner's fused rotary kernel (`kernels/rotary.py`),
-    so unlike `SdpaPagedAttention` this backend has no `write`.
+    The new tokens' K/V are usually written by the model runner's fused rotary kernel
+    (`kernels/rotary.py`); `write` serves the layers whose rotary runs in torch (q/k norms,
+    partial rotary, no rotary).
     """
 
     def __init__(self) -> None:
-        from agentrl.rollout.backends.kernels import paged_decode_attention, paged_prefill_attention
+        from agentrl.rollout.backends.kernels import paged_decode_attention, paged_prefill_attention, write_kv
 
-        self._decode, self._prefill = paged_decode_attention, paged_prefill_attention
+        self._decode, self._prefill, self.write = paged_decode_attention, paged_prefill_attention, write_kv
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: StepMetadata,
                  scale: float) -> torch.Tensor:
@@ -178,6 +202,25 @@ class KernelPagedAttention:
             parts.append(self._prefill(q[Bd:], k_cache, v_cache, meta.prefill_block_table, meta.prefill_cu_q,
                                        meta.prefill_seq_lens, scale, meta.max_q, meta.max_k))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float,
+            softcap: float | None) -> torch.Tensor:
+    """Attention of q [B, h, T, D] over k, v [B, Hkv, L, D] (h a multiple of Hkv) where `keep` [B, 1, T, L].
+
+    SDPA when the scores are not capped; else the scores explicitly, in HF's eager order (scale,
+    cap, mask, softmax in float32, rounded to the model dtype).
+    """
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # [B, h, L, D]
+    scores = _softcap(torch.matmul(q, k.transpose(-1, -2)) * scale, softcap).masked_fill(~keep, -torch.inf)
+    return torch.matmul(torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype), v)
+
+
+def _softcap(scores: torch.Tensor, cap: float) -> torch.Tensor:
+    return torch.tanh(scores / cap) * cap
 
 
 def make_attention(device: torch.device):

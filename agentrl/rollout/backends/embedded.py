@@ -7,6 +7,8 @@ other backends are held to. The parts, each in its own module:
 - `scheduler.py`: continuous batching under the KV budget (admission, preemption, shared prefixes);
 - `step_inputs.py` + `model_runner.py` + `attention.py`: one forward pass over a flat batch of
   decode tokens and prefill chunks, writing and reading the paged cache;
+- `architectures.py` + `model_weights.py` + `layer_ops.py`: the table of model families the
+  forward pass implements (anything else is refused at load), their weights, their layers' parts;
 - `sampling.py`: batched sampling with per-row parameters, logprobs in float32;
 - `device_steps.py`: launching a step on the device, the speculative next step, reading tokens back.
 
@@ -42,6 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from agentrl.errors import EngineError
+from agentrl.rollout.backends.architectures import check_model_type, resolve_architecture
 from agentrl.rollout.backends.cuda_graphs import DecodeGraphs
 from agentrl.rollout.backends.device_steps import DeviceSteps, InFlight
 from agentrl.rollout.backends.kv_cache import BlockAllocator, PagedKVCache
@@ -81,7 +84,9 @@ class EmbeddedEngine:
     """A pure-PyTorch engine with continuous batching and a paged, prefix-shared KV cache.
 
     Args:
-        model: A path to a Hugging Face causal LM directory (Qwen2/Llama family), or a loaded model.
+        model: A path to a Hugging Face causal LM directory, or a loaded model, of a family in the
+            architecture table (`architectures.py`, docs/architectures.md); any other architecture
+            or config option the engine does not implement raises `EngineError` here, at load.
         device: Where to run (`cpu`, `cuda`).
         dtype: Weights dtype (float32 on CPU keeps logprobs exact).
         max_batch_size: Most sequences running at once.
@@ -92,7 +97,8 @@ class EmbeddedEngine:
         enable_prefix_caching: Share and reuse KV blocks of common prefixes (GRPO groups, later turns).
         tokenizer: For stop strings; loaded from `model` when it is a path.
         cuda_graphs: On CUDA, replay decode-only steps from CUDA graphs captured per batch-size
-            bucket (see `cuda_graphs.py`; captured lazily, dropped by `sleep`). Ignored on CPU.
+            bucket (see `cuda_graphs.py`; captured lazily, dropped by `sleep`). Ignored on CPU, and
+            for families with layers outside the kernels (sliding window, soft-cap, MoE).
         async_steps: Launch decode step t+1 before step t's tokens reach the host, so the host's
             bookkeeping overlaps the device's compute (default: on for CUDA; on CPU the host is
             the device and it gains nothing). Outputs are the same either way for seeded requests.
@@ -108,10 +114,12 @@ class EmbeddedEngine:
                  enable_prefix_caching: bool = True, tokenizer=None, cuda_graphs: bool = True,
                  async_steps: bool | None = None):
         if isinstance(model, str):
-            from transformers import AutoModelForCausalLM
+            from transformers import AutoConfig, AutoModelForCausalLM
 
+            check_model_type(AutoConfig.from_pretrained(model))  # refuse before reading any weight
             path, model = model, AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
             tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(path)
+        resolve_architecture(model, max_model_len)  # refuse before taking any accelerator memory
         self.device = torch.device(device)
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.tokenizer = tokenizer
@@ -120,9 +128,10 @@ class EmbeddedEngine:
         self.block_size = block_size
         self.max_step_tokens = max(max_step_tokens, max_batch_size)
         self.enable_prefix_caching = enable_prefix_caching
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.async_steps = self.device.type == "cuda" if async_steps is None else async_steps
         self.runner = ModelRunner(self.model, max_model_len)
+        # Families whose layers need the torch attention path or MoE routing replay no graphs (model_runner.py).
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and self.runner.graph_safe
         self.vocab_size = self.runner.embed.shape[0]
         self.kv_cache_tokens = kv_cache_tokens or self._default_kv_tokens()
         self.weight_version = 0

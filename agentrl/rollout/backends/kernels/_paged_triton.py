@@ -2,6 +2,11 @@
 
 Imported lazily by `paged_attention.py` on first use on a GPU, so that importing agentrl on a CPU
 machine never needs Triton. The launch wrappers, shapes and references live in `paged_attention.py`.
+
+`DOT_PRECISION` is "ieee" for float32 inputs: Triton's default for a float32 `tl.dot` is TF32
+(10-bit mantissa), which on a model with large attention scores moved a float32 engine's greedy
+output off the float32 reference by a 10-nat margin on an H200 (the scores' rounding flipped which
+key dominated a near one-hot softmax). Half-precision inputs are unaffected.
 """
 
 import triton
@@ -13,7 +18,8 @@ def decode_split(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, lse_ptr, qk_
                  stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_tb,
                  stride_ob, stride_oh, stride_os,
                  GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
+                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
     # One program: sequence b, KV head h, split s; all GROUP query heads of h at once.
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(lens_ptr + b)
@@ -37,13 +43,13 @@ def decode_split(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, lse_ptr, qk_
         # V is loaded before the scores are computed so that both reads are in flight at once.
         k = tl.load(k_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         v = tl.load(v_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
         scores = tl.where(n_ok[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))
         p = tl.exp2(scores - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
     out = acc / tl.where(l > 0, l, 1.0)[:, None]  # an empty split (or seq_len 0) gives zeros
     o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + s * stride_os + d[None, :]
@@ -72,7 +78,7 @@ def decode_merge(part_ptr, lse_ptr, out_ptr, stride_pb, stride_ph, stride_ps, st
 def prefill(q_ptr, k_ptr, v_ptr, table_ptr, cu_q_ptr, lens_ptr, out_ptr, qk_scale,
             stride_qn, stride_qh, stride_kb, stride_kt, stride_kh, stride_tb, stride_on, stride_oh,
             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # One program: BLOCK_M new tokens of sequence b, query head h.
     mb, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kv_h = h // GROUP
@@ -98,7 +104,7 @@ def prefill(q_ptr, k_ptr, v_ptr, table_ptr, cu_q_ptr, lens_ptr, out_ptr, qk_scal
         row = block.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_kt + kv_h * stride_kh
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        scores = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N]
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         scores = tl.where(n_ok[None, :] & (n[None, :] <= q_pos[:, None]), scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padding rows may see nothing
@@ -106,7 +112,7 @@ def prefill(q_ptr, k_ptr, v_ptr, table_ptr, cu_q_ptr, lens_ptr, out_ptr, qk_scal
         alpha = tl.exp2(m - m_safe)
         l = l * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(out_ptr + (q_start + rows)[:, None].to(tl.int64) * stride_on + h * stride_oh + d[None, :],

@@ -228,8 +228,8 @@ def _triton_decode(q, k_cache, v_cache, block_table, seq_lens, scale, num_splits
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_table.stride(0), *part_strides,
         GROUP=group, BLOCK_G=max(16, _next_pow2(group)), HEAD_DIM=head_dim, BLOCK_D=_next_pow2(head_dim),
-        BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N, SPLITS=num_splits, num_warps=_DECODE_WARPS,
-        num_stages=_DECODE_STAGES)
+        BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N, SPLITS=num_splits, DOT_PRECISION=_dot_precision(q),
+        num_warps=_DECODE_WARPS, num_stages=_DECODE_STAGES)
     if num_splits > 1:
         kern.decode_merge[(batch, num_q_heads)](
             part, lse, out, part.stride(0), part.stride(1), part.stride(2), out.stride(0), out.stride(1),
@@ -251,7 +251,8 @@ def _triton_prefill(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, sc
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_table.stride(0), out.stride(0), out.stride(1),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=_next_pow2(head_dim),
-        BLOCK_SIZE=block_size, BLOCK_M=_PREFILL_BLOCK_M, BLOCK_N=_PREFILL_BLOCK_N, num_warps=4, num_stages=2)
+        BLOCK_SIZE=block_size, BLOCK_M=_PREFILL_BLOCK_M, BLOCK_N=_PREFILL_BLOCK_N, DOT_PRECISION=_dot_precision(q),
+        num_warps=4, num_stages=2)
     return out
 
 
@@ -263,6 +264,11 @@ def _triton_write_kv(k_cache, v_cache, k, v, slot_mapping):
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), BLOCK_SIZE=k_cache.shape[1],
         NUM_HEADS=num_kv_heads, BLOCK_H=_next_pow2(num_kv_heads), HEAD_DIM=head_dim,
         BLOCK_D=_next_pow2(head_dim), num_warps=1)
+
+
+def _dot_precision(q: torch.Tensor) -> str:
+    """IEEE products for float32 inputs (Triton's float32 default is TF32; see _paged_triton.py)."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
 def _next_pow2(n: int) -> int:
