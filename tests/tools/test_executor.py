@@ -101,13 +101,16 @@ def test_messages_are_helpful_and_leak_nothing():
     assert "Traceback" not in r.content and "KeyError" in r.content
 
 
-def test_calls_over_the_per_turn_limit_are_refused():
-    ex = ToolExecutor([add], max_calls_per_turn=2)
-    text = '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>' * 300
+def test_calls_over_the_per_turn_limit_share_one_summary_and_are_counted():
+    ex = ToolExecutor([add, shout], max_calls_per_turn=2)
+    text = ('<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>' * 299
+            + '<tool_call>{"name": "nope", "arguments": {}}</tool_call>')
     results = _run(ex, text)
-    assert len(results) == 300
-    assert [r.error_kind for r in results[:2]] == [None, None]
-    assert all(r.error_kind == ToolErrorKind.RATE_LIMITED for r in results[2:])
+    # 2 calls run, then ONE message for the other 298 (each counted): not 300 messages.
+    assert [r.error_kind for r in results] == [None, None, ToolErrorKind.RATE_LIMITED]
+    assert results[2].content == ("Error (rate_limited): at most 2 tool calls are allowed per turn; the other 298 "
+                                  "calls in this turn were not run ('add' x297, 'nope' x1)")
+    assert ex.error_counts == {"rate_limited": 298}
 
 
 def test_huge_arguments_do_not_crash():
