@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 
 import jsonschema
 
-from agentrl.errors import ToolError, ToolErrorKind, did_you_mean
+from agentrl.errors import ConfigError, ToolError, ToolErrorKind, did_you_mean
 from agentrl.tools.blocking import ctrl_c_raises_here
 from agentrl.tools.core import Tool, ToolCall, ToolResult
 from agentrl.tools.limits import ToolState, tool_state
@@ -49,14 +49,16 @@ logger = logging.getLogger(__name__)
 
 TRUNCATION_MARKER = "\n...[output truncated: {n} more characters]"
 TRUNCATION_MARKER_OPEN = "\n...[output truncated after {limit} characters]"
-TURN_CUT_MARKER = "\n...[cut: this turn's tool output reached its {limit}-character limit; {n} more characters]"
+TURN_CUT_MARKER = "\n...[cut: this turn's tool output is limited to {limit} characters; {n} more characters]"
 # A name the model wrote is echoed back (message and tool message name) only this far: a hostile
 # turn can name a tool with up to a megabyte of text, which must not be copied into the context.
 MAX_ECHOED_NAME_CHARS = 80
 DEFAULT_MAX_OBSERVATION_CHARS = 65_536
 CANCEL_GRACE_S = 0.25  # how long a cancelled async tool may take to stop before it is abandoned
 MIN_RENDER_S = 0.1  # time an async tool's result always gets to be turned into text
-_MIN_KEPT_CHARS = 200  # below this, a message over the turn's limit is withheld rather than cut
+_MIN_KEPT_CHARS = 200  # below this, a result over its share of the turn's limit is withheld rather than cut
+SHORT_RESULT_CHARS = 512  # results this short (errors, summaries) are never cut by the turn's limit
+MIN_OBSERVATION_CHARS = 1000
 
 
 class InfrastructureFault(Exception):
@@ -79,9 +81,6 @@ def _value_outcome(value: object, limit: int, allow_user_code: bool) -> _Outcome
     return _Outcome(rendered=render_value(value, limit, allow_user_code=allow_user_code))
 
 
-_warned: set[tuple[str, str]] = set()
-
-
 def _exception_outcome(name: str, exc: BaseException, limit: int, allow_user_code: bool) -> _Outcome:
     """The typed error for what a tool raised; raises `NeedsUserCode` only when not `allow_user_code`."""
     if isinstance(exc, ToolError):  # the tool's own typed error: its kind and message reach the model
@@ -94,8 +93,7 @@ def _exception_outcome(name: str, exc: BaseException, limit: int, allow_user_cod
     if isinstance(exc, InfrastructureFault):
         return _Outcome(fault=describe_exception(exc, 200, allow_user_code=allow_user_code, plain_types=plain))
     text = describe_exception(exc, 300, allow_user_code=allow_user_code, plain_types=plain)
-    if not isinstance(exc, Exception) and (name, type(exc).__name__) not in _warned:
-        _warned.add((name, type(exc).__name__))  # once per tool and type: a tool bug, not the model's
+    if not isinstance(exc, Exception):  # a bug in the tool, not the model's doing: its author should know
         logger.warning("tool %r raised %s; it became a tool error (a tool must not exit or interrupt the process)",
                        name, text[:200])
     return _Outcome(error=ToolError(ToolErrorKind.RUNTIME, f"{name!r} failed: {text}"))
@@ -185,9 +183,9 @@ class ToolExecutor:
         tools: The tools the model may call.
         max_calls_per_turn: Calls beyond this in one turn are not run; one summary result
             answers them all (each is still counted as `rate_limited`).
-        max_observation_chars: Total characters of one turn's results. The result that crosses
-            it is cut with a marker, later ones are replaced by a short notice (each call still
-            gets its own result).
+        max_observation_chars: Total characters of one turn's results (at least 1,000). Long
+            results share it equally and are cut with a marker (see `_cap_turn`); short ones (errors,
+            summaries) stay whole. Each call still gets its own result.
 
     Example:
         >>> ex = ToolExecutor([echo_tool])          # doctest: +SKIP
@@ -196,6 +194,9 @@ class ToolExecutor:
 
     def __init__(self, tools: Iterable[Tool], max_calls_per_turn: int = 8,
                  max_observation_chars: int = DEFAULT_MAX_OBSERVATION_CHARS):
+        if not isinstance(max_observation_chars, int) or max_observation_chars < MIN_OBSERVATION_CHARS:
+            raise ConfigError(f"max_observation_chars must be an integer >= {MIN_OBSERVATION_CHARS} (room for the "
+                              f"notices that say what was cut), got {max_observation_chars!r}")
         self.tools = {t.name: t for t in tools}
         self.max_calls_per_turn = max_calls_per_turn
         self.max_observation_chars = max_observation_chars
@@ -234,26 +235,34 @@ class ToolExecutor:
         return result
 
     def _cap_turn(self, results: list[ToolResult]) -> list[ToolResult]:
-        """Keep the turn's results within `max_observation_chars`, saying what was cut."""
-        room, out = self.max_observation_chars, []
-        for r in results:
-            size = len(r.content)
-            if size <= room:
-                room -= size
-                out.append(r)
+        """Keep the turn's results within `max_observation_chars`, saying what was cut.
+
+        Short results (errors, summaries: up to `SHORT_RESULT_CHARS`) stay whole; the long ones
+        share what is left equally ("water-filling": a result under the share keeps all of it).
+        A long result over the share is cut to it with a marker, or, when the share is too small
+        to be useful, replaced by a notice of the same kind.
+        """
+        long = [i for i, r in enumerate(results) if len(r.content) > SHORT_RESULT_CHARS]
+        room = self.max_observation_chars - sum(len(r.content) for r in results) + sum(
+            len(results[i].content) for i in long)
+        share = _fair_share([len(results[i].content) for i in long], max(room, 0))
+        out = list(results)
+        for i in long:
+            r, size = results[i], len(results[i].content)
+            if size <= share:
                 continue
             kind = r.error_kind or ToolErrorKind.OUTPUT_TOO_LARGE
             if r.error_kind is None:
                 self.error_counts[kind.value] += 1
-            keep = room - len(TURN_CUT_MARKER) - 20
+            marker = TURN_CUT_MARKER.format(limit=self.max_observation_chars, n=size - share)
+            keep = share - len(marker)
             if keep >= _MIN_KEPT_CHARS:
-                content = r.content[:keep] + TURN_CUT_MARKER.format(limit=self.max_observation_chars, n=size - keep)
+                content = r.content[:keep] + marker
             else:
-                content = ToolError(kind, f"not shown: this turn's tool output reached its {self.max_observation_chars}"
-                                          f"-character limit ({size} characters withheld); make fewer or smaller calls"
+                content = ToolError(kind, f"not shown: this turn's tool output is limited to {self.max_observation_chars}"
+                                          f" characters ({size} characters withheld); make fewer or smaller calls"
                                     ).to_model_text()
-            room = max(room - len(content), 0)
-            out.append(replace(r, content=content, error_kind=kind))
+            out[i] = replace(r, content=content, error_kind=kind)
         return out
 
     def _error(self, name: str, err: ToolError, call_id: str = "") -> ToolResult:
@@ -375,6 +384,16 @@ def _track_abandoned_task(task: asyncio.Task, state: ToolState, tool: Tool) -> N
     # A task left on a loop that was closed never ends; it only gets collected.
     finalizer = weakref.finalize(task, ended)
     task.add_done_callback(lambda t: (t.cancelled() or t.exception(), finalizer()))
+
+
+def _fair_share(sizes: list[int], room: int) -> int:
+    """The largest s with sum(min(x, s) for x in sizes) <= room (max(sizes) when all fit)."""
+    left, n = room, len(sizes)
+    for k, size in enumerate(sorted(sizes)):
+        if size * (n - k) > left:
+            return left // (n - k)
+        left -= size
+    return max(sizes, default=0)
 
 
 def _schema_error_message(err: jsonschema.ValidationError) -> str:

@@ -55,9 +55,9 @@ class _Full(Exception):
 
 
 def type_name(obj: object) -> str:
-    """The qualified name of `obj`'s real type, read without running code the tool defined."""
+    """The name of `obj`'s real type, read without running code the tool defined."""
     try:
-        name = type.__dict__["__qualname__"].__get__(type(obj))
+        name = type.__dict__["__name__"].__get__(type(obj))
         return name if type(name) is str else "object"
     except Exception:  # noqa: BLE001 - a type whose name cannot be read is still a type
         return "object"
@@ -167,13 +167,11 @@ def _key_text(key: object, writer: _Writer) -> str:
 
 
 def _foreign_text(v: object, chars: int) -> str:
-    """`str(v)`, cut to `chars`; a description when `__str__` raises or returns a non-string."""
+    """`str(v)`, cut to `chars`; a description when `__str__` raises (or returns a non-string)."""
     try:
         text = str(v)
     except Exception as exc:  # noqa: BLE001 - any failure of the object's own code
         return f"<{type_name(v)} object: str() raised {type_name(exc)}>"
-    if not issubclass(type(text), str):
-        return f"<{type_name(v)} object: str() returned a {type_name(text)}>"
     return str.__getitem__(text, slice(0, chars))
 
 
