@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
+import random
 import threading
 import time
+from collections import Counter
 
 from agentrl.errors import ToolError, ToolErrorKind
 from agentrl.tools.core import Tool, ToolPolicy, tool
@@ -222,3 +225,50 @@ def check_tool_message(content: str, kind: K | None, limit: int) -> None:
         assert "[output truncated" in content or "[cut: this turn's tool output" in content, content[-200:]
     else:
         assert content.startswith(f"Error ({kind.value}): "), content[:200]
+
+
+# -- the model's side: random calls and turns aimed at these tools ------------------------------
+FAST_MODES = sorted(m for m in MODES if m not in SLOW_MODES)
+MALFORMED = ["<tool_call>{not json</tool_call>", '<tool_call>{"name": 7, "arguments": {}}</tool_call>',
+             "<tool_call>[1, 2, 3]</tool_call>", '<tool_call>{"arguments": {}}</tool_call>',
+             "<tool_call>" + "[" * 200 + "</tool_call>"]
+
+
+def random_call(rng: random.Random, slow_share: float, names: list[str], sent: Counter | None = None
+                ) -> tuple[str, dict, set]:
+    """(name, arguments, kinds the model may be shown) of one call to one of `names`."""
+    r = rng.random()
+    if r < 0.07:
+        name = rng.choice(["hostile", "rm -rf /", "", "x" * 5000, "hostile_sync\u0000", "\u5de5\u5177", "hostile_sync "])
+        return name, {"mode": "plain"}, {K.UNKNOWN_TOOL}
+    name = rng.choice(names)
+    if r < 0.14:
+        return name, rng.choice([{}, {"mode": 5}, {"mode": "plain", "extra": 1}, {"mode": ["plain"]},
+                                 {"mode": None}]), {K.INVALID_ARGUMENTS}
+    if r < 0.17:
+        return name, {"mode": "no such mode " * rng.randint(1, 3)}, {K.RUNTIME}
+    mode = rng.choice(sorted(SLOW_MODES)) if rng.random() < slow_share else rng.choice(FAST_MODES)
+    if sent is not None:
+        sent[mode] += 1
+    return name, {"mode": mode}, set(MODES[mode])
+
+
+def random_turn(rng: random.Random, slow_share: float, names: list[str], sent: Counter | None = None
+                ) -> tuple[str, int]:
+    """(model text, number of <tool_call> blocks) of one hermes-format turn; 0 blocks is an answer."""
+    if rng.random() < 0.08:
+        return rng.choice(["The answer is 42.", "no idea", ""]), 0
+    parts, blocks = [], 0
+    for _ in range(rng.choice([1, 1, 2, 3, 4, 8, 15])):
+        blocks += 1
+        if rng.random() < 0.1:
+            parts.append(rng.choice(MALFORMED))
+            continue
+        name, args, _ = random_call(rng, slow_share, names, sent)
+        parts.append("<tool_call>" + json.dumps({"name": name, "arguments": args}).replace("</", "<\\/") + "</tool_call>")
+        if rng.random() < 0.2:
+            parts.append(rng.choice(["thinking...", "\n", "<|im_end|>", "\udc80"]))
+    if rng.random() < 0.05:
+        parts.append('<tool_call>{"name": "%s", "arguments": {"mode": "pl' % names[0])  # never closed
+        blocks += 1
+    return "".join(parts), blocks

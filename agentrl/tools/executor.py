@@ -112,12 +112,19 @@ def _sync_work(tool: Tool, arguments: dict) -> Callable[[], _Outcome]:
 
 
 class _ThreadCall:
-    """`work()` on its own daemon thread; the loop awaits `future`; the call may be abandoned."""
+    """`work()` on its own daemon thread, its outcome delivered to `future`; the call may be abandoned.
 
-    def __init__(self, work: Callable[[], _Outcome], state: ToolState, cap: int):
-        self.loop = asyncio.get_running_loop()
-        self.future: asyncio.Future[_Outcome] = self.loop.create_future()
-        self._work, self._state, self._cap = work, state, cap
+    The thread holds only weak references to the caller's loop and future: an abandoned thread
+    must not keep the caller's world (its loop, its episodes, an engine's tensors) alive, or that
+    world would be freed on a daemon thread, possibly while the interpreter exits (which aborts
+    the process when the freeing runs C++ code).
+    """
+
+    def __init__(self, work: Callable[[], _Outcome], state: ToolState, cap: int, future: asyncio.Future):
+        self._future = weakref.ref(future)
+        self._loop = weakref.ref(future.get_loop())
+        self._work: Callable[[], _Outcome] | None = work
+        self._state, self._cap = state, cap
         self._lock = threading.Lock()
         self._finished = False
         self._abandoned_at: float | None = None
@@ -126,18 +133,23 @@ class _ThreadCall:
         threading.Thread(target=self._run, name=f"agentrl-tool-{self._state.name[:40]}", daemon=True).start()
 
     def _run(self) -> None:
+        work, self._work = self._work, None
         try:
-            outcome = self._work()
+            outcome = work()  # type: ignore[misc]
         except BaseException:  # noqa: BLE001 - e.g. MemoryError while rendering; no tool code runs here
             outcome = _Outcome(error=ToolError(ToolErrorKind.RUNTIME, "the tool's result could not be turned into text"))
+        del work
         with self._lock:
             self._finished = True
             abandoned_at = self._abandoned_at
         if abandoned_at is not None:
-            self._state.abandoned_returned(time.monotonic() - abandoned_at)
+            self._state.abandoned_returned(time.monotonic() - abandoned_at, on_thread=True)
+            return
+        future, loop = self._future(), self._loop()
+        if future is None or loop is None:
             return
         try:
-            self.loop.call_soon_threadsafe(_deliver, self.future, outcome)
+            loop.call_soon_threadsafe(_deliver, future, outcome)
         except RuntimeError:  # the loop is closed: nobody waits for this outcome any more
             pass
 
@@ -147,7 +159,7 @@ class _ThreadCall:
             if self._finished:
                 return False
             self._abandoned_at = time.monotonic()
-            self._state.abandon(f"{why} (a thread cannot be stopped)", self._cap)
+            self._state.abandon(f"{why} (a thread cannot be stopped)", self._cap, on_thread=True)
             return True
 
 
@@ -322,21 +334,22 @@ class ToolExecutor:
 
     async def _on_thread(self, tool: Tool, state: ToolState, work: Callable[[], _Outcome], timeout_s: float,
                          note: str = "") -> _Outcome:
-        call = _ThreadCall(work, state, tool.policy.max_abandoned)
+        future: asyncio.Future[_Outcome] = asyncio.get_running_loop().create_future()
+        call = _ThreadCall(work, state, tool.policy.max_abandoned, future)
         try:
             call.start()
         except RuntimeError as exc:  # "can't start new thread": the process is out of threads
             return _Outcome(error=ToolError(ToolErrorKind.UNAVAILABLE, f"{tool.name!r} could not start: {exc}"))
         try:
-            done, _ = await asyncio.wait({call.future}, timeout=timeout_s)
+            done, _ = await asyncio.wait({future}, timeout=timeout_s)
         except BaseException:  # the caller was cancelled (an aborted episode, Ctrl-C): the thread runs on
             call.abandon("was cancelled by its caller")
             raise
         if done:
-            return call.future.result()
+            return future.result()
         if call.abandon(f"passed its {timeout_s:g} s timeout"):
             return _timeout(tool, f"{note}; its thread is still running")
-        return await call.future  # it finished at the deadline; the outcome is already queued
+        return await future  # it finished at the deadline; the outcome is already queued
 
     async def _attempt_async(self, tool: Tool, state: ToolState, arguments: dict) -> _Outcome:
         loop = asyncio.get_running_loop()
@@ -373,13 +386,14 @@ class ToolExecutor:
 
 def _track_abandoned_task(task: asyncio.Task, state: ToolState, tool: Tool) -> None:
     """Count an async call that ignores cancellation until its task ends or is collected."""
-    state.abandon(f"passed its {tool.policy.timeout_s:g} s timeout and ignored cancellation", tool.policy.max_abandoned)
+    state.abandon(f"passed its {tool.policy.timeout_s:g} s timeout and ignored cancellation", tool.policy.max_abandoned,
+                  on_thread=False)
     since = time.monotonic()
     once = threading.Lock()
 
     def ended(*_: object) -> None:
         if once.acquire(blocking=False):
-            state.abandoned_returned(time.monotonic() - since)
+            state.abandoned_returned(time.monotonic() - since, on_thread=False)
 
     # A task left on a loop that was closed never ends; it only gets collected.
     finalizer = weakref.finalize(task, ended)

@@ -19,6 +19,7 @@ instance shares them); it is per process, so each rollout worker process has its
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import threading
 import weakref
@@ -105,21 +106,62 @@ class ToolState:
         self.abandoned_running = 0
         self.abandoned_total = 0
 
-    def abandon(self, why: str, cap: int) -> int:
+    def abandon(self, why: str, cap: int, *, on_thread: bool) -> int:
         """Count one abandoned call (`why` says how it came to that); return how many are running."""
         with self._lock:
             self.abandoned_running += 1
             self.abandoned_total += 1
             running = self.abandoned_running
+        if on_thread:
+            _exit_wait.add()
         logger.warning("tool %r: a call %s; it was abandoned and runs on (%d abandoned calls of this tool "
                        "still running; at %d new calls are refused)", self.name, why, running, cap)
         return running
 
-    def abandoned_returned(self, after_s: float) -> None:
+    def abandoned_returned(self, after_s: float, *, on_thread: bool) -> None:
         with self._lock:
             self.abandoned_running -= 1
             running = self.abandoned_running
+        if on_thread:
+            _exit_wait.remove()
         logger.info("tool %r: an abandoned call returned after %.1f s (%d still running)", self.name, after_s, running)
+
+
+class _ExitWait:
+    """At interpreter exit, wait up to `EXIT_GRACE_S` for abandoned tool threads to return.
+
+    A daemon thread that wakes while the interpreter is being torn down is ended by
+    `pthread_exit`, and if that happens inside C++ code (freeing a torch tensor, say) the process
+    aborts ("terminate called without an active exception"). A thread that is about to return is
+    given the time to; one that stays hung never wakes, so it does no harm.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running = 0
+        self._registered = False
+
+    def add(self) -> None:
+        with self._cond:
+            self._running += 1
+            if not self._registered:
+                atexit.register(self.wait)
+                self._registered = True
+
+    def remove(self) -> None:
+        with self._cond:
+            self._running -= 1
+            self._cond.notify_all()
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._running <= 0, timeout=EXIT_GRACE_S if timeout_s is None else timeout_s):
+                logger.warning("exiting with %d abandoned tool threads still running: %s", self._running,
+                               abandoned_calls())
+
+
+EXIT_GRACE_S = 2.0
+_exit_wait = _ExitWait()
 
 
 _STATES: dict[int, tuple[weakref.ref, ToolState]] = {}

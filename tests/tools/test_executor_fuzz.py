@@ -15,7 +15,6 @@ The tools are `hostile_tools`' zoo (raise anything, hang, ignore cancellation, r
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from collections import Counter
@@ -32,16 +31,10 @@ from agentrl.tools.parsers import ParseIssue
 
 CASE_BOUND_S = 2.5
 MODES = sorted(zoo.MODES)
-FAST_MODES = [m for m in MODES if m not in zoo.SLOW_MODES]
-SLOW_MODES = sorted(zoo.SLOW_MODES)
 MESSAGE_SLACK = 200  # room for a marker after the tool's own character limit
 TOOLS = zoo.make_hostile_tools()
 NAMES = [t.name for t in TOOLS]
 NOTICE = ("[cut: this turn's tool output", "not shown: this turn's tool output")
-
-
-def _pick_mode(rng: random.Random, slow_share: float) -> str:
-    return rng.choice(SLOW_MODES) if rng.random() < slow_share else rng.choice(FAST_MODES)
 
 
 MODES_SENT: Counter[str] = Counter()
@@ -49,20 +42,7 @@ KINDS_SEEN: Counter[K | None] = Counter()
 
 
 def _random_call(rng: random.Random, slow_share: float) -> tuple[str, dict, set]:
-    """(name, arguments, kinds the model may see) of one call."""
-    r = rng.random()
-    if r < 0.07:
-        name = rng.choice(["hostile", "rm -rf /", "", "x" * 5000, "hostile_sync\u0000", "工具", "hostile_sync "])
-        return name, {"mode": "plain"}, {K.UNKNOWN_TOOL}
-    name = rng.choice(NAMES)
-    if r < 0.14:
-        return name, rng.choice([{}, {"mode": 5}, {"mode": "plain", "extra": 1}, {"mode": ["plain"]},
-                                 {"mode": None}]), {K.INVALID_ARGUMENTS}
-    if r < 0.17:
-        return name, {"mode": "no such mode " * rng.randint(1, 3)}, {K.RUNTIME}
-    mode = _pick_mode(rng, slow_share)
-    MODES_SENT[mode] += 1
-    return name, {"mode": mode}, set(zoo.MODES[mode])
+    return zoo.random_call(rng, slow_share, NAMES, MODES_SENT)
 
 
 def _check_result(content: str, kind: K | None, allowed: set, limit: int) -> None:
@@ -137,29 +117,8 @@ class HostileEnv(ToolEnv):
         return float("42" in answer)
 
 
-MALFORMED = ["<tool_call>{not json</tool_call>", '<tool_call>{"name": 7, "arguments": {}}</tool_call>',
-             "<tool_call>[1, 2, 3]</tool_call>", '<tool_call>{"arguments": {}}</tool_call>',
-             "<tool_call>" + "[" * 200 + "</tool_call>"]
-
-
 def _random_turn(rng: random.Random, slow_share: float) -> tuple[str, int]:
-    """(model text, number of <tool_call> blocks) of one turn."""
-    if rng.random() < 0.08:
-        return rng.choice(["The answer is 42.", "no idea", ""]), 0
-    parts, blocks = [], 0
-    for _ in range(rng.choice([1, 1, 2, 3, 4, 8, 15])):
-        blocks += 1
-        if rng.random() < 0.1:
-            parts.append(rng.choice(MALFORMED))
-            continue
-        name, args, _ = _random_call(rng, slow_share)
-        parts.append("<tool_call>" + json.dumps({"name": name, "arguments": args}).replace("</", "<\\/") + "</tool_call>")
-        if rng.random() < 0.2:
-            parts.append(rng.choice(["thinking...", "\n", "<|im_end|>", "\udc80"]))
-    if rng.random() < 0.05:
-        parts.append('<tool_call>{"name": "hostile_sync", "arguments": {"mode": "pl')  # never closed
-        blocks += 1
-    return "".join(parts), blocks
+    return zoo.random_turn(rng, slow_share, NAMES, MODES_SENT)
 
 
 def _check_step(env: HostileEnv, result: tuple, blocks: int) -> bool:

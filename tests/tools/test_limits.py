@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
+
+import pytest
 
 from agentrl.tools.core import ToolPolicy, tool
-from agentrl.tools.limits import CallSlots, tool_state
+from agentrl.tools.limits import EXIT_GRACE_S, CallSlots, tool_state
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Peak:
@@ -72,3 +81,36 @@ def test_state_is_per_tool_object():
     assert tool_state(f, f.name, 3) is tool_state(f, f.name, 3)
     assert tool_state(twin, f.name, 3) is not tool_state(f, f.name, 3)
     assert tool_state(f, f.name, 3).slots.limit == 3
+
+
+EXIT_SCRIPT = '''
+import asyncio, sys, time
+from agentrl.tools.core import ToolCall, ToolPolicy, tool
+from agentrl.tools.executor import ToolExecutor
+
+@tool(policy=ToolPolicy(timeout_s=0.1))
+def slow(seconds: float) -> str:
+    """Sleep, then leave a mark."""
+    time.sleep(seconds)
+    open(sys.argv[1], "w").write("returned")
+    return "done"
+
+[r] = asyncio.run(ToolExecutor([slow]).execute([ToolCall("slow", {"seconds": float(sys.argv[2])})]))
+print(r.error_kind.value, flush=True)
+'''
+
+
+@pytest.mark.parametrize("seconds, returns", [(0.6, True), (60.0, False)])
+def test_exit_waits_a_bounded_time_for_abandoned_threads(tmp_path, seconds, returns):
+    mark = tmp_path / "mark"
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(mark), str(seconds)], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    took = time.monotonic() - t0
+    assert proc.returncode == 0 and proc.stdout.strip() == "timeout", proc.stderr
+    # A thread about to return is given the time to (it is not cut off mid-way at exit); a hung one
+    # delays exit by at most EXIT_GRACE_S, and the exit says so.
+    assert mark.exists() == returns
+    if not returns:
+        assert EXIT_GRACE_S <= took < EXIT_GRACE_S + 20
+        assert "exiting with 1 abandoned tool threads still running: {'slow': 1}" in proc.stderr
