@@ -44,6 +44,7 @@ from agentrl.tools.core import Tool, ToolCall, ToolResult
 from agentrl.tools.limits import ToolState, tool_state
 from agentrl.tools.parsers import ParseIssue
 from agentrl.tools.render import NeedsUserCode, Rendered, describe_exception, render_value, valid_unicode
+from agentrl.tools.threads import AbandonableThread
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,9 @@ def _exception_outcome(name: str, exc: BaseException, limit: int, allow_user_cod
     return _Outcome(error=ToolError(ToolErrorKind.RUNTIME, f"{name!r} failed: {text}"))
 
 
+_UNRENDERABLE = _Outcome(error=ToolError(ToolErrorKind.RUNTIME, "the tool's result could not be turned into text"))
+
+
 def _sync_work(tool: Tool, arguments: dict) -> Callable[[], _Outcome]:
     def work() -> _Outcome:
         limit = tool.policy.max_output_chars
@@ -109,63 +113,6 @@ def _sync_work(tool: Tool, arguments: dict) -> Callable[[], _Outcome]:
         return _value_outcome(value, limit, True)
 
     return work
-
-
-class _ThreadCall:
-    """`work()` on its own daemon thread, its outcome delivered to `future`; the call may be abandoned.
-
-    The thread holds only weak references to the caller's loop and future: an abandoned thread
-    must not keep the caller's world (its loop, its episodes, an engine's tensors) alive, or that
-    world would be freed on a daemon thread, possibly while the interpreter exits (which aborts
-    the process when the freeing runs C++ code).
-    """
-
-    def __init__(self, work: Callable[[], _Outcome], state: ToolState, cap: int, future: asyncio.Future):
-        self._future = weakref.ref(future)
-        self._loop = weakref.ref(future.get_loop())
-        self._work: Callable[[], _Outcome] | None = work
-        self._state, self._cap = state, cap
-        self._lock = threading.Lock()
-        self._finished = False
-        self._abandoned_at: float | None = None
-
-    def start(self) -> None:
-        threading.Thread(target=self._run, name=f"agentrl-tool-{self._state.name[:40]}", daemon=True).start()
-
-    def _run(self) -> None:
-        work, self._work = self._work, None
-        try:
-            outcome = work()  # type: ignore[misc]
-        except BaseException:  # noqa: BLE001 - e.g. MemoryError while rendering; no tool code runs here
-            outcome = _Outcome(error=ToolError(ToolErrorKind.RUNTIME, "the tool's result could not be turned into text"))
-        del work
-        with self._lock:
-            self._finished = True
-            abandoned_at = self._abandoned_at
-        if abandoned_at is not None:
-            self._state.abandoned_returned(time.monotonic() - abandoned_at, on_thread=True)
-            return
-        future, loop = self._future(), self._loop()
-        if future is None or loop is None:
-            return
-        try:
-            loop.call_soon_threadsafe(_deliver, future, outcome)
-        except RuntimeError:  # the loop is closed: nobody waits for this outcome any more
-            pass
-
-    def abandon(self, why: str) -> bool:
-        """Give up on the call unless it has finished (then its outcome is on its way)."""
-        with self._lock:
-            if self._finished:
-                return False
-            self._abandoned_at = time.monotonic()
-            self._state.abandon(f"{why} (a thread cannot be stopped)", self._cap, on_thread=True)
-            return True
-
-
-def _deliver(future: asyncio.Future, outcome: _Outcome) -> None:
-    if not future.done():
-        future.set_result(outcome)
 
 
 async def _guarded(fn: Callable, arguments: dict) -> tuple[bool, object]:
@@ -335,7 +282,7 @@ class ToolExecutor:
     async def _on_thread(self, tool: Tool, state: ToolState, work: Callable[[], _Outcome], timeout_s: float,
                          note: str = "") -> _Outcome:
         future: asyncio.Future[_Outcome] = asyncio.get_running_loop().create_future()
-        call = _ThreadCall(work, state, tool.policy.max_abandoned, future)
+        call = AbandonableThread(work, _UNRENDERABLE, state, tool.policy.max_abandoned, future)
         try:
             call.start()
         except RuntimeError as exc:  # "can't start new thread": the process is out of threads
