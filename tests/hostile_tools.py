@@ -215,6 +215,19 @@ def make_hostile_tools(suffix: str = "") -> tuple[Tool, Tool]:
             tool(hostile_async, name=f"hostile_async{suffix}", policy=policy))
 
 
+def settle(extra_s: float = 2.0) -> dict[str, int]:
+    """Wait for the zoo's abandoned calls to return (each hang ends within HANG_S) and free its
+    big values; return the abandoned calls still running (empty when all returned)."""
+    from agentrl.tools.limits import abandoned_calls
+
+    deadline = time.monotonic() + HANG_S + extra_s
+    while abandoned_calls() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    huge_string.cache_clear()
+    big_list.cache_clear()
+    return abandoned_calls()
+
+
 def check_tool_message(content: str, kind: K | None, limit: int) -> None:
     """The contract every tool message keeps: valid text, bounded, and a typed error when it failed."""
     content.encode("utf-8")  # no lone surrogates: the tokenizer must be able to encode it

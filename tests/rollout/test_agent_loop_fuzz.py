@@ -37,6 +37,12 @@ KINDS = {k.value for k in K}
 SCRIPTED = 10**6  # the weight version of scripted turns, to tell them from the model's
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _abandoned_threads_end():
+    yield
+    assert zoo.settle() == {}
+
+
 class HostileEnv(ToolEnv):
     def __init__(self, tools=TOOLS):
         super().__init__(tools, max_calls_per_turn=6, max_observation_chars=16_000)

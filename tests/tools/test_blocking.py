@@ -15,11 +15,9 @@ import pytest
 
 from agentrl.envs.core import Task
 from agentrl.envs.tool_env import ToolEnv
-from agentrl.errors import ToolErrorKind
 from agentrl.tools.blocking import run_blocking
-from agentrl.tools.core import ToolPolicy, tool
+from agentrl.tools.core import ToolCall, ToolPolicy, tool
 from agentrl.tools.executor import ToolExecutor
-from agentrl.tools.core import ToolCall
 
 ROOT = Path(__file__).resolve().parents[2]
 
