@@ -292,11 +292,14 @@ class ToolExecutor:
         except BaseException:  # the caller was cancelled (an aborted episode, Ctrl-C): the thread runs on
             call.abandon("was cancelled by its caller")
             raise
-        if done:
-            return future.result()
-        if call.abandon(f"passed its {timeout_s:g} s timeout"):
+        if not done and call.abandon(f"passed its {timeout_s:g} s timeout"):
             return _timeout(tool, f"{note}; its thread is still running")
-        return await future  # it finished at the deadline; the outcome is already queued
+        outcome = future.result() if done else await future  # if not done, it finished at the deadline
+        if call.seconds is not None and call.seconds > timeout_s:
+            # It returned, but past its limit: a busy loop noticed late. The limit is the tool's
+            # own running time, so the outcome does not depend on how loaded the loop was.
+            return _timeout(tool, note)
+        return outcome
 
     async def _attempt_async(self, tool: Tool, state: ToolState, arguments: dict) -> _Outcome:
         loop = asyncio.get_running_loop()

@@ -41,12 +41,14 @@ class AbandonableThread(Generic[T]):
         self._lock = threading.Lock()
         self._finished = False
         self._abandoned_at: float | None = None
+        self.seconds: float | None = None  # how long `work` ran, once it has returned
 
     def start(self) -> None:
         threading.Thread(target=self._run, name=f"agentrl-tool-{self._state.name[:40]}", daemon=True).start()
 
     def _run(self) -> None:
         work, self._work = self._work, None
+        started = time.monotonic()
         try:
             outcome = work()  # type: ignore[misc]
         except BaseException:  # noqa: BLE001 - e.g. MemoryError while rendering the result
@@ -54,6 +56,7 @@ class AbandonableThread(Generic[T]):
             outcome = self._fallback
         del work
         with self._lock:
+            self.seconds = time.monotonic() - started
             self._finished = True
             abandoned_at = self._abandoned_at
         if abandoned_at is not None:

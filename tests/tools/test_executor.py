@@ -247,6 +247,23 @@ def test_sync_timeout_returns_on_time_and_the_thread_is_accounted_for(caplog):
     assert r.content == "late"
 
 
+def test_a_result_past_the_limit_is_a_timeout_even_when_a_busy_loop_notices_late():
+    @tool(policy=ToolPolicy(timeout_s=0.2))
+    def slowish() -> str:
+        """Take 0.3 s."""
+        time.sleep(0.3)
+        return "late"
+
+    async def main():
+        call = asyncio.ensure_future(ToolExecutor([slowish]).execute([ToolCall("slowish", {})]))
+        await asyncio.sleep(0.01)  # the call's thread has started
+        time.sleep(0.5)  # the loop is busy: by the time it looks, the tool has returned
+        return await call
+
+    [r] = asyncio.run(main())
+    assert r.content == "Error (timeout): 'slowish' did not finish within 0.2 s"
+
+
 def test_hung_sync_tools_do_not_starve_asyncio_to_thread():
     release = threading.Event()
     stuck = _hanging_tool(release, cap=8)
@@ -268,28 +285,43 @@ def test_hung_sync_tools_do_not_starve_asyncio_to_thread():
 
 # -- max_concurrency: one limit per tool for the whole process --------------------------------
 class Gauge:
-    """Counts calls in progress and remembers the most seen at once."""
+    """Counts calls in progress and remembers the most seen at once.
 
-    def __init__(self):
-        self.lock, self.now, self.peak, self.calls = threading.Lock(), 0, 0, 0
+    A call stays until `limit` calls are in (or 0.5 s passed), so that the peak reaches the limit
+    however slowly the machine starts threads, and would pass it at once if the limit leaked.
+    """
+
+    def __init__(self, limit: int):
+        self.limit, self.cond, self.now, self.peak, self.calls = limit, threading.Condition(), 0, 0, 0
 
     def enter(self):
-        with self.lock:
+        with self.cond:
             self.now += 1
             self.calls += 1
             self.peak = max(self.peak, self.now)
+            self.cond.notify_all()
+
+    def full(self) -> bool:
+        return self.now >= self.limit
+
+    def wait_full(self):
+        with self.cond:
+            self.cond.wait_for(self.full, timeout=0.5)
 
     def leave(self):
-        with self.lock:
+        with self.cond:
             self.now -= 1
 
 
 def _gauged(is_async: bool, limit: int):
-    gauge = Gauge()
+    gauge = Gauge(limit)
     if is_async:
         async def busy() -> str:
             """Be busy."""
             gauge.enter()
+            deadline = time.monotonic() + 0.5
+            while not gauge.full() and time.monotonic() < deadline:
+                await asyncio.sleep(0.001)
             await asyncio.sleep(0.01)
             gauge.leave()
             return "ok"
@@ -297,6 +329,7 @@ def _gauged(is_async: bool, limit: int):
         def busy() -> str:
             """Be busy."""
             gauge.enter()
+            gauge.wait_full()
             time.sleep(0.01)
             gauge.leave()
             return "ok"

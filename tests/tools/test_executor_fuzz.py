@@ -39,6 +39,7 @@ NOTICE = ("[cut: this turn's tool output", "not shown: this turn's tool output")
 
 MODES_SENT: Counter[str] = Counter()
 KINDS_SEEN: Counter[K | None] = Counter()
+LATE = [0]  # quick calls that timed out all the same
 
 
 def _random_call(rng: random.Random, slow_share: float) -> tuple[str, dict, set]:
@@ -50,6 +51,11 @@ def _check_result(content: str, kind: K | None, allowed: set, limit: int) -> Non
     zoo.check_tool_message(content, kind, limit)
     if any(n in content for n in NOTICE):
         return  # cut or withheld by the turn's character limit: the notice says so
+    if kind == K.TIMEOUT and K.TIMEOUT not in allowed:
+        # A quick call can still pass 0.2 s on a machine this suite shares with others; it is
+        # typed all the same. Counted, and bounded below, so a real slowdown would still show.
+        LATE[0] += 1
+        return
     assert kind in allowed | {K.UNAVAILABLE}, (kind, allowed, content[:300])
 
 
@@ -101,6 +107,7 @@ def test_executor_fuzz():
     # The suite reached every behaviour of the zoo and every kind of outcome.
     assert set(MODES_SENT) == set(MODES), set(MODES) - set(MODES_SENT)
     assert set(KINDS_SEEN) == set(K) | {None}, set(K) - set(KINDS_SEEN)
+    assert LATE[0] <= 0.02 * sum(KINDS_SEEN.values()), (LATE[0], KINDS_SEEN)
 
 
 # -- through ToolEnv: model text in, observation out -----------------------------------------
