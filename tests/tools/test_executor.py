@@ -234,7 +234,7 @@ def test_sync_timeout_returns_on_time_and_the_thread_is_accounted_for(caplog):
         # At the cap, calls are refused at once instead of piling up threads.
         t0 = time.perf_counter()
         [r] = asyncio.run(ex.execute([ToolCall("stuck", {})]))
-        assert time.perf_counter() - t0 < 0.1 and r.error_kind == ToolErrorKind.UNAVAILABLE
+        assert time.perf_counter() - t0 < 0.15 and r.error_kind == ToolErrorKind.UNAVAILABLE  # no 0.2 s wait
         assert "2 earlier calls passed their 0.2 s timeout and are still running" in r.content
         assert ex.error_counts == {"timeout": 2, "unavailable": 1}
     finally:
