@@ -58,6 +58,7 @@ class ToolErrorKind(str, enum.Enum):
     TIMEOUT = "timeout"
     OUTPUT_TOO_LARGE = "output_too_large"
     RATE_LIMITED = "rate_limited"
+    UNAVAILABLE = "unavailable"  # the tool refuses calls for now (too many abandoned calls still running)
 
 
 class ToolError(AgentRLError):

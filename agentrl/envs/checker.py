@@ -30,7 +30,7 @@ from typing import Any, Literal
 from gymnasium.utils import env_checker as gym_checker
 
 from agentrl.envs import checks
-from agentrl.envs.checks import CheckFailed, CheckSkipped, EnvFactory, where_raised
+from agentrl.envs.checks import ENV_FAILURES, CheckFailed, CheckSkipped, EnvFactory, where_raised
 from agentrl.envs.core import Env
 
 Status = Literal["pass", "fail", "skip", "warn"]
@@ -72,7 +72,7 @@ def _run(name: str, check: Callable[[], str | None]) -> CheckResult:
             return CheckResult(name, "skip", str(exc))
         except CheckFailed as exc:
             return CheckResult(name, "fail", str(exc))
-        except Exception as exc:  # noqa: BLE001 - an assertion of Gymnasium's or a crash in the env
+        except ENV_FAILURES as exc:  # noqa: BLE001 - an assertion of Gymnasium's, a crash or an exit in the env
             return CheckResult(name, "fail", f"{type(exc).__name__}: {str(exc)[:500]}{where_raised(exc)}")
     # UserWarning is what Gymnasium's logger.warn emits; library deprecations are noise here
     notes = list(dict.fromkeys(_ANSI.sub("", str(w.message)).removeprefix("WARN: ")

@@ -7,7 +7,6 @@ came back and how to fix it when it does not, and `CheckSkipped` when it does no
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 import random
@@ -21,8 +20,12 @@ from gymnasium.utils.env_checker import data_equivalence
 from agentrl.envs.core import Env, Message
 from agentrl.envs.hostile import hostile_actions
 from agentrl.errors import EnvError
+from agentrl.tools.blocking import run_blocking
 
 EnvFactory = Callable[[], Env]
+# What an env's own code may raise and the checker reports instead of obeying: `sys.exit()` in an
+# env must not end the check before its report. KeyboardInterrupt is left out: it may be Ctrl-C.
+ENV_FAILURES = (Exception, SystemExit, GeneratorExit)
 ROLES = ("system", "user", "assistant", "tool")
 _PLAIN_ANSWERS = ("The answer is 42.", "42", "<action>0</action>", "0")
 
@@ -110,7 +113,7 @@ def _play(env: Env, seed: int, split: str, policy: Callable[[], str], max_turns:
     """Reset, then step with `policy` until the episode ends or `max_turns`; all returns, validated."""
     try:
         first = env.reset(seed=seed, options={"split": split})
-    except Exception as exc:  # noqa: BLE001 - the report names it
+    except ENV_FAILURES as exc:  # noqa: BLE001 - the report names it
         raise CheckFailed(f"split {split!r} seed {seed}: reset raised {type(exc).__name__}: "
                           f"{str(exc)[:300]}{where_raised(exc)}") from exc
     out: list[tuple] = [validate_reset(first, f"reset(seed={seed})")]
@@ -118,7 +121,7 @@ def _play(env: Env, seed: int, split: str, policy: Callable[[], str], max_turns:
         action = policy()
         try:
             result = env.step(action)
-        except Exception as exc:  # noqa: BLE001 - the report names it
+        except ENV_FAILURES as exc:  # noqa: BLE001 - the report names it
             raise CheckFailed(f"split {split!r} seed {seed} turn {turn}: step raised {type(exc).__name__}: "
                               f"{str(exc)[:300]}{where_raised(exc)}; action: {_short(action, 80)}") from exc
         out.append(validate_step(result, f"step() at turn {turn} (split {split!r}, seed {seed})"))
@@ -196,8 +199,8 @@ def check_return_types(make_env: EnvFactory, seed: int) -> str:
     try:
         for split in env.splits:
             _play(env, seed, split, lambda: _benign_action(env, rng), 3)
-        validate_reset(asyncio.run(env.areset(seed=seed, options={"split": env.splits[0]})), "areset()")
-        validate_step(asyncio.run(env.astep(_benign_action(env, rng))), "astep()")
+        validate_reset(run_blocking(env.areset(seed=seed, options={"split": env.splits[0]})), "areset()")
+        validate_step(run_blocking(env.astep(_benign_action(env, rng))), "astep()")
     finally:
         env.close()
     return "reset, step, areset and astep on every split"
@@ -238,7 +241,7 @@ def check_step_after_end(make_env: EnvFactory, seed: int, max_turns: int = 200) 
             raise CheckSkipped(f"no episode ended within {max_turns} turns of plain answers and the env's "
                                "scripted_action; give the env a scripted_action(rng) that finishes episodes")
         _expect_env_error(lambda: env.step("The answer is 42."), "step()")
-        _expect_env_error(lambda: asyncio.run(env.astep("The answer is 42.")), "astep()")
+        _expect_env_error(lambda: run_blocking(env.astep("The answer is 42.")), "astep()")
     finally:
         env.close()
     return f"EnvError after an episode of {_count(len(played) - 1, 'turn')}"
@@ -328,6 +331,7 @@ def check_hostile_actions(make_env: EnvFactory, seed: int, episodes: int, max_tu
     rng.shuffle(actions)
     sent, turns, played = 0, 0, 0
     failures: list[str] = []
+    tool_errors: dict[str, int] = {}
 
     def policy() -> str:
         nonlocal sent
@@ -339,7 +343,11 @@ def check_hostile_actions(make_env: EnvFactory, seed: int, episodes: int, max_tu
     try:
         while (played < episodes or sent < len(actions)) and played < episodes + 10 * len(actions):
             try:
-                turns += len(_play(env, seed + played, env.splits[played % len(env.splits)], policy, max_turns)) - 1
+                steps = _play(env, seed + played, env.splits[played % len(env.splits)], policy, max_turns)[1:]
+                turns += len(steps)
+                for step in steps:
+                    for kind, n in dict(step[4].get("tool_errors") or {}).items():
+                        tool_errors[str(kind)] = tool_errors.get(str(kind), 0) + int(n)
             except CheckFailed as exc:
                 failures.append(f"episode {played}: {exc}")
             played += 1
@@ -348,5 +356,6 @@ def check_hostile_actions(make_env: EnvFactory, seed: int, episodes: int, max_tu
     if failures:
         more = f"\n(and {len(failures) - 3} more)" if len(failures) > 3 else ""
         raise CheckFailed("\n".join(failures[:3]) + more)
+    seen = ", ".join(f"{k} {n}" for k, n in sorted(tool_errors.items()))
     return (f"{_count(played, 'episode')}, {_count(turns, 'turn')}, all {len(actions)} kinds of hostile turn sent; "
-            f"tools {tool_names or 'none'}")
+            f"tools {tool_names or 'none'}" + (f"; tool errors shown to the model: {seen}" if seen else ""))

@@ -21,8 +21,9 @@ from typing import Any
 
 from agentrl.envs.core import Env, Message, Observation, Task
 from agentrl.errors import EnvError
+from agentrl.tools.blocking import run_blocking
 from agentrl.tools.core import Tool, ToolResult, call_id
-from agentrl.tools.executor import ToolExecutor
+from agentrl.tools.executor import DEFAULT_MAX_OBSERVATION_CHARS, ToolExecutor
 from agentrl.tools.parsers import bind_parser
 
 # A turn longer than this is parsed in a worker thread: parsing is linear, but a megabyte still
@@ -37,8 +38,10 @@ class ToolEnv(Env):
         tools: The tools offered to the model.
         parser: Name of the tool-call parser (`hermes` by default); it is given the tools' parameter
             schemas, which `qwen3_coder` uses to type each value.
-        max_calls_per_turn: Calls beyond this in one turn are refused with a tool error.
+        max_calls_per_turn: Calls beyond this in one turn are not run; one tool message says so.
         system_prompt: Optional system message placed before the task.
+        max_observation_chars: Total characters of one turn's tool messages; what passes it is
+            cut or withheld with a marker saying so.
 
     Subclasses implement `sample_task(split, seed) -> Task` and `score(task, answer_text) -> float`.
     """
@@ -49,11 +52,13 @@ class ToolEnv(Env):
         parser: str = "hermes",
         max_calls_per_turn: int = 8,
         system_prompt: str | None = None,
+        max_observation_chars: int = DEFAULT_MAX_OBSERVATION_CHARS,
     ):
         self.tools = tuple(tools)
         self.parser_name = parser
         self.parse = bind_parser(parser, {t.name: t.parameters for t in self.tools})
-        self.executor = ToolExecutor(self.tools, max_calls_per_turn=max_calls_per_turn)
+        self.executor = ToolExecutor(self.tools, max_calls_per_turn=max_calls_per_turn,
+                                     max_observation_chars=max_observation_chars)
         self.system_prompt = system_prompt
         self.task: Task | None = None
         self._done = True
@@ -90,7 +95,8 @@ class ToolEnv(Env):
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return asyncio.run(self.astep(action))
+            # not asyncio.run: its shutdown would wait forever for an async tool that ignores cancellation
+            return run_blocking(self.astep(action))
         raise EnvError("ToolEnv.step was called inside a running event loop; await env.astep(action) instead")
 
     async def areset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):

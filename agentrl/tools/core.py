@@ -8,30 +8,46 @@ the signature and docstring. `ToolCall` is what a parser extracts from model tex
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agentrl.errors import ToolErrorKind
+from agentrl.errors import ConfigError, ToolErrorKind
 from agentrl.registry import Registry
 from agentrl.tools.schema import function_schema
 
 
 @dataclass(frozen=True)
 class ToolPolicy:
-    """How a tool may run.
+    """How a tool may run (the executor enforces it; see docs/tools.md for what holds exactly).
 
     Attributes:
-        timeout_s: Wall-clock limit of one call.
-        max_concurrency: Calls of this tool running at once, across episodes.
+        timeout_s: Wall-clock limit of one attempt; past it the model gets a `timeout` error.
+            A sync tool's thread cannot be killed: it is abandoned and runs on until it returns.
+        max_concurrency: Calls of this tool in progress at once, across every episode and env
+            instance of the process that holds this `Tool` object. Queued calls wait their turn;
+            an abandoned call gives its slot back at its timeout.
         max_output_chars: Longer output is truncated with a marker.
         retries: Extra attempts after an infrastructure fault (not after a model's bad input).
+        max_abandoned: While this many calls of the tool that passed their timeout are still
+            running, new calls are refused with an `unavailable` error instead of piling up
+            threads; they are accepted again as the abandoned ones return.
     """
 
     timeout_s: float = 10.0
     max_concurrency: int = 64
     max_output_chars: int = 4096
     retries: int = 0
+    max_abandoned: int = 8
+
+    def __post_init__(self):
+        if not (isinstance(self.timeout_s, (int, float)) and math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise ConfigError(f"ToolPolicy.timeout_s must be a finite number of seconds > 0, got {self.timeout_s!r}")
+        for name, low in (("max_concurrency", 1), ("max_output_chars", 1), ("retries", 0), ("max_abandoned", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"ToolPolicy.{name} must be an integer >= {low}, got {value!r}")
 
 
 @dataclass(frozen=True)

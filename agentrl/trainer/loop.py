@@ -16,7 +16,6 @@ the weights, optimizer, scheduler and RNG states, so `--resume` repeats an unint
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from agentrl.rollout.backends.embedded import EmbeddedEngine
 from agentrl.rollout.chat import ChatRenderer
 from agentrl.rollout.engine import SamplingParams
 from agentrl.rollout.trajectory import Trajectory
+from agentrl.tools.blocking import run_blocking
 from agentrl.trainer.algos import filter_uniform_groups
 from agentrl.trainer.attention import register_varlen_attention
 from agentrl.trainer.metrics import MetricsWriter, rollout_metrics
@@ -90,8 +90,9 @@ class Session:
     def play(self, specs: list[EpisodeSpec], temperature: float, seed: int | None = None) -> list[Trajectory]:
         lock = self.cfg.rollout.lockstep
         lockstep = lock == "on" or (lock == "auto" and torch.device(self.cfg.model.device).type == "cpu")
-        return asyncio.run(run_episodes(self.engine, self.pool, self.renderer, self.sampling(temperature, seed),
-                                        self.limits(), specs, env_id=self.cfg.env.id, lockstep=lockstep))
+        # run_blocking, not asyncio.run: its shutdown waits a bounded time for a tool that ignores cancellation
+        return run_blocking(run_episodes(self.engine, self.pool, self.renderer, self.sampling(temperature, seed),
+                                         self.limits(), specs, env_id=self.cfg.env.id, lockstep=lockstep))
 
     def push_weights(self, version: int) -> None:
         self.engine.update_weights(merged_state_dict(self.policy), version=version)

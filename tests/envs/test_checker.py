@@ -16,8 +16,11 @@ from typer.testing import CliRunner
 
 from agentrl.cli import app
 from agentrl.envs import ENVS, Env, Message, check_env
+from agentrl.envs.core import Task
 from agentrl.envs.hostile import hostile_actions
+from agentrl.envs.tool_env import ToolEnv
 from agentrl.errors import EnvError
+from agentrl.tools.core import tool
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -109,6 +112,13 @@ class NanReward(GuessEnv):
         return obs, (float("nan") if action == "" else reward), terminated, truncated, info
 
 
+class ExitsInStep(GuessEnv):
+    def step(self, action):
+        if action == "":
+            sys.exit(3)  # the env's own code ends the process: check-env must report it, not obey
+        return super().step(action)
+
+
 class LeaksAChild(GuessEnv):
     spawned: list[subprocess.Popen] = []
 
@@ -137,6 +147,7 @@ def test_the_reference_broken_env_base_passes():
      ["step() after the episode ended returned normally; it must raise agentrl.errors.EnvError"]),
     (NumpyFlags, "return types", ["returned terminated of type numpy.bool; expected bool (wrap it in bool())"]),
     (NanReward, "hostile actions", ["non-finite reward nan"]),
+    (ExitsInStep, "hostile actions", ["step raised SystemExit: 3", "in step"]),
     (LeaksAChild, "close() twice, no child process left", ["close() left 1 child process(es) behind", "sleep"]),
 ])
 def test_broken_envs_fail_with_a_useful_message(env_cls, check, fragments):
@@ -152,6 +163,41 @@ def test_broken_envs_fail_with_a_useful_message(env_cls, check, fragments):
     assert row.status == "fail", report.results
     for fragment in fragments:
         assert fragment in row.detail, row.detail
+
+
+@tool
+def quit_now() -> str:
+    """Leave."""
+    sys.exit("bye")
+
+
+@tool
+def interrupt() -> str:
+    """Stop."""
+    raise KeyboardInterrupt
+
+
+class ExitingToolsEnv(ToolEnv):
+    """Tools that exit or interrupt the process: contained by the executor, so the env keeps the contract."""
+
+    def __init__(self):
+        super().__init__([quit_now, interrupt])
+
+    def sample_task(self, split, seed):
+        return Task(id=f"{split}-{seed}", prompt=f"Say {2 * seed + (split == 'test')}.", answer="", split=split)
+
+    def score(self, task, answer):
+        return 0.0
+
+    def scripted_action(self, rng):
+        return '<tool_call>{"name": "%s", "arguments": {}}</tool_call>' % rng.choice(["quit_now", "interrupt"])
+
+
+def test_tools_that_exit_are_contained_and_reported():
+    report = check_env(ExitingToolsEnv, episodes=3)
+    assert report.ok, report.failures
+    hostile = next(r for r in report.results if r.name.startswith("hostile actions"))
+    assert "tool errors shown to the model:" in hostile.detail and "runtime" in hostile.detail
 
 
 def test_an_env_that_cannot_be_built_is_one_failed_row():

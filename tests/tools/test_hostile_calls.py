@@ -279,9 +279,10 @@ class Case:
 
 
 def check_rate_limited(ctx: Ctx, obs: tuple[Message, ...], info: dict) -> None:
-    assert len(obs) == 300 and info["tool_calls"] == 300
+    # MAX_CALLS results, then one message for the calls not run (each counted in info["tool_errors"])
+    assert len(obs) == MAX_CALLS + 1 and info["tool_calls"] == 300
     assert [m.content for m in obs[:MAX_CALLS]] == ["1\n"] * MAX_CALLS
-    assert all(m.content.startswith("Error (rate_limited)") for m in obs[MAX_CALLS:])
+    assert obs[-1].content.startswith("Error (rate_limited)") and f"the other {300 - MAX_CALLS} calls" in obs[-1].content
 
 
 def check_no_secret(ctx: Ctx, obs: tuple[Message, ...], info: dict) -> None:
