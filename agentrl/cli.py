@@ -55,6 +55,14 @@ def _errors_reported() -> Iterator[None]:
         raise typer.Exit(code=1) from None
 
 
+def _quiet_loaders() -> None:
+    """Switch off transformers' per-load progress bars: they end without a newline on stderr and
+    would run into the command's own lines (an error line among them)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _print_episode_errors(metrics: dict, printer) -> None:
     """The first distinct episode-error texts of a batch, one per line (they are not trained on)."""
     samples = metrics.get("error_samples") or []
@@ -84,6 +92,7 @@ def train(
     from agentrl.config import load_config
     from agentrl.trainer.loop import train as run_training
 
+    _quiet_loaders()
     with _errors_reported():
         cfg = load_config(config, overrides or [])
     console.print(f"[bold]agentrl train[/] env={cfg.env.id} model={cfg.model.path} steps={cfg.train.steps} "
@@ -145,6 +154,7 @@ def evaluate_cmd(
 
     from agentrl.errors import ConfigError
 
+    _quiet_loaders()
     with _errors_reported():
         cfg = load_config(config, overrides or [])
         ev = cfg.eval
@@ -247,15 +257,15 @@ def tiny_model(
     from agentrl.errors import ConfigError
 
     given = {"demos": demos, "tool_use_prob": tool_use_prob, "sft_steps": sft_steps}
+    _quiet_loaders()
     with _errors_reported():
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {str(out)!r} is a file; pass a directory for the model")
         try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"--out {str(out)!r} cannot be created ({exc.strerror or exc}); pass a writable "
+            build_tiny_model(out, env, seed=seed, **{k: v for k, v in given.items() if v is not None})
+        except OSError as exc:  # the model is built in memory first; only saving touches --out
+            raise ConfigError(f"--out {str(out)!r} cannot be written ({exc.strerror or exc}); pass a writable "
                               "directory") from None
-        build_tiny_model(out, env, seed=seed, **{k: v for k, v in given.items() if v is not None})
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -81,7 +81,7 @@ class Session:
         check_device(cfg.model.device)
         check_model_dir(path, field, r.max_total_tokens)
         probe = build_env(cfg.env.id, cfg.env.kwargs)
-        fix = f"check that {field} holds a complete Hugging Face model, saved with save_pretrained"
+        fix = f"check that {field} holds a complete Hugging Face causal LM, saved with save_pretrained"
         with reported(f"cannot load the tokenizer of {field} {path!r}", fix):
             tokenizer = AutoTokenizer.from_pretrained(path)
         with reported(f"cannot render prompts with the chat template of {field} {path!r}", fix):

@@ -75,6 +75,9 @@ class RunDir:
         if ours and not self.overwrite:
             last = latest_checkpoint(p)
             held = f"checkpoint {last.name}" if last else _names(ours)
+            if foreign:  # --overwrite would refuse too: it deletes only a run's own files
+                raise ConfigError(f"run_dir {str(p)!r} already holds a run ({held}) and other files "
+                                  f"({_names(foreign)}); continue it with --resume or set run_dir to a new directory")
             raise ConfigError(f"run_dir {str(p)!r} already holds a run ({held}); continue it with --resume, replace "
                               "it with --overwrite, or set run_dir to a new directory")
         if foreign:
