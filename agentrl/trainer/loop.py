@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from agentrl.config import Config
+from agentrl.envs.core import Env
 from agentrl.envs.registration import make
 from agentrl.rollout.agent_loop import EnvPool, EpisodeLimits, EpisodeSpec, run_episodes
 from agentrl.rollout.backends.embedded import EmbeddedEngine
@@ -73,14 +74,22 @@ class Session:
             splits: (split, where it was given) pairs the session will play, e.g. ("train",
                 "env.train_split"); each must exist and its prompts must fit rollout.max_total_tokens.
         """
-        from transformers import AutoTokenizer
-
         path = model_path or cfg.model.path
         field = "--model" if model_path else "model.path"
-        r = cfg.rollout
         check_device(cfg.model.device)
-        check_model_dir(path, field, r.max_total_tokens)
+        check_model_dir(path, field, cfg.rollout.max_total_tokens)
         probe = build_env(cfg.env.id, cfg.env.kwargs)
+        try:
+            return cls._load(cfg, path, field, probe, splits)
+        except BaseException:
+            probe.close()  # an env may hold a subprocess or a connection
+            raise
+
+    @classmethod
+    def _load(cls, cfg: Config, path: str, field: str, probe: Env, splits: Sequence[tuple[str, str]]) -> Session:
+        from transformers import AutoTokenizer
+
+        r = cfg.rollout
         fix = f"check that {field} holds a complete Hugging Face causal LM, saved with save_pretrained"
         with reported(f"cannot load the tokenizer of {field} {path!r}", fix):
             tokenizer = AutoTokenizer.from_pretrained(path)
@@ -237,6 +246,14 @@ def _run(cfg: Config, run: RunDir, on_step, resume: bool) -> dict[str, object]:
     evaluating = ev.num_tasks > 0 and (ev.before or ev.after)
     splits = [(cfg.env.train_split, "env.train_split")] + ([(ev.split, "eval.split")] if evaluating else [])
     s = Session.open(cfg, splits=splits)
+    try:
+        return _run_session(s, run, on_step, resume)
+    finally:
+        s.pool.close()
+
+
+def _run_session(s: Session, run: RunDir, on_step, resume: bool) -> dict[str, object]:
+    cfg, ev = s.cfg, s.cfg.eval
     run.start()
     run_dir = run.path
     optimizer = torch.optim.AdamW([p for p in s.policy.parameters() if p.requires_grad], lr=cfg.optim.lr,
@@ -276,7 +293,6 @@ def _run(cfg: Config, run: RunDir, on_step, resume: bool) -> dict[str, object]:
         result["after"] = evaluate(s, ev.split, ev.num_tasks, ev.temperature, ev.seed)
         writer.write({"event": "eval_after", **result["after"]})
     writer.close()
-    s.pool.close()
     return result
 
 
