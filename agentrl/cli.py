@@ -6,12 +6,19 @@ Example:
     agentrl eval examples/calculator.yaml --model runs/calculator/final
     agentrl check-env gym-frozenlake-v0 --episodes 20
     agentrl check-model models/tiny-calculator --env calculator-v0
+
+Every input error ends the command with one `error:` line naming the field and the fix (exit 2);
+an unexpected exception is a bug and ends it with one line too (exit 1; AGENTRL_TRACEBACK=1 shows
+the traceback).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -32,6 +39,40 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+@contextlib.contextmanager
+def _errors_reported() -> Iterator[None]:
+    """Input errors (`AgentRLError`) become one `error:` line and exit 2; anything else is a bug in
+    agentrl, reported on one line with exit 1 (the traceback with AGENTRL_TRACEBACK=1)."""
+    try:
+        yield
+    except AgentRLError as exc:
+        _fail(exc)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence of a command line
+        if os.environ.get("AGENTRL_TRACEBACK"):
+            raise
+        text = " ".join(str(exc).split())[:300]
+        console.print(f"[bold red]error:[/] internal error {type(exc).__name__}: {rich_escape(text)} (a bug in "
+                      "agentrl: rerun with AGENTRL_TRACEBACK=1 for the traceback and report it)", soft_wrap=True)
+        raise typer.Exit(code=1) from None
+
+
+def _quiet_loaders() -> None:
+    """Switch off transformers' per-load progress bars: they end without a newline on stderr and
+    would run into the command's own lines (an error line among them)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _print_episode_errors(metrics: dict, printer) -> None:
+    """The first distinct episode-error texts of a batch, one per line (they are not trained on)."""
+    samples = metrics.get("error_samples") or []
+    if samples:
+        printer(f"          [yellow]{int(metrics.get('episode_errors', 0))} episode(s) failed[/] (not trained on):")
+        for text in samples:
+            printer(f"            {rich_escape(text)}")
+
+
 def _fmt(metrics: dict[str, float], keys: list[str]) -> str:
     return "  ".join(f"{k}={metrics[k]:.3g}" for k in keys if k in metrics)
 
@@ -45,19 +86,21 @@ def train(
     config: Path = typer.Argument(..., help="YAML file of overrides of agentrl.config.Config."),
     overrides: Optional[list[str]] = typer.Argument(None, help="dotted.key=value overrides, e.g. train.steps=5"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in run_dir from its latest checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in run_dir (its files are deleted "
+                                   "once the new run's checks pass)."),
 ) -> None:
     """Train a policy with RL; prints held-out success before and after."""
     from agentrl.config import load_config
     from agentrl.trainer.loop import train as run_training
 
-    try:
+    _quiet_loaders()
+    with _errors_reported():
         cfg = load_config(config, overrides or [])
-    except AgentRLError as exc:
-        _fail(exc)
     console.print(f"[bold]agentrl train[/] env={cfg.env.id} model={cfg.model.path} steps={cfg.train.steps} "
                   f"run_dir={cfg.run_dir}")
-    with Progress(TextColumn("[bold blue]RL"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as progress:
+    bar = Progress(TextColumn("[bold blue]RL"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
+    with _errors_reported(), bar as progress:  # the bar stops before an error line is printed
         task = progress.add_task("train", total=cfg.train.steps)
         if resume:
             from agentrl.trainer.checkpoint import checkpoint_step, latest_checkpoint
@@ -65,17 +108,18 @@ def train(
             last = latest_checkpoint(cfg.run_dir)
             progress.update(task, completed=checkpoint_step(last) if last else 0)
 
-        def on_step(step: int, m: dict[str, float]) -> None:
+        def on_step(step: int, m: dict) -> None:
             progress.console.print(f"step {step:>4}  {_fmt(m, STEP_KEYS)}")
             errors = {k.split('/', 1)[1]: int(v) for k, v in m.items() if k.startswith("tool_errors/")}
             if errors:
                 progress.console.print(f"          tool errors: {errors}")
+            _print_episode_errors(m, progress.console.print)
             progress.update(task, advance=1)
 
-        try:
-            result = run_training(cfg, on_step=on_step, resume=resume)
-        except AgentRLError as exc:
-            _fail(exc)
+        result = run_training(cfg, on_step=on_step, resume=resume, overwrite=overwrite)
+    for key in ("before", "after"):
+        if key in result:
+            _print_episode_errors(result[key], console.print)
     _print_before_after(result, cfg.eval.split)
     (Path(cfg.run_dir) / "summary.json").write_text(json.dumps(
         {k: v for k, v in result.items() if k != "history" and v is not None}, indent=2))
@@ -109,15 +153,20 @@ def evaluate_cmd(
     from agentrl.config import load_config
     from agentrl.trainer.loop import Session, evaluate
 
-    try:
+    from agentrl.errors import ConfigError
+
+    _quiet_loaders()
+    with _errors_reported():
         cfg = load_config(config, overrides or [])
-        session = Session.open(cfg, model_path=model)
         ev = cfg.eval
-        m = evaluate(session, split or ev.split, ev.num_tasks, ev.temperature, ev.seed)
-    except AgentRLError as exc:
-        _fail(exc)
-    console.print(f"{model or cfg.model.path} on {cfg.env.id}/{split or ev.split} ({ev.num_tasks} tasks): "
+        if ev.num_tasks == 0:
+            raise ConfigError("eval.num_tasks=0: there is nothing to evaluate; set eval.num_tasks=N")
+        chosen = (split, "--split") if split is not None else (ev.split, "eval.split")
+        session = Session.open(cfg, model_path=model, splits=[chosen])
+        m = evaluate(session, chosen[0], ev.num_tasks, ev.temperature, ev.seed)
+    console.print(f"{model or cfg.model.path} on {cfg.env.id}/{chosen[0]} ({ev.num_tasks} tasks): "
                   f"success {m['success_rate']:.1%}  {_fmt(m, ['reward', 'tool_calls', 'turns', 'tool_errors'])}")
+    _print_episode_errors(m, console.print)
     print(json.dumps(m, sort_keys=True))
 
 
@@ -163,18 +212,16 @@ _STATUS_STYLE = {"pass": "[green]PASS[/]", "fail": "[bold red]FAIL[/]", "skip": 
 @app.command("check-env")
 def check_env_cmd(
     env_id: str = typer.Argument(..., help="Registered environment id, e.g. calculator-v0."),
-    episodes: int = typer.Option(10, "--episodes", "-n", min=1, help="Episodes of hostile play."),
-    seed: int = typer.Option(0, help="Base seed of every check."),
+    episodes: int = typer.Option(10, "--episodes", "-n", min=1, max=100_000, help="Episodes of hostile play."),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Base seed of every check."),
 ) -> None:
     """Check an environment against Gymnasium's and agentrl's contracts; exit 1 on any failure."""
     from agentrl.envs.checker import check_env
     from agentrl.envs.registration import ENVS
 
-    try:
+    with _errors_reported():
         ENVS.spec(env_id)
-    except AgentRLError as exc:
-        _fail(exc)
-    report = check_env(env_id, episodes=episodes, seed=seed)
+        report = check_env(env_id, episodes=episodes, seed=seed)
     table = Table(title=f"agentrl check-env {env_id}")
     table.add_column("check")
     table.add_column("result")
@@ -203,10 +250,9 @@ def check_model_cmd(
 
     if not model_dir.is_dir():
         _fail(ConfigError(f"{model_dir} is not a directory; give a Hugging Face model directory"))
-    try:
+    _quiet_loaders()
+    with _errors_reported():
         report = check_model(model_dir, env_id, parser=parser, episodes=episodes)
-    except AgentRLError as exc:
-        _fail(exc)
     table = Table(title=f"agentrl check-model {model_dir} --env {env_id}")
     table.add_column("check")
     table.add_column("result")
@@ -227,10 +273,12 @@ def check_model_cmd(
 def tiny_model(
     out: Path = typer.Option(Path("models/tiny-calculator"), help="Output directory."),
     env: str = typer.Option("calculator-v0", help="Environment whose scripted solver provides demonstrations."),
-    demos: Optional[int] = typer.Option(None, help="Demonstration episodes (default: a fresh one per SFT sample)."),
-    tool_use_prob: Optional[float] = typer.Option(None, help="How often the demonstrator calls the tool."),
-    sft_steps: Optional[int] = typer.Option(None, help="Supervised warm-start steps."),
-    seed: int = typer.Option(0, help="Seed."),
+    demos: Optional[int] = typer.Option(None, min=1, max=10_000_000,
+                                        help="Demonstration episodes (default: a fresh one per SFT sample)."),
+    tool_use_prob: Optional[float] = typer.Option(None, min=0.0, max=1.0,
+                                                  help="How often the demonstrator calls the tool."),
+    sft_steps: Optional[int] = typer.Option(None, min=0, max=10_000_000, help="Supervised warm-start steps."),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed."),
 ) -> None:
     """Build a tiny tool-calling model from scratch (tokenizer, transformer, warm start).
 
@@ -238,11 +286,18 @@ def tiny_model(
     """
     from agentrl.recipes.tiny_model import build_tiny_model
 
+    from agentrl.errors import ConfigError
+
     given = {"demos": demos, "tool_use_prob": tool_use_prob, "sft_steps": sft_steps}
-    try:
-        build_tiny_model(out, env, seed=seed, **{k: v for k, v in given.items() if v is not None})
-    except AgentRLError as exc:
-        _fail(exc)
+    _quiet_loaders()
+    with _errors_reported():
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {str(out)!r} is a file; pass a directory for the model")
+        try:
+            build_tiny_model(out, env, seed=seed, **{k: v for k, v in given.items() if v is not None})
+        except OSError as exc:  # the model is built in memory first; only saving touches --out
+            raise ConfigError(f"--out {str(out)!r} cannot be written ({exc.strerror or exc}); pass a writable "
+                              "directory") from None
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -7,17 +7,31 @@ config (paths, counts) live in the code that uses them, never in a second copy o
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from agentrl.errors import ConfigError, did_you_mean
+from agentrl.errors import ConfigError, RegistryError, did_you_mean
+
+MAX_SEED = 2**32 - 1  # torch.manual_seed overflows past 64 bits; 32 bits (numpy's seed range) is ample
+MAX_TOKENS = 1 << 20  # no model in reach has a longer context; above this a typo allocates terabytes
+
+
+def _registered(registry: Any, name: str) -> str:
+    """`name` if `registry` knows it; else a ValueError (which pydantic reports) with a "did you mean"."""
+    try:
+        registry.spec(name)
+    except RegistryError as exc:
+        raise ValueError(str(exc)) from None
+    return name
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # NaN or inf in a float field (`lr: .nan`) passes no bound check, so it is refused outright.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class LoraConfig(_Frozen):
@@ -34,14 +48,23 @@ class ModelConfig(_Frozen):
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Rollout-engine dtype, and the trainer's parameter dtype unless "
         "train.mixed_precision is bf16 (then the trainer keeps float32 master weights).")
-    device: str = Field("cpu", description="Device of the trainer and the embedded engine (cpu, cuda).")
+    device: str = Field("cpu", description="Device of the trainer and the embedded engine: cpu, cuda or cuda:N.")
     lora: LoraConfig = LoraConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"cpu|cuda(:\d{1,3})?", v):
+            raise ValueError(f"unsupported device {v!r}; use cpu, cuda or cuda:N")
+        return v
 
 
 class EnvConfig(_Frozen):
     id: str = Field(description="Registered environment id, e.g. calculator-v0 (see `agentrl envs`).")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the env constructor.")
     train_split: str = Field("train", description="Split that training tasks are drawn from.")
+    allow_train_on_eval_split: bool = Field(
+        False, description="Allow env.train_split to equal eval.split (the held-out score then means nothing).")
 
 
 class RolloutConfig(_Frozen):
@@ -50,9 +73,14 @@ class RolloutConfig(_Frozen):
     samples_per_prompt: int = Field(8, ge=1, le=1024, description="Episodes per task (the GRPO group size).")
     temperature: float = Field(1.0, ge=0.0, le=10.0, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    max_tokens_per_turn: int = Field(64, ge=1, description="Most tokens the model may write in one turn.")
+    max_tokens_per_turn: int = Field(64, ge=1, le=MAX_TOKENS,
+                                     description="Most tokens the model may write in one turn.")
     max_turns: int = Field(4, ge=1, le=1000, description="Most model turns per episode.")
-    max_total_tokens: int = Field(512, ge=8, description="Most tokens per episode, prompt and observations included.")
+    max_total_tokens: int = Field(512, ge=8, le=MAX_TOKENS,
+                                  description="Most tokens per episode, prompt and observations included.")
+    max_error_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="Stop the run when more than this share of a step's or an evaluation's "
+        "episodes failed (env or engine error); 1.0 never stops. Failed episodes are never trained on.")
     lockstep: Literal["auto", "on", "off"] = Field(
         "auto", description="Submit each turn of all episodes together so batches, and results, are reproducible "
         "bit for bit (exact --resume); auto: on for CPU, off elsewhere (where tool time overlaps generation).")
@@ -82,21 +110,43 @@ class AlgorithmConfig(_Frozen):
                                    "equal and sample more tasks to refill the batch.")
     max_sampling_rounds: int = Field(3, ge=1, le=100, description="Most rollout rounds per step when refilling.")
 
+    @field_validator("advantage")
+    @classmethod
+    def _known_advantage(cls, v: str) -> str:
+        from agentrl.trainer.algos import ADVANTAGE_ESTIMATORS
+
+        return _registered(ADVANTAGE_ESTIMATORS, v)
+
+    @field_validator("policy_loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        from agentrl.trainer.algos import POLICY_LOSSES
+
+        return _registered(POLICY_LOSSES, v)
+
 
 class OptimConfig(_Frozen):
     lr: float = Field(1e-4, gt=0.0, le=1.0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas.")
+    betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas, each in [0, 1).")
     grad_clip: float = Field(1.0, gt=0.0, description="Global gradient-norm clip.")
-    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warmup, in optimizer steps.")
+    warmup_steps: int = Field(0, ge=0, le=10**9, description="Linear learning-rate warmup, in optimizer steps.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"AdamW betas must each be in [0, 1), got {list(v)}")
+        return v
 
 
 class TrainConfig(_Frozen):
-    steps: int = Field(20, ge=0, description="RL steps (one rollout batch and one update each).")
-    mini_batches: int = Field(1, ge=1, description="Optimizer steps per rollout batch.")
-    micro_batch_tokens: int = Field(8192, ge=64, description="Token budget of one packed micro-batch.")
-    seed: int = Field(0, ge=0, description="Seed of the data order, sampling and initialisation.")
-    logprob_chunk: int = Field(2048, ge=16, description="Tokens per chunk of the vocabulary projection.")
+    steps: int = Field(20, ge=0, le=10**9, description="RL steps (one rollout batch and one update each).")
+    mini_batches: int = Field(1, ge=1, le=100_000, description="Optimizer steps per rollout batch.")
+    micro_batch_tokens: int = Field(8192, ge=64, le=64 * MAX_TOKENS,
+                                    description="Token budget of one packed micro-batch.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the data order, sampling and initialisation.")
+    logprob_chunk: int = Field(2048, ge=16, le=MAX_TOKENS, description="Tokens per chunk of the vocabulary projection.")
     gradient_checkpointing: bool = Field(False, description="Recompute block activations in backward (less memory).")
     mixed_precision: Literal["none", "bf16"] = Field(
         "none", description="bf16: float32 master weights, bfloat16 compute (on GPUs).")
@@ -104,18 +154,18 @@ class TrainConfig(_Frozen):
                           "(on GPUs: faster steps after a one-time compile).")
     checkpoint_every: int = Field(
         10, ge=0, description="Save a resumable checkpoint every N steps (0: only at the end).")
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (older ones are deleted).")
+    keep_checkpoints: int = Field(2, ge=1, le=10_000, description="Checkpoints kept on disk (older ones are deleted).")
     max_nonfinite_steps: int = Field(
         3, ge=1, description="Stop the run after this many consecutive steps with a non-finite loss or gradient.")
 
 
 class EvalConfig(_Frozen):
     split: str = Field("test", description="Held-out split to evaluate on.")
-    num_tasks: int = Field(200, ge=0, description="Tasks evaluated (seeds 0..num_tasks-1 of the split).")
-    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature at evaluation.")
+    num_tasks: int = Field(200, ge=0, le=10_000_000, description="Tasks evaluated (seeds 0..num_tasks-1 of the split).")
+    temperature: float = Field(1.0, ge=0.0, le=10.0, description="Sampling temperature at evaluation.")
     before: bool = Field(True, description="Evaluate before training.")
     after: bool = Field(True, description="Evaluate after training.")
-    seed: int = Field(1234, ge=0, description="Sampling seed at evaluation.")
+    seed: int = Field(1234, ge=0, le=MAX_SEED, description="Sampling seed at evaluation.")
 
 
 class Config(_Frozen):
@@ -128,17 +178,94 @@ class Config(_Frozen):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
-    run_dir: str = Field("runs/default", description="Where metrics, checkpoints and the final model go.")
+    run_dir: str = Field("runs/default", min_length=1, description="Where metrics, checkpoints and the final model go.")
 
     @model_validator(mode="after")
     def _check(self) -> Config:
         if self.algorithm.advantage in ("grpo", "rloo", "dr_grpo") and self.rollout.samples_per_prompt < 2:
             raise ValueError(f"advantage {self.algorithm.advantage!r} compares samples of one task, so "
                              "rollout.samples_per_prompt must be at least 2")
+        if self.env.train_split == self.eval.split and not self.env.allow_train_on_eval_split:
+            raise ValueError(f"env.train_split and eval.split are both {self.eval.split!r}: training on the held-out "
+                             "split makes its score meaningless; pick another split, or set "
+                             "env.allow_train_on_eval_split=true if you mean it")
         if self.algorithm.tis != "none" and self.algorithm.old_logprobs != "recompute":
             raise ValueError("algorithm.tis corrects the trainer's old logprobs towards the engine's, so it needs "
                              "algorithm.old_logprobs=recompute (with 'rollout' every weight would be exactly 1)")
         return self
+
+
+# A config holds overrides: a few hundred values at most. These bounds are far above any real one
+# and far below what hurts: PyYAML's composer recurses per nesting level (a RecursionError near
+# depth 1000), and aliases are shared on load but copied by validation and JSON dumps, so nine
+# nested aliases of nine items each ("billion laughs") become a MemoryError after a long stall.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_DEPTH = 64
+MAX_YAML_NODES = 100_000
+
+
+def _scan_depth(text: str, where: str) -> None:
+    """Refuse nesting deeper than MAX_YAML_DEPTH, reading events (the event parser does not recurse)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise ConfigError(f"{where} nests more than {MAX_YAML_DEPTH} levels deep (line "
+                                  f"{event.start_mark.line + 1}); a config holds sections of plain values")
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            depth -= 1
+
+
+def _check_nodes(root: yaml.Node, where: str) -> None:
+    """Count the nodes `root` expands to with aliases resolved, refusing cycles, expansions past
+    MAX_YAML_NODES and duplicate keys, without expanding anything (memoised over the node graph)."""
+    size: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:  # iterative post-order: alias chains may be far deeper than the text's nesting
+        node, done = stack.pop()
+        key = id(node)
+        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else
+                    node.value if isinstance(node, yaml.SequenceNode) else [])
+        if done:
+            on_path.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in children)
+            if size[key] > MAX_YAML_NODES:
+                raise ConfigError(f"{where} expands to more than {MAX_YAML_NODES} values through YAML aliases "
+                                  f"(line {node.start_mark.line + 1}); write the values out or use fewer aliases")
+            continue
+        if key in size:
+            continue
+        if key in on_path:
+            raise ConfigError(f"{where} has a YAML alias that contains itself (line {node.start_mark.line + 1})")
+        if isinstance(node, yaml.MappingNode):
+            keys = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)]
+            dup = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+            if dup is not None:
+                raise ConfigError(f"{where} gives the key {dup!r} twice in one section (line "
+                                  f"{node.start_mark.line + 1}); keep one")
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in size)
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """Parse config YAML with bounds: depth, alias expansion, duplicate keys, plain types only.
+
+    Args:
+        text: The YAML text.
+        where: How to name it in errors ("configs/a.yaml", "override 'x=...'").
+    """
+    try:
+        _scan_depth(text, where)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is None:
+            return None
+        _check_nodes(root, where)
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {' '.join(str(exc).split())}") from None
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -159,44 +286,68 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+        value = safe_yaml(raw, f"override {item[:80]!r}") if raw.strip() else ""
         out.append((key.strip(), value))
     return out
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _explain(err: ValidationError, model: type[BaseModel]) -> str:
-    lines = []
+    """All problems of a config on one line: `field: what is wrong (got X)`, with "did you mean" for typos."""
+    parts = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             parent: Any = model
             for p in e["loc"][:-1]:
                 field = parent.model_fields.get(str(p)) if isinstance(parent, type) else None
                 parent = field.annotation if field is not None else None
             if isinstance(parent, type) and issubclass(parent, BaseModel):
-                msg = f"unknown key.{did_you_mean(str(e['loc'][-1]), parent.model_fields)} Known: {', '.join(parent.model_fields)}"
-        lines.append(f"  {loc or '(top)'}: {msg}")
-    return "invalid config:\n" + "\n".join(lines)
+                msg = (f"unknown key.{did_you_mean(str(e['loc'][-1]), parent.model_fields)} "
+                       f"Known: {', '.join(parent.model_fields)}")
+        elif e["type"] == "missing":
+            msg = "required; set it in the config file or as an override"
+        elif not e["type"].startswith("value_error") and not isinstance(e.get("input"), dict):
+            msg += f" (got {_short(e.get('input'))})"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "invalid config: " + "; ".join(parts)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The override tree of a YAML config file, refused clearly when it is not a small text mapping."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} is not a file; pass the path of a YAML file")
+    try:
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {str(p)!r} is {p.stat().st_size} bytes, more than a config's "
+                              f"limit of {MAX_CONFIG_BYTES}; a config holds overrides, not data")
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(p)!r}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {exc.start} is {raw[exc.start]:#04x}); "
+                          "is it a binary file?") from None
+    if "\x00" in text:
+        raise ConfigError(f"config file {str(p)!r} holds NUL bytes; it is not a YAML text file")
+    loaded = safe_yaml(text, str(p)) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p} must hold a mapping of sections (model:, env:, ...), got {type(loaded).__name__}")
+    return loaded
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Read a YAML file of overrides, apply `key=value` overrides, and validate."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p} is not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p} must hold a mapping of sections, got {type(loaded).__name__}")
-        tree = loaded
+    tree: dict[str, Any] = read_config_file(path) if path is not None else {}
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
     try:

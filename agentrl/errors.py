@@ -40,6 +40,10 @@ class EngineError(AgentRLError, RuntimeError):
     """An inference engine refused or failed a request."""
 
 
+class RolloutError(AgentRLError, RuntimeError):
+    """Too many episodes of a batch failed (env or engine errors); the message holds their first texts."""
+
+
 class TrainerError(AgentRLError, RuntimeError):
     """The trainer cannot go on (non-finite losses in a row, bad batch, ...)."""
 

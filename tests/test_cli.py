@@ -1,7 +1,9 @@
-"""The `agentrl` command as a user runs it (a real subprocess of the installed console script)."""
+"""The `agentrl` command as a user runs it (a real subprocess of the installed console script), and
+the run-directory and episode-error promises of `agentrl train`."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -9,7 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from typer.testing import CliRunner
+
+from agentrl.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,3 +59,67 @@ def test_unknown_env_suggests_the_right_id(tiny_model_dir, tmp_path):
                    "env.id=calculater-v0", "eval.num_tasks=1")
     assert out.returncode == 2
     assert "Did you mean 'calculator-v0'" in out.stdout
+
+
+# The run-directory and episode-error promises, through the real app in process (typer's CliRunner):
+# each needs several runs, and a fresh interpreter per run would triple the time.
+_spec = importlib.util.spec_from_file_location("agentrl_test_run_cli_hostile", ROOT / "tests" / "run_cli_hostile.py")
+_spec.loader.exec_module(importlib.util.module_from_spec(_spec))
+SMALL = ["rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "rollout.max_tokens_per_turn=16",
+         "rollout.max_turns=1", "rollout.max_total_tokens=128", "train.checkpoint_every=1"]
+
+
+def _invoke(*args) -> tuple[int, str]:
+    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+    return result.exit_code, result.output
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_second_run_into_run_dir_needs_overwrite_and_replaces_the_first(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    # quickstart.sh's shape: the config, --overwrite, then the user's overrides
+    args = ["train", ROOT / "examples/calculator.yaml", "--overwrite", f"model.path={tiny_model_dir}", *SMALL,
+            "train.steps=1", "eval.num_tasks=2", f"run_dir={run}"]
+    code, out = _invoke(*args)
+    assert code == 0, out
+    first = (run / "final" / "model.safetensors").stat().st_mtime_ns
+    code, out = _invoke(*[a for a in args if a != "--overwrite"])
+    assert code == 2 and "already holds a run (checkpoint step-000001)" in out, out
+    code, out = _invoke(*args)
+    assert code == 0, out
+    assert [r.get("event", "step") for r in _records(run)] == ["eval_before", "step", "eval_after"]  # one run only
+    assert (run / "final" / "model.safetensors").stat().st_mtime_ns != first
+
+
+def test_episode_errors_reach_the_console_and_metrics_and_are_not_trained_on(stopping_model_dir, tmp_path):
+    run = tmp_path / "run"
+    code, out = _invoke("train", ROOT / "examples/calculator.yaml", f"model.path={stopping_model_dir}",
+                        "env.id=hostile-flaky-v0", *SMALL, "rollout.prompts_per_step=4", "train.steps=3",
+                        "eval.num_tasks=0", f"run_dir={run}")
+    assert code == 0, out  # one task in four fails: under rollout.max_error_fraction, the run goes on
+    assert "episode(s) failed (not trained on)" in out and "TimeoutError: scorer timed out on task" in out, out
+    steps = [r for r in _records(run) if "step" in r]
+    assert sum(r["episode_errors"] for r in steps) > 0
+    for r in steps:
+        assert r["trained_episodes"] == 8 - r["episode_errors"]
+        assert bool(r.get("error_samples")) == bool(r["episode_errors"])
+
+
+def test_a_run_that_fails_after_its_first_step_keeps_its_files_and_the_error(tiny_model_dir, tmp_path):
+    from agentrl.trainer.loop import task_seeds
+
+    run = tmp_path / "run"
+    step2 = task_seeds(1, 2, 0)  # the tasks of step 2 (train.seed 0, 2 prompts per step)
+    code, out = _invoke("train", ROOT / "examples/calculator.yaml", f"model.path={tiny_model_dir}",
+                        "env.id=hostile-seeds-v0", f"env.kwargs.fail_seeds={step2}", *SMALL, "train.steps=3",
+                        "eval.num_tasks=0", f"run_dir={run}")
+    assert code == 2, out
+    error = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert len(error) == 1 and "step 2: 4 of 4 episodes failed" in error[0], out
+    assert "ConnectionError: task server dropped the request" in error[0]
+    last = _records(run)[-1]
+    assert last["event"] == "error" and last["message"] == error[0].removeprefix("error: ")
+    assert (run / "checkpoints" / "step-000001").is_dir()

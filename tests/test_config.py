@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agentrl.config import load_config
+from agentrl.config import load_config, safe_yaml
 from agentrl.errors import ConfigError
 
 BASE = ["model.path=m", "env.id=calculator-v0"]
@@ -38,3 +38,51 @@ def test_missing_or_malformed_file(tmp_path):
     bad.write_text("model: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_yaml_aliases_within_bounds_are_fine(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model: {path: m}\nenv: {id: calculator-v0, kwargs: {a: &x [1, 2], b: *x}}\n")
+    assert load_config(f).env.kwargs == {"a": [1, 2], "b": [1, 2]}
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("a: " + "[" * 64 + "]" * 64, "nests more than 64 levels"),  # the top mapping is a level too
+    ("a: &a [" + ", ".join(["x"] * 400) + "]\nb: &b [" + ", ".join(["*a"] * 400) + "]", "expands to more than 100000"),
+    ("a: &a [*a]", "alias that contains itself"),
+    ("model: {path: m, path: n}", "gives the key 'path' twice"),
+    ("a: !!python/name:os.system", "not valid YAML"),
+])
+def test_yaml_bombs_are_refused_before_they_expand(text, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        safe_yaml(text, "c.yaml")
+    assert safe_yaml("a: " + "[" * 63 + "]" * 63, "c.yaml")  # 64 levels is the most allowed
+
+
+def test_algorithm_names_come_from_the_registries():
+    from agentrl.trainer.algos import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
+
+    for name in ADVANTAGE_ESTIMATORS.ids():
+        assert load_config(None, BASE + [f"algorithm.advantage={name}"]).algorithm.advantage == name
+    for name in POLICY_LOSSES.ids():
+        assert load_config(None, BASE + [f"algorithm.policy_loss={name}"]).algorithm.policy_loss == name
+    with pytest.raises(ConfigError, match="Known: dr_grpo, grpo"):
+        load_config(None, BASE + ["algorithm.advantage=gae"])  # needs values: not an outcome estimator
+
+
+def test_training_on_the_eval_split_needs_the_flag():
+    with pytest.raises(ConfigError, match="allow_train_on_eval_split"):
+        load_config(None, BASE + ["env.train_split=test"])
+    cfg = load_config(None, BASE + ["env.train_split=test", "env.allow_train_on_eval_split=true"])
+    assert cfg.env.train_split == cfg.eval.split == "test"
+    assert load_config(None, BASE + ["env.train_split=test", "eval.split=validation"]).eval.split == "validation"
+
+
+@pytest.mark.parametrize("device, ok", [("cpu", True), ("cuda", True), ("cuda:1", True), ("tpu", False),
+                                        ("cuda:x", False), ("CPU", False), ("cuda:1:2", False)])
+def test_device_syntax(device, ok):
+    if ok:
+        assert load_config(None, BASE + [f"model.device={device}"]).model.device == device
+    else:
+        with pytest.raises(ConfigError, match="model.device: unsupported device"):
+            load_config(None, BASE + [f"model.device={device}"])

@@ -44,6 +44,10 @@ _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 _UNIQUE_LOCAL = ipaddress.ip_network("fc00::/7")
+# Judged here rather than left to `ipaddress`, whose answer for them changed between Python patch
+# releases (3.11.7 calls 192.0.0.192 global): IETF protocol assignments, where Oracle Cloud's
+# metadata service lives (192.0.0.192), and the IPv6 documentation range of RFC 9637.
+_NEVER_PUBLIC = (ipaddress.ip_network("192.0.0.0/24"), ipaddress.ip_network("3fff::/20"))
 _REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 _NOT_ALLOWED = "only public internet hosts can be fetched"
 
@@ -126,7 +130,8 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
 def is_public_address(ip: IPAddress) -> bool:
     """True only for globally routable unicast addresses.
 
-    Loopback, private, link-local (cloud metadata 169.254.169.254 included), CGNAT, multicast,
+    Loopback, private, link-local (cloud metadata 169.254.169.254 included), CGNAT, IETF protocol
+    assignments (192.0.0.0/24, Oracle Cloud's metadata 192.0.0.192 included), multicast,
     unspecified, reserved, documentation, unique-local and site-local addresses are not public;
     an IPv6 address that embeds an IPv4 one is judged by the IPv4 address.
 
@@ -143,6 +148,8 @@ def is_public_address(ip: IPAddress) -> bool:
         if ip in _UNIQUE_LOCAL or ip.is_site_local:
             return False
     elif ip in _CGNAT:
+        return False
+    if any(ip in net for net in _NEVER_PUBLIC if net.version == ip.version):
         return False
     special = ip.is_multicast or ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_unspecified
     return ip.is_global and not special
@@ -260,6 +267,11 @@ async def _send_pinned(client: httpx.AsyncClient, url: httpx.URL, ips: list[str]
         except httpx.ConnectError:
             if i == len(ips) - 1:
                 raise
+        except (httpx.InvalidURL, ValueError):
+            # Even without following, httpx builds a redirect's next request from the Location header, and
+            # some malformed ones (`http:x`, a bad IDNA label) raise InvalidURL or IDNAError there, not an
+            # HTTPError; the response is already closed by then.
+            raise ToolError(ToolErrorKind.RUNTIME, "the server sent an invalid redirect location") from None
     raise AssertionError("unreachable: _resolve_checked returns at least one address")
 
 

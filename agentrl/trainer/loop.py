@@ -12,21 +12,28 @@ This is the algorithm in one place; each stage is a named call:
 Everything a step consumes is a function of (config, step) or of the saved state: task seeds come
 from the step number, sampling seeds from the step and the episode index, and a checkpoint holds
 the weights, optimizer, scheduler and RNG states, so `--resume` repeats an uninterrupted run exactly.
+
+Nothing fails silently. Before any work, `Session.open` checks the device, the model directory, the
+env and every split the run will play (see `preflight.py`), and `RunDir` refuses a run_dir holding
+another run. Episodes that fail (an env or engine error) are shown, not only counted: their first
+distinct texts go to the console and `metrics.jsonl`; they are never trained on (that failure is
+not the policy's doing); and a step or evaluation where more than `rollout.max_error_fraction` of
+the episodes failed stops the run with those texts.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import torch
 
 from agentrl.config import Config
+from agentrl.envs.core import Env
 from agentrl.envs.registration import make
-from agentrl.errors import ConfigError
 from agentrl.rollout.agent_loop import EnvPool, EpisodeLimits, EpisodeSpec, run_episodes
 from agentrl.rollout.backends.embedded import EmbeddedEngine
 from agentrl.rollout.chat import ChatRenderer
@@ -35,9 +42,11 @@ from agentrl.rollout.trajectory import Trajectory
 from agentrl.tools.blocking import run_blocking
 from agentrl.trainer.algos import filter_uniform_groups
 from agentrl.trainer.attention import register_varlen_attention
-from agentrl.trainer.metrics import MetricsWriter, rollout_metrics
+from agentrl.trainer.metrics import MetricsWriter, check_episode_errors, error_samples, rollout_metrics
 from agentrl.trainer.policy import compile_blocks, export_hf, load_policy, merged_state_dict
+from agentrl.trainer.preflight import build_env, check_device, check_model_dir, check_splits, reported
 from agentrl.trainer.resume import NonFiniteGuard, restore_run, save_run
+from agentrl.trainer.run_dir import RunDir
 from agentrl.trainer.update import (LossSettings, episode_kl, outcome_advantages, policy_update,
                                     recompute_logprobs)
 
@@ -56,27 +65,51 @@ class Session:
     renderer: ChatRenderer
 
     @classmethod
-    def open(cls, cfg: Config, model_path: str | None = None) -> Session:
+    def open(cls, cfg: Config, model_path: str | None = None, splits: Sequence[tuple[str, str]] = ()) -> Session:
+        """Check, then load, everything a run needs; cheap checks come before expensive loads.
+
+        Args:
+            cfg: The run's config.
+            model_path: A model directory other than model.path (`agentrl eval --model`).
+            splits: (split, where it was given) pairs the session will play, e.g. ("train",
+                "env.train_split"); each must exist and its prompts must fit rollout.max_total_tokens.
+        """
+        path = model_path or cfg.model.path
+        field = "--model" if model_path else "model.path"
+        check_device(cfg.model.device)
+        check_model_dir(path, field, cfg.rollout.max_total_tokens)
+        probe = build_env(cfg.env.id, cfg.env.kwargs)
+        try:
+            return cls._load(cfg, path, field, probe, splits)
+        except BaseException:
+            probe.close()  # an env may hold a subprocess or a connection
+            raise
+
+    @classmethod
+    def _load(cls, cfg: Config, path: str, field: str, probe: Env, splits: Sequence[tuple[str, str]]) -> Session:
         from transformers import AutoTokenizer
 
-        path = model_path or cfg.model.path
-        if not Path(path).is_dir():
-            raise ConfigError(f"model.path {path!r} is not a directory; build one with `agentrl tiny-model --out {path}`")
+        r = cfg.rollout
+        fix = f"check that {field} holds a complete Hugging Face causal LM, saved with save_pretrained"
+        with reported(f"cannot load the tokenizer of {field} {path!r}", fix):
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        with reported(f"cannot render prompts with the chat template of {field} {path!r}", fix):
+            renderer = ChatRenderer(tokenizer, probe.tool_schemas())
+            check_splits(probe, cfg.env.id, splits, lambda messages: len(renderer.prompt_ids(messages)),
+                         r.max_total_tokens, r.max_tokens_per_turn)
         engine_dtype = _DTYPES[cfg.model.dtype]
         train_dtype = torch.float32 if cfg.train.mixed_precision == "bf16" else engine_dtype
         lora = cfg.model.lora
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        policy = load_policy(path, dtype=train_dtype, device=cfg.model.device,
-                             attn_implementation=register_varlen_attention(), lora_rank=lora.rank,
-                             lora_alpha=lora.alpha, lora_dropout=lora.dropout, lora_targets=lora.target_modules,
-                             gradient_checkpointing=cfg.train.gradient_checkpointing)
+        with reported(f"cannot load the model in {field} {path!r}", fix):
+            policy = load_policy(path, dtype=train_dtype, device=cfg.model.device,
+                                 attn_implementation=register_varlen_attention(), lora_rank=lora.rank,
+                                 lora_alpha=lora.alpha, lora_dropout=lora.dropout, lora_targets=lora.target_modules,
+                                 gradient_checkpointing=cfg.train.gradient_checkpointing)
+            engine = EmbeddedEngine(path, device=cfg.model.device, dtype=engine_dtype,
+                                    max_model_len=r.max_total_tokens + 1)
         if cfg.train.compile:
             compile_blocks(policy)
-        engine = EmbeddedEngine(path, device=cfg.model.device, dtype=engine_dtype,
-                                max_model_len=cfg.rollout.max_total_tokens + 1)
         pool = EnvPool(lambda: make(cfg.env.id, **cfg.env.kwargs))
-        probe = pool.take()
-        renderer = ChatRenderer(tokenizer, probe.tool_schemas())
         pool.give(probe)
         return cls(cfg, tokenizer, policy, engine, pool, renderer)
 
@@ -98,11 +131,19 @@ class Session:
         self.engine.update_weights(merged_state_dict(self.policy), version=version)
 
 
-def evaluate(session: Session, split: str, num_tasks: int, temperature: float, seed: int) -> dict[str, float]:
-    """Success rate on tasks 0..num_tasks-1 of a held-out split (one episode each)."""
+def evaluate(session: Session, split: str, num_tasks: int, temperature: float, seed: int) -> dict[str, Any]:
+    """Success rate on tasks 0..num_tasks-1 of a held-out split (one episode each), with the first
+    distinct episode-error texts under `error_samples`; raises `RolloutError` when more than
+    rollout.max_error_fraction of the episodes failed (a failed episode is not a policy failure)."""
     t0 = time.perf_counter()
     trajs = session.play([EpisodeSpec(seed=i, split=split, group_id=i) for i in range(num_tasks)], temperature, seed)
-    return rollout_metrics(trajs, time.perf_counter() - t0)
+    check_episode_errors(trajs, session.cfg.rollout.max_error_fraction, f"evaluation on split {split!r}")
+    return _with_errors(rollout_metrics(trajs, time.perf_counter() - t0), trajs)
+
+
+def _with_errors(metrics: dict[str, Any], trajectories: list[Trajectory]) -> dict[str, Any]:
+    samples = error_samples(trajectories)
+    return {**metrics, "error_samples": samples} if samples else metrics
 
 
 def task_seeds(step: int, prompts_per_step: int, seed: int, round: int = 0) -> list[int]:
@@ -111,9 +152,12 @@ def task_seeds(step: int, prompts_per_step: int, seed: int, round: int = 0) -> l
     return [rng.randrange(2**31 - 1) for _ in range(prompts_per_step)]
 
 
-def collect(s: Session, step: int) -> tuple[list[Trajectory], dict[str, float]]:
-    """One step's episodes. With dynamic sampling, groups whose rewards are all equal are dropped and
-    more tasks are played (up to `max_sampling_rounds` rounds) until `prompts_per_step` groups remain."""
+def collect(s: Session, step: int) -> tuple[list[Trajectory], dict[str, Any]]:
+    """One step's episodes to train on. Failed episodes (`Trajectory.error`) are dropped: an env or
+    engine failure is not the policy's doing, so it must not be trained as a zero reward; when more
+    than rollout.max_error_fraction of a round failed, `RolloutError` stops the run. With dynamic
+    sampling, groups whose rewards are all equal are dropped and more tasks are played (up to
+    `max_sampling_rounds` rounds) until `prompts_per_step` groups remain."""
     cfg, r, a = s.cfg, s.cfg.rollout, s.cfg.algorithm
     t0 = time.perf_counter()
     played: list[Trajectory] = []
@@ -124,17 +168,20 @@ def collect(s: Session, step: int) -> tuple[list[Trajectory], dict[str, float]]:
                  for g, seed in enumerate(task_seeds(step, r.prompts_per_step, cfg.train.seed, rnd))
                  for _ in range(r.samples_per_prompt)]
         trajs = s.play(specs, r.temperature, seed=(cfg.train.seed * 100_003 + step) * 101 + rnd)
+        check_episode_errors(trajs, r.max_error_fraction, f"step {step + 1}")
         played += trajs
+        sound = [t for t in trajs if t.error is None]
         if not a.dynamic_sampling:
-            kept = trajs
+            kept = sound
             break
-        keep = filter_uniform_groups(torch.tensor([t.reward for t in trajs]), torch.tensor([t.group_id for t in trajs]))
-        kept += [t for t, k in zip(trajs, keep.tolist()) if k]
+        keep = filter_uniform_groups(torch.tensor([t.reward for t in sound]), torch.tensor([t.group_id for t in sound]))
+        kept += [t for t, k in zip(sound, keep.tolist()) if k]
         if len(kept) >= r.prompts_per_step * r.samples_per_prompt:
             break
-    metrics = rollout_metrics(played, time.perf_counter() - t0)
+    metrics = _with_errors(rollout_metrics(played, time.perf_counter() - t0), played)
     kept = kept[: r.prompts_per_step * r.samples_per_prompt]
-    metrics.update(sampling_rounds=float(rnd + 1), kept_groups=float(len({t.group_id for t in kept})))
+    metrics.update(sampling_rounds=float(rnd + 1), kept_groups=float(len({t.group_id for t in kept})),
+                   trained_episodes=float(len(kept)))
     return kept, metrics
 
 
@@ -148,7 +195,7 @@ def reference_logprobs(s: Session, ref: torch.nn.Module | None, trajs: list[Traj
     return recompute_logprobs(ref, trajs, t.micro_batch_tokens, temp, t.logprob_chunk)
 
 
-def train_step(s: Session, optimizer, scheduler, ref, step: int) -> dict[str, float]:
+def train_step(s: Session, optimizer, scheduler, ref, step: int) -> dict[str, Any]:
     """Collect, score, update; returns the step's metrics."""
     cfg, a, r = s.cfg, s.cfg.algorithm, s.cfg.rollout
     t0 = time.perf_counter()
@@ -167,7 +214,7 @@ def train_step(s: Session, optimizer, scheduler, ref, step: int) -> dict[str, fl
     advantages = outcome_advantages(trajectories, a.advantage, scores,
                                     **({"norm_by_std": a.norm_by_std} if a.advantage == "grpo" else {}))
     compute = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else None
-    for idx in _mini_batches(len(trajectories), cfg.train.mini_batches, r.samples_per_prompt):
+    for idx in _group_mini_batches([t.group_id for t in trajectories], cfg.train.mini_batches):
         upd = policy_update(s.policy, optimizer, [trajectories[i] for i in idx], [advantages[i] for i in idx],
                             settings, micro_batch_tokens=cfg.train.micro_batch_tokens, grad_clip=cfg.optim.grad_clip,
                             logprob_chunk=cfg.train.logprob_chunk, compute_dtype=compute, compiled=cfg.train.compile,
@@ -179,15 +226,37 @@ def train_step(s: Session, optimizer, scheduler, ref, step: int) -> dict[str, fl
     return metrics
 
 
-def train(cfg: Config, on_step: Callable[[int, dict[str, float]], None] | None = None,
-          resume: bool = False) -> dict[str, object]:
+def train(cfg: Config, on_step: Callable[[int, dict[str, Any]], None] | None = None,
+          resume: bool = False, overwrite: bool = False) -> dict[str, object]:
     """Run `cfg` end to end (or continue it from its latest checkpoint); returns
-    {"before": ..., "after": ..., "history": [...], "resumed_from": step or None}."""
+    {"before": ..., "after": ..., "history": [...], "resumed_from": step or None}.
+
+    A run_dir that holds another run is refused unless `resume` (continue it) or `overwrite`
+    (replace it, once the new run's checks pass) is given; see `RunDir`.
+    """
+    run = RunDir(cfg.run_dir, resume=resume, overwrite=overwrite)
+    run.claim()  # a file, another run or an unwritable path is refused before anything loads
+    with run.failure_record():  # failing before step 1 leaves nothing behind; later, an `error` record
+        return _run(cfg, run, on_step, resume)
+
+
+def _run(cfg: Config, run: RunDir, on_step, resume: bool) -> dict[str, object]:
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    s = Session.open(cfg)
+    ev = cfg.eval
+    evaluating = ev.num_tasks > 0 and (ev.before or ev.after)
+    splits = [(cfg.env.train_split, "env.train_split")] + ([(ev.split, "eval.split")] if evaluating else [])
+    s = Session.open(cfg, splits=splits)
+    try:
+        return _run_session(s, run, on_step, resume)
+    finally:
+        s.pool.close()
+
+
+def _run_session(s: Session, run: RunDir, on_step, resume: bool) -> dict[str, object]:
+    cfg, ev = s.cfg, s.cfg.eval
+    run.start()
+    run_dir = run.path
     optimizer = torch.optim.AdamW([p for p in s.policy.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                   betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay,
                                   fused=torch.device(cfg.model.device).type == "cuda")
@@ -196,7 +265,6 @@ def train(cfg: Config, on_step: Callable[[int, dict[str, float]], None] | None =
     ref = _reference_model(cfg) if cfg.algorithm.kl_coef > 0 and cfg.model.lora.rank == 0 else None
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
     writer = MetricsWriter(run_dir / "metrics.jsonl")
-    ev = cfg.eval
     result: dict[str, object] = {"history": [], "resumed_from": None}
     start = 0
     if resume:
@@ -215,6 +283,7 @@ def train(cfg: Config, on_step: Callable[[int, dict[str, float]], None] | None =
         metrics = train_step(s, optimizer, scheduler, ref, step)
         metrics["nonfinite_steps"] = guard.observe(bool(metrics.get("nonfinite", 0.0)))
         writer.write(metrics)
+        run.step_done()
         result["history"].append(metrics)
         if on_step:
             on_step(step + 1, metrics)
@@ -227,7 +296,6 @@ def train(cfg: Config, on_step: Callable[[int, dict[str, float]], None] | None =
         result["after"] = evaluate(s, ev.split, ev.num_tasks, ev.temperature, ev.seed)
         writer.write({"event": "eval_after", **result["after"]})
     writer.close()
-    s.pool.close()
     return result
 
 
@@ -239,8 +307,17 @@ def _reference_model(cfg: Config) -> torch.nn.Module:
 
 
 def _mini_batches(n: int, k: int, group: int) -> list[list[int]]:
-    """Split n trajectories into k mini-batches along group boundaries (groups stay together)."""
-    groups = [list(range(i, min(i + group, n))) for i in range(0, n, group)]
-    k = max(1, min(k, len(groups)))
-    return [[i for g in groups[j::k] for i in g] for j in range(k)]
+    """Split n trajectories, in consecutive groups of `group`, into k mini-batches (groups stay together)."""
+    return _group_mini_batches([i // group for i in range(n)], k)
+
+
+def _group_mini_batches(group_ids: list[int], k: int) -> list[list[int]]:
+    """Split trajectories into k mini-batches by group id (groups stay together; groups may differ in
+    size once failed episodes are dropped)."""
+    groups: dict[int, list[int]] = {}
+    for i, g in enumerate(group_ids):
+        groups.setdefault(g, []).append(i)
+    order = list(groups.values())
+    k = max(1, min(k, len(order)))
+    return [[i for g in order[j::k] for i in g] for j in range(k)]
 
