@@ -244,15 +244,26 @@ def check_model_cmd(
     env_id: str = typer.Option(..., "--env", help="Registered environment id, e.g. calculator-v0."),
     parser: Optional[str] = typer.Option(None, help="Tool-call parser to check (default: the env's own)."),
     episodes: int = typer.Option(3, "--episodes", "-n", min=1, help="Scripted episodes to play."),
+    template_kwargs: Optional[str] = typer.Option(
+        None, "--template-kwargs", help='Chat-template options as JSON, e.g. \'{"enable_thinking": false}\' '
+        "(what model.chat_template_kwargs passes in training)."),
 ) -> None:
     """Pre-flight check of a model's tokenizer, chat template and parser on an env; exit 1 on any failure."""
     from agentrl.rollout.check_model import check_model
 
     if not model_dir.is_dir():
         _fail(ConfigError(f"{model_dir} is not a directory; give a Hugging Face model directory"))
+    options = None
+    if template_kwargs is not None:
+        try:
+            options = json.loads(template_kwargs)
+        except json.JSONDecodeError as exc:
+            _fail(ConfigError(f"--template-kwargs is not JSON ({exc.msg}); write e.g. '{{\"enable_thinking\": false}}'"))
+        if not isinstance(options, dict):
+            _fail(ConfigError("--template-kwargs must be a JSON object of option names to values"))
     _quiet_loaders()
     with _errors_reported():
-        report = check_model(model_dir, env_id, parser=parser, episodes=episodes)
+        report = check_model(model_dir, env_id, parser=parser, episodes=episodes, template_kwargs=options)
     table = Table(title=f"agentrl check-model {model_dir} --env {env_id}")
     table.add_column("check")
     table.add_column("result")

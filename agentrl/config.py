@@ -50,6 +50,9 @@ class ModelConfig(_Frozen):
         "train.mixed_precision is bf16 (then the trainer keeps float32 master weights).")
     device: str = Field("cpu", description="Device of the trainer and the embedded engine: cpu, cuda or cuda:N.")
     lora: LoraConfig = LoraConfig()
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Options passed to the chat template on every render, e.g. "
+        "{enable_thinking: false} for Qwen3-style templates (see docs/models.md).")
 
     @field_validator("device")
     @classmethod

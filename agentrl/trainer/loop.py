@@ -94,7 +94,7 @@ class Session:
         with reported(f"cannot load the tokenizer of {field} {path!r}", fix):
             tokenizer = AutoTokenizer.from_pretrained(path)
         with reported(f"cannot render prompts with the chat template of {field} {path!r}", fix):
-            renderer = ChatRenderer(tokenizer, probe.tool_schemas())
+            renderer = ChatRenderer(tokenizer, probe.tool_schemas(), template_kwargs=cfg.model.chat_template_kwargs)
             check_splits(probe, cfg.env.id, splits, lambda messages: len(renderer.prompt_ids(messages)),
                          r.max_total_tokens, r.max_tokens_per_turn)
         engine_dtype = _DTYPES[cfg.model.dtype]

@@ -153,3 +153,28 @@ def test_cli_exit_codes(tiny_model_dir, strict_roles_model_dir):
     typo = _agentrl("check-model", tiny_model_dir, "--env", "calculater-v0")
     assert typo.returncode == 2 and "Did you mean 'calculator-v0'" in typo.stdout
 
+
+
+def test_cli_template_kwargs_reach_the_template(qwen3_model_dir):
+    """`--template-kwargs` is what `model.chat_template_kwargs` passes in training: with
+    enable_thinking=false the Qwen3-style template pre-fills an empty think block in the prompt."""
+    from typer.testing import CliRunner
+
+    from agentrl.cli import app
+
+    runner = CliRunner()
+    on = check_model(qwen3_model_dir, "calculator-v0", episodes=1, template_kwargs={"enable_thinking": False})
+    assert on.ok, on.failures
+    out = runner.invoke(app, ["check-model", qwen3_model_dir, "--env", "calculator-v0", "-n", "1",
+                              "--template-kwargs", '{"enable_thinking": false}'])
+    assert out.exit_code == 0, out.output
+    bad = runner.invoke(app, ["check-model", qwen3_model_dir, "--env", "calculator-v0", "--template-kwargs", "{x"])
+    assert bad.exit_code == 2 and "--template-kwargs is not JSON" in bad.output
+    from agentrl.envs.core import Message
+    from agentrl.rollout.chat import ChatRenderer
+
+    tok = AutoTokenizer.from_pretrained(qwen3_model_dir)
+    prompt = [Message("user", "hi")]
+    off = ChatRenderer(tok, template_kwargs={"enable_thinking": False})
+    assert tok.decode(off.prompt_ids(prompt)).endswith("<think>\n\n</think>\n\n")
+    assert not tok.decode(ChatRenderer(tok).prompt_ids(prompt)).endswith("</think>\n\n")
