@@ -47,6 +47,8 @@ def _errors_reported() -> Iterator[None]:
         yield
     except AgentRLError as exc:
         _fail(exc)
+    except (typer.Exit, typer.Abort):  # click's own ways out (RuntimeErrors) pass through
+        raise
     except Exception as exc:  # noqa: BLE001 - the last line of defence of a command line
         if os.environ.get("AGENTRL_TRACEBACK"):
             raise

@@ -123,3 +123,24 @@ def test_a_run_that_fails_after_its_first_step_keeps_its_files_and_the_error(tin
     last = _records(run)[-1]
     assert last["event"] == "error" and last["message"] == error[0].removeprefix("error: ")
     assert (run / "checkpoints" / "step-000001").is_dir()
+
+
+def test_an_unexpected_exception_is_one_line_with_exit_1_and_the_traceback_on_request():
+    import typer
+
+    from agentrl.cli import _errors_reported
+
+    bug = typer.Typer()
+
+    @bug.command()
+    def crash() -> None:
+        with _errors_reported():
+            {}["missing key"]
+
+    result = CliRunner().invoke(bug, [], env={"COLUMNS": "200"})
+    assert result.exit_code == 1, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert lines == ["error: internal error KeyError: 'missing key' (a bug in agentrl: rerun with AGENTRL_TRACEBACK=1 "
+                     "for the traceback and report it)"]
+    result = CliRunner().invoke(bug, [], env={"AGENTRL_TRACEBACK": "1"})
+    assert isinstance(result.exception, KeyError)  # raised as is, so Python prints the traceback
