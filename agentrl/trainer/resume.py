@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from pydantic import BaseModel
 
 from agentrl.config import Config
 from agentrl.errors import TrainerError
@@ -33,7 +34,22 @@ logger = logging.getLogger(__name__)
 # Config keys that may differ between a run and its continuation.
 # run_dir may change: a run directory can be moved and resumed from its new place.
 _MAY_CHANGE = {"train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite_steps",
-               "run_dir"}
+               "rollout.max_error_fraction", "run_dir"}
+
+
+def _field_defaults(model: type[BaseModel], prefix: str = "") -> dict[str, object]:
+    """Dotted key -> default value of every config field that has one (as `model_dump(mode="json")` writes it)."""
+    out: dict[str, object] = {}
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.update(_field_defaults(ann, key + "."))
+        elif not field.is_required():
+            value = field.get_default(call_default_factory=True)
+            out[key] = value.model_dump(mode="json") if isinstance(value, BaseModel) else (
+                list(value) if isinstance(value, tuple) else value)
+    return out
 
 
 class NonFiniteGuard:
@@ -134,6 +150,9 @@ def restore_run(run_dir: str | Path, cfg: Config, policy: torch.nn.Module, optim
     path, state, meta = loaded.path, loaded.state, loaded.meta
     # Filtered again: checkpoints of earlier versions recorded keys that may now change (run_dir).
     saved, now = _fixed(meta.get("config", {})), _identity(cfg)
+    # A field added to the config after the checkpoint was written counts as unchanged at its default.
+    defaults = _field_defaults(type(cfg))
+    saved.update({k: defaults[k] for k in now if k not in saved and k in defaults})
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if changed:
         detail = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
