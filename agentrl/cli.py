@@ -93,7 +93,7 @@ def train(
 ) -> None:
     """Train a policy with RL; prints held-out success before and after."""
     from agentrl.config import load_config
-    from agentrl.trainer.loop import train as run_training
+    from agentrl.driver.loop import train as run_training
 
     _quiet_loaders()
     with _errors_reported():
@@ -153,7 +153,7 @@ def evaluate_cmd(
 ) -> None:
     """Success rate of a model on a held-out split."""
     from agentrl.config import load_config
-    from agentrl.trainer.loop import Session, evaluate
+    from agentrl.driver.loop import Session, evaluate
 
     from agentrl.errors import ConfigError
 

@@ -13,11 +13,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from agentrl.errors import EngineError
-from agentrl.rollout.backends.attention import SdpaPagedAttention
+from agentrl.rollout.backends.embedded.attention import SdpaPagedAttention
 from agentrl.rollout.backends.embedded import EmbeddedEngine
-from agentrl.rollout.backends.kernels import paged_decode_attention_reference, paged_prefill_attention_reference
-from agentrl.rollout.backends.scheduler import Chunk, Sequence, StepPlan
-from agentrl.rollout.backends.step_inputs import build_step_inputs
+from agentrl.rollout.backends.embedded.kernels import paged_decode_attention_reference, paged_prefill_attention_reference
+from agentrl.rollout.backends.embedded.scheduler import Chunk, Sequence, StepPlan
+from agentrl.rollout.backends.embedded.step_inputs import build_step_inputs
 from agentrl.rollout.engine import SamplingParams
 
 

@@ -9,7 +9,7 @@ import torch
 
 from agentrl.config import load_config
 from agentrl.rollout.trajectory import Trajectory
-from agentrl.trainer.loop import _mini_batches, train
+from agentrl.driver.loop import _mini_batches, train
 from agentrl.trainer.update import outcome_advantages
 
 

@@ -42,11 +42,11 @@ from agentrl.rollout.trajectory import Trajectory
 from agentrl.tools.blocking import run_blocking
 from agentrl.trainer.algos import filter_uniform_groups
 from agentrl.trainer.attention import register_varlen_attention
-from agentrl.trainer.metrics import MetricsWriter, check_episode_errors, error_samples, rollout_metrics
+from agentrl.driver.metrics import MetricsWriter, check_episode_errors, error_samples, rollout_metrics
 from agentrl.trainer.policy import compile_blocks, export_hf, load_policy, merged_state_dict
-from agentrl.trainer.preflight import build_env, check_device, check_model_dir, check_splits, reported
-from agentrl.trainer.resume import NonFiniteGuard, restore_run, save_run
-from agentrl.trainer.run_dir import RunDir
+from agentrl.driver.preflight import build_env, check_device, check_model_dir, check_splits, reported
+from agentrl.driver.resume import NonFiniteGuard, restore_run, save_run
+from agentrl.driver.run_dir import RunDir
 from agentrl.trainer.update import (LossSettings, episode_kl, outcome_advantages, policy_update,
                                     recompute_logprobs)
 

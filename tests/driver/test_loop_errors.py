@@ -7,7 +7,7 @@ import importlib.util
 from pathlib import Path
 
 from agentrl.config import load_config
-from agentrl.trainer.loop import Session, _group_mini_batches, collect
+from agentrl.driver.loop import Session, _group_mini_batches, collect
 
 _spec = importlib.util.spec_from_file_location("agentrl_test_run_cli_hostile",
                                                Path(__file__).resolve().parents[1] / "run_cli_hostile.py")

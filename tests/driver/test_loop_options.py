@@ -11,7 +11,7 @@ import torch
 
 from agentrl.config import load_config
 from agentrl.errors import ConfigError
-from agentrl.trainer.loop import Session, collect, train
+from agentrl.driver.loop import Session, collect, train
 
 # Registers digits-v0 (reward = share of digits in the reply: varies within a group even untrained).
 _spec = importlib.util.spec_from_file_location("agentrl_test_run_train", Path(__file__).with_name("run_train.py"))
