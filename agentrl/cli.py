@@ -93,7 +93,7 @@ def train(
 ) -> None:
     """Train a policy with RL; prints held-out success before and after."""
     from agentrl.config import load_config
-    from agentrl.trainer.loop import train as run_training
+    from agentrl.driver.loop import train as run_training
 
     _quiet_loaders()
     with _errors_reported():
@@ -153,7 +153,8 @@ def evaluate_cmd(
 ) -> None:
     """Success rate of a model on a held-out split."""
     from agentrl.config import load_config
-    from agentrl.trainer.loop import Session, evaluate
+    from agentrl.driver.collect import evaluate
+    from agentrl.driver.rollout_side import RolloutSide
 
     from agentrl.errors import ConfigError
 
@@ -164,8 +165,11 @@ def evaluate_cmd(
         if ev.num_tasks == 0:
             raise ConfigError("eval.num_tasks=0: there is nothing to evaluate; set eval.num_tasks=N")
         chosen = (split, "--split") if split is not None else (ev.split, "eval.split")
-        session = Session.open(cfg, model_path=model, splits=[chosen])
-        m = evaluate(session, chosen[0], ev.num_tasks, ev.temperature, ev.seed)
+        rollout = RolloutSide.open(cfg, model_path=model, splits=[chosen])  # no trainable copy of the model
+        try:
+            m = evaluate(rollout, chosen[0], ev.num_tasks, ev.temperature, ev.seed)
+        finally:
+            rollout.close()
     console.print(f"{model or cfg.model.path} on {cfg.env.id}/{chosen[0]} ({ev.num_tasks} tasks): "
                   f"success {m['success_rate']:.1%}  {_fmt(m, ['reward', 'tool_calls', 'turns', 'tool_errors'])}")
     _print_episode_errors(m, console.print)

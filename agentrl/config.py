@@ -71,7 +71,8 @@ class EnvConfig(_Frozen):
 
 
 class RolloutConfig(_Frozen):
-    engine: Literal["embedded"] = Field("embedded", description="Inference backend.")
+    engine: str = Field("embedded", description="Inference backend, by its name in the engine registry "
+                        "(agentrl.rollout.engine.ENGINES): embedded (the built-in PyTorch engine).")
     prompts_per_step: int = Field(16, ge=1, le=100_000, description="Tasks per training step.")
     samples_per_prompt: int = Field(8, ge=1, le=1024, description="Episodes per task (the GRPO group size).")
     temperature: float = Field(1.0, ge=0.0, le=10.0, description="Sampling temperature; 0 is greedy.")
@@ -87,6 +88,13 @@ class RolloutConfig(_Frozen):
     lockstep: Literal["auto", "on", "off"] = Field(
         "auto", description="Submit each turn of all episodes together so batches, and results, are reproducible "
         "bit for bit (exact --resume); auto: on for CPU, off elsewhere (where tool time overlaps generation).")
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, v: str) -> str:
+        from agentrl.rollout.engine import ENGINES
+
+        return _registered(ENGINES, v)
 
 
 class AlgorithmConfig(_Frozen):

@@ -27,7 +27,7 @@ import statistics
 
 import torch
 
-from agentrl.rollout.backends.kernels import paged_attention as pa
+from agentrl.rollout.backends.embedded.kernels import paged_attention as pa
 
 HQ, HKV, D, PAGE = 14, 2, 64, 16
 LAYERS = 8

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agentrl.envs import Env, Message, register  # noqa: E402
 from agentrl.envs.registration import ENVS  # noqa: E402
-from agentrl.trainer.preflight import PROBE_SEEDS  # noqa: E402
+from agentrl.driver.preflight import PROBE_SEEDS  # noqa: E402
 
 
 class _Digits(Env):

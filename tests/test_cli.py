@@ -109,7 +109,7 @@ def test_episode_errors_reach_the_console_and_metrics_and_are_not_trained_on(sto
 
 
 def test_a_run_that_fails_after_its_first_step_keeps_its_files_and_the_error(tiny_model_dir, tmp_path):
-    from agentrl.trainer.loop import task_seeds
+    from agentrl.driver.collect import task_seeds
 
     run = tmp_path / "run"
     step2 = task_seeds(1, 2, 0)  # the tasks of step 2 (train.seed 0, 2 prompts per step)

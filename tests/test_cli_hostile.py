@@ -214,7 +214,7 @@ ROWS = [
     Row("model-garbage-tokenizer", lambda w: ["train", w.base, f"model.path={w.model('garbage_tokenizer')}"],
         "cannot load the tokenizer of model.path"),
     Row("model-not-a-causal-lm", lambda w: ["train", w.base, f"model.path={w.model('t5')}"],
-        "cannot load the model in model.path"),
+        "the built-in engine does not implement T5ForConditionalGeneration"),
     Row("context-beyond-model-positions", train("rollout.max_total_tokens=100000"), "max_position_embeddings=1024"),
     Row("prompt-longer-than-max-total-tokens", train("rollout.max_total_tokens=20"), "leaves 0 tokens for the "
         "model's first turn"),

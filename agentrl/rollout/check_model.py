@@ -253,7 +253,7 @@ def _ids_row(records: list[Any], writer: TurnWriter, ids_required: str | None) -
 
 def _architecture_row(config: Any) -> CheckResult:
     """Asks the built-in engine's architecture table (docs/architectures.md), from the config alone."""
-    from agentrl.rollout.backends.model_weights import check_architecture
+    from agentrl.rollout.backends.embedded.model_weights import check_architecture
 
     archs = ", ".join(getattr(config, "architectures", None) or [type(config).__name__])
     try:

@@ -1,50 +1,44 @@
-"""One policy update from a batch of trajectories: packing, loss, optimizer step.
+"""One policy update from a step's `TrainBatch`: advantages, packing, loss, optimizer step.
 
-Letters: B trajectories, S sequences in a micro-batch, L the longest of them, N packed tokens.
-Gradients of all micro-batches are accumulated so that the loss is exactly the mean over the whole
-mini-batch (token-mean: divided by the mini-batch's total model tokens; sequence modes: weighted by
-each micro-batch's share of sequences). Under data parallelism every rank holds a slice of the
-trajectories; counts are summed over ranks first, each rank's loss is multiplied by the world size
-(FSDP averages gradients), and every rank runs the same number of forward passes (an empty slot
-runs a one-token dummy with zero weight), so N ranks compute the gradient one process would.
+Letters: B rows of the batch, T its longest row, S rows in a micro-batch, L the longest of them,
+N packed tokens. Gradients of all micro-batches are accumulated so that the loss is exactly the
+mean over the whole mini-batch (token-mean: divided by the mini-batch's total model tokens;
+sequence modes: weighted by each micro-batch's share of sequences). Under data parallelism every
+rank holds a slice of the rows; counts are summed over ranks first, each rank's loss is
+multiplied by the world size (FSDP averages gradients), and every rank runs the same number of
+forward passes (an empty slot runs a one-token dummy with zero weight), so N ranks compute the
+gradient one process would.
+
+The batch stays tensors from the driver to the loss: micro-batches are packed from its rows and
+their per-token values are its [S, L] slices, never rebuilt from Python lists.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from agentrl.rollout.trajectory import Trajectory
-from agentrl.trainer.actor import shift_to_next_token, token_logprobs
+from agentrl.trainer.actor import token_logprobs
 from agentrl.trainer.algos import (aggregate_loss, get_advantage_estimator, get_policy_loss, kl_penalty, masked_mean,
                                    tis_weights)
+from agentrl.trainer.batch import TrainBatch
 from agentrl.trainer.fsdp import all_reduce_max, all_reduce_sum, world_size
-from agentrl.trainer.packing import PackedBatch, pack_by_token_budget, pack_sequences
+from agentrl.trainer.packing import PackedBatch, pack_sequences
 
 
-def outcome_advantages(trajectories: Sequence[Trajectory], estimator: str, scores: Sequence[float] | None = None,
-                       **options) -> list[float]:
-    """One advantage per trajectory from its final reward (or `scores`), normalised within its group."""
+def compute_advantages(batch: TrainBatch, estimator: str, **options) -> TrainBatch:
+    """The batch with `advantages` [B, T] filled by a registered estimator from its scores, groups
+    and real token mask (token-weighted estimators such as `reinforce_pp` see every model token)."""
     fn = get_advantage_estimator(estimator)
-    values = [t.reward for t in trajectories] if scores is None else list(scores)
-    scores_t = torch.tensor(values, dtype=torch.float32)  # [B]
-    groups = torch.tensor([t.group_id for t in trajectories], dtype=torch.long)  # [B]
-    adv = fn(scores_t, torch.ones(len(trajectories), 1), groups, **options)  # [B, 1]
-    return adv[:, 0].tolist()
+    return batch.with_(advantages=fn(batch.scores, batch.mask, batch.group_ids, **options).float())
 
 
-def episode_kl(trajectories: Sequence[Trajectory], ref_logprobs: Sequence[Sequence[float]], kind: str) -> list[float]:
-    """Per episode, the summed KL estimate between the sampling policy (rollout logprobs) and the
-    reference over the model's tokens; `ref_logprobs` rows are in next-token layout."""
-    out = []
-    for t, ref in zip(trajectories, ref_logprobs):
-        mask = torch.tensor(shift_to_next_token(list(t.loss_mask), 0), dtype=torch.bool)  # [T]
-        logp = torch.tensor(shift_to_next_token(list(t.rollout_logprobs), 0.0))  # [T]
-        out.append(float(kl_penalty(logp, torch.tensor(ref), kind)[mask].sum()))
-    return out
+def episode_kl(batch: TrainBatch, ref_logprobs: torch.Tensor, kind: str) -> torch.Tensor:
+    """[B] per row, the summed KL estimate between the sampling policy (rollout logprobs) and the
+    reference ([B, T], next-token layout) over the model's tokens."""
+    return (kl_penalty(batch.rollout_logprobs, ref_logprobs, kind) * batch.mask).sum(1)
 
 
 @dataclass(frozen=True)
@@ -70,15 +64,15 @@ def _loss_options(s: LossSettings) -> dict:
     return {"clip_low": s.clip_low, "clip_high": s.clip_high}
 
 
-def _plan(trajectories: Sequence[Trajectory], budget: int) -> list[list[int]]:
+def _plan(batch: TrainBatch, budget: int) -> list[list[int]]:
     """Micro-batches by token budget, padded with empty slots to the largest count over ranks."""
-    plan = pack_by_token_budget([len(t.token_ids) for t in trajectories], budget) if trajectories else []
+    plan = batch.plan(budget) if batch.num_rows else []
     slots = int(all_reduce_max([float(len(plan))])[0])
     return plan + [[] for _ in range(slots - len(plan))]
 
 
-def _pack(trajectories: Sequence[Trajectory], idx: list[int], device) -> PackedBatch:
-    return pack_sequences([trajectories[i].token_ids for i in idx] if idx else [[0]], device=device)
+def _pack(batch: TrainBatch, idx: list[int], device) -> PackedBatch:
+    return batch.packed(idx, device) if idx else pack_sequences([[0]], device=device)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -86,79 +80,80 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 @torch.no_grad()
-def recompute_logprobs(model, trajectories: Sequence[Trajectory], micro_batch_tokens: int, temperature: float,
-                       chunk: int, compute_dtype: torch.dtype | None = None,
-                       compiled: bool = False) -> list[list[float]]:
-    """Logprob of every token (next-token layout) under `model`'s current weights."""
+def recompute_logprobs(model, batch: TrainBatch, micro_batch_tokens: int, temperature: float, chunk: int,
+                       compute_dtype: torch.dtype | None = None, compiled: bool = False) -> torch.Tensor:
+    """[B, T] logprob of every next token under `model`'s current weights (0 past each row's end)."""
     device = next(model.parameters()).device
-    out: list[list[float]] = [[] for _ in trajectories]
-    for idx in _plan(trajectories, micro_batch_tokens):
-        packed = _pack(trajectories, idx, device)
+    out = torch.zeros(batch.token_ids.shape, dtype=torch.float32)
+    for idx in _plan(batch, micro_batch_tokens):
+        packed = _pack(batch, idx, device)
         with _autocast(device, compute_dtype):
             logp, _ = token_logprobs(model, packed, temperature, chunk, compiled=compiled)
-        for j, i in enumerate(idx):
-            a, b = int(packed.cu_seqlens[j]), int(packed.cu_seqlens[j + 1])
-            out[i] = logp[a:b].float().tolist()
+        if idx:
+            out[idx, :packed.max_seqlen] = packed.to_padded(logp.float()).cpu()
     return out
 
 
+_DUMMY = {"mask": 0.0, "old": 0.0, "rollout": 0.0, "adv": 0.0, "ref": 0.0}
+
+
+def _slices(batch: TrainBatch, idx: list[int], old: torch.Tensor, device) -> dict[str, torch.Tensor]:
+    """The micro-batch's per-token tensors, each [S, L] (one zero cell for an empty slot)."""
+    if not idx:
+        return {k: torch.zeros(1, 1, device=device) for k in _DUMMY if k != "ref" or batch.ref_logprobs is not None}
+    rows = batch.rows(idx)
+    width = int(rows.lengths.max())
+    t = {"mask": rows.mask, "rollout": rows.rollout_logprobs, "adv": rows.advantages, "old": old[idx, :width]}
+    if rows.ref_logprobs is not None:
+        t["ref"] = rows.ref_logprobs
+    return {k: v.to(device) for k, v in t.items()}
+
+
 def policy_update(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, trajectories: Sequence[Trajectory],
-    advantages: Sequence[float], settings: LossSettings, *, micro_batch_tokens: int, grad_clip: float,
-    logprob_chunk: int = 2048, ref_logprobs: Sequence[Sequence[float]] | None = None,
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: TrainBatch, settings: LossSettings, *,
+    micro_batch_tokens: int, grad_clip: float, logprob_chunk: int = 2048,
     compute_dtype: torch.dtype | None = None, compiled: bool = False,
 ) -> dict[str, float]:
     """Accumulate the loss over packed micro-batches and take one optimizer step.
 
     Args:
         model, optimizer: The policy (plain or FSDP2-sharded) and its optimizer.
-        trajectories, advantages: This rank's slice of the mini-batch, one advantage each.
+        batch: This rank's rows of the mini-batch, advantages filled (`compute_advantages`), and
+            `ref_logprobs` when `settings.kl_coef > 0`.
         settings: Loss choice and coefficients.
         micro_batch_tokens: Token budget of one packed forward pass.
         grad_clip: Global gradient-norm clip.
         logprob_chunk: Tokens per chunk of the vocabulary projection.
-        ref_logprobs: Reference-policy logprob rows (next-token layout), needed when `kl_coef > 0`.
         compute_dtype: Autocast dtype (bf16 mixed precision without FSDP), or None.
         compiled: Use the torch.compile'd logprob kernels (see `token_logprobs`).
 
-    Trajectories without model tokens (failed episodes) carry no gradient and are skipped.
-    Returns metrics; `skipped` is 1 when no step was taken: `nonfinite` is 1 when that was because
-    the loss or gradient norm was not finite (the same decision on every rank), 0 when there was
-    nothing to train on.
+    Rows without model tokens carry no gradient and are skipped. Returns metrics; `skipped` is 1
+    when no step was taken: `nonfinite` is 1 when that was because the loss or gradient norm was
+    not finite (the same decision on every rank), 0 when there was nothing to train on.
     """
-    keep = [i for i, t in enumerate(trajectories) if t.num_model_tokens > 0]
-    trajs = [trajectories[i] for i in keep]
-    advs = [advantages[i] for i in keep]
-    refs = [ref_logprobs[i] for i in keep] if ref_logprobs is not None else None
-    total_tokens, total_seqs = all_reduce_sum([float(sum(t.num_model_tokens for t in trajs)), float(len(trajs))])
+    batch = batch.rows(batch.trained_rows())
+    total_tokens, total_seqs = all_reduce_sum([float(batch.num_model_tokens), float(batch.num_rows)])
     if total_tokens == 0:
         return {"loss": 0.0, "skipped": 1.0, "nonfinite": 0.0, "grad_norm": 0.0, "trained_tokens": 0.0}
-    rollout_rows = [shift_to_next_token(list(t.rollout_logprobs), 0.0) for t in trajs]
-    old_rows = (rollout_rows if settings.old_logprobs == "rollout" else
-                recompute_logprobs(model, trajs, micro_batch_tokens, settings.temperature, logprob_chunk, compute_dtype,
-                                   compiled))
+    old = (batch.rollout_logprobs if settings.old_logprobs == "rollout" else
+           recompute_logprobs(model, batch, micro_batch_tokens, settings.temperature, logprob_chunk, compute_dtype,
+                              compiled))
     device = next(model.parameters()).device
     world = world_size()
     model.train()
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {}
     loss_total = 0.0
-    for idx in _plan(trajs, micro_batch_tokens):
-        packed = _pack(trajs, idx, device)
-        rows = {"mask": [shift_to_next_token(list(trajs[i].loss_mask), 0) for i in idx] or [[0]],
-                "old": [old_rows[i] for i in idx] or [[0.0]], "rollout": [rollout_rows[i] for i in idx] or [[0.0]],
-                "adv": [[advs[i]] * len(trajs[i].token_ids) for i in idx] or [[0.0]]}
-        if refs is not None:
-            rows["ref"] = [refs[i] for i in idx] or [[0.0]]
-        t = {k: packed.to_padded(packed.pack(v)) for k, v in rows.items()}  # each [S, L]
+    for idx in _plan(batch, micro_batch_tokens):
+        packed = _pack(batch, idx, device)
+        t = _slices(batch, idx, old, device)  # each [S, L]
         with _autocast(device, compute_dtype):
             logp, entropy = token_logprobs(model, packed, settings.temperature, logprob_chunk, compiled=compiled)
         loss, metrics = _micro_loss(settings, packed.to_padded(logp), packed.to_padded(entropy), t,
                                     tokens=total_tokens, share=len(idx) / total_seqs)
         (loss * world).backward()
         loss_total += loss.item()
-        mask = t["mask"]
-        weight = float(mask.sum()) / total_tokens
+        weight = float(t["mask"].sum()) / total_tokens
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v * weight
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

@@ -1,23 +1,21 @@
 """Trainer ranks as Ray actors: one `TrainerWorker` per rank, FSDP2 across them.
 
-The driver creates `world_size` workers, hands each its slice of a batch (whole GRPO groups), and
+The driver creates `world_size` workers, hands each its rows of a `TrainBatch` (whole GRPO groups), and
 calls `update` on all of them at once; the workers form a torch.distributed process group among
 themselves (gloo on CPU, NCCL on GPUs), so the update is the same one `torchrun` would run.
 
 Example:
     >>> workers = TrainerWorker.group(model_path="runs/tiny", world_size=2)          # doctest: +SKIP
-    >>> metrics = ray.get([w.update.remote(t, a, settings) for w, (t, a) in zip(workers, slices)])  # doctest: +SKIP
+    >>> metrics = ray.get([w.update.remote(batch.rows(rows), settings) for w, rows in zip(workers, slices)])  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Sequence
-
 import torch
 
-from agentrl.rollout.trajectory import Trajectory
+from agentrl.trainer.batch import TrainBatch
 from agentrl.trainer.update import LossSettings, policy_update
 
 
@@ -45,10 +43,9 @@ class _Worker:
         self.options = {"micro_batch_tokens": micro_batch_tokens, "logprob_chunk": logprob_chunk,
                         "grad_clip": grad_clip}
 
-    def update(self, trajectories: Sequence[Trajectory], advantages: Sequence[float],
-               settings: LossSettings) -> dict[str, float]:
-        """One optimizer step on this rank's slice (collective: every rank must call it)."""
-        return policy_update(self.model, self.optimizer, trajectories, advantages, settings, **self.options)
+    def update(self, batch: TrainBatch, settings: LossSettings) -> dict[str, float]:
+        """One optimizer step on this rank's rows (collective: every rank must call it)."""
+        return policy_update(self.model, self.optimizer, batch, settings, **self.options)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Gathered full weights (collective); plain HF names, CPU tensors."""

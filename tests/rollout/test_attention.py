@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agentrl.rollout.backends.attention import SdpaPagedAttention
-from agentrl.rollout.backends.kernels import paged_decode_attention_reference
-from agentrl.rollout.backends.scheduler import Chunk, Sequence, StepPlan
-from agentrl.rollout.backends.step_inputs import build_step_inputs
+from agentrl.rollout.backends.embedded.attention import SdpaPagedAttention
+from agentrl.rollout.backends.embedded.kernels import paged_decode_attention_reference
+from agentrl.rollout.backends.embedded.scheduler import Chunk, Sequence, StepPlan
+from agentrl.rollout.backends.embedded.step_inputs import build_step_inputs
 
 
 def _decode_step(lens: list[int], table, P: int):

@@ -13,11 +13,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from agentrl.errors import EngineError
-from agentrl.rollout.backends.attention import SdpaPagedAttention
+from agentrl.rollout.backends.embedded.attention import SdpaPagedAttention
 from agentrl.rollout.backends.embedded import EmbeddedEngine
-from agentrl.rollout.backends.kernels import paged_decode_attention_reference, paged_prefill_attention_reference
-from agentrl.rollout.backends.scheduler import Chunk, Sequence, StepPlan
-from agentrl.rollout.backends.step_inputs import build_step_inputs
+from agentrl.rollout.backends.embedded.kernels import paged_decode_attention_reference, paged_prefill_attention_reference
+from agentrl.rollout.backends.embedded.scheduler import Chunk, Sequence, StepPlan
+from agentrl.rollout.backends.embedded.step_inputs import build_step_inputs
 from agentrl.rollout.engine import SamplingParams
 
 
@@ -117,15 +117,22 @@ def test_weight_update_mid_request_is_recorded_per_token(tiny_model_dir):
     sd = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
 
     async def go():
-        task = asyncio.ensure_future(engine.generate([4, 5, 6], SamplingParams(max_tokens=400)))
+        # Long enough never to finish on its own: the update lands mid-request however loaded the
+        # machine is, and the request is aborted once a few tokens came from the new weights.
+        task = asyncio.ensure_future(engine.generate([4, 5, 6], SamplingParams(max_tokens=7000)))
         while engine.stats.generated_tokens < 3:
             await asyncio.sleep(0.01)
         await asyncio.to_thread(engine.update_weights, sd, 3)
+        after = engine.stats.generated_tokens
+        while engine.stats.generated_tokens < after + 3:
+            await asyncio.sleep(0.01)
+        engine.abort()
         return await task
 
     out = asyncio.run(go())
     versions = out.token_weight_versions
-    assert len(versions) == 400 and versions[0] == 0 and versions[-1] == 3
+    assert out.finish_reason == "abort" and len(versions) == len(out.token_ids) < 7000
+    assert versions[0] == 0 and versions[-1] == 3
     assert list(versions) == sorted(versions) and out.weight_version == 0  # the oldest weights that sampled
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from agentrl.errors import EngineError
-from agentrl.rollout.backends.sampling import SamplingBatch, StopStrings, sample, seeded_uniform, validate
-from agentrl.rollout.backends.scheduler import Sequence
+from agentrl.rollout.backends.embedded.sampling import SamplingBatch, StopStrings, sample, seeded_uniform, validate
+from agentrl.rollout.backends.embedded.scheduler import Sequence
 from agentrl.rollout.engine import SamplingParams
 
 CPU = torch.device("cpu")

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-from agentrl.rollout.backends.kernels import fused_ops as fo  # noqa: E402
+from agentrl.rollout.backends.embedded.kernels import fused_ops as fo  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16]
 

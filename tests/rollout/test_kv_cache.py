@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from agentrl.errors import EngineError
-from agentrl.rollout.backends.kv_cache import BlockAllocator, PagedKVCache, block_hashes
+from agentrl.rollout.backends.embedded.kv_cache import BlockAllocator, PagedKVCache, block_hashes
 
 
 def test_block_hashes_name_whole_prefixes():

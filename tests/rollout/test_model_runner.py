@@ -12,7 +12,7 @@ import random
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from agentrl.rollout.backends import model_runner
+from agentrl.rollout.backends.embedded import model_runner
 from agentrl.rollout.backends.embedded import EmbeddedEngine
 from agentrl.rollout.engine import SamplingParams
 

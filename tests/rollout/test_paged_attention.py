@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agentrl.rollout.backends.kernels import (
+from agentrl.rollout.backends.embedded.kernels import (
     paged_decode_attention,
     paged_decode_attention_reference,
     paged_prefill_attention,

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-from agentrl.rollout.backends.kernels.rotary import rope_write_kv, rope_write_kv_reference  # noqa: E402
+from agentrl.rollout.backends.embedded.kernels.rotary import rope_write_kv, rope_write_kv_reference  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-from agentrl.rollout.backends.sampling import SamplingBatch, sample, sample_reference, seeded_uniform  # noqa: E402
+from agentrl.rollout.backends.embedded.sampling import SamplingBatch, sample, sample_reference, seeded_uniform  # noqa: E402
 from agentrl.rollout.engine import SamplingParams  # noqa: E402
 
 DEV = torch.device("cuda")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from agentrl.errors import EngineError
-from agentrl.rollout.backends.kv_cache import BlockAllocator
-from agentrl.rollout.backends.scheduler import Scheduler, Sequence
+from agentrl.rollout.backends.embedded.kv_cache import BlockAllocator
+from agentrl.rollout.backends.embedded.scheduler import Scheduler, Sequence
 
 
 def make(blocks: int = 64, block_size: int = 4, max_seqs: int = 8, step_tokens: int = 64) -> Scheduler:

@@ -5,7 +5,7 @@ Run alone for the reference, or under torchrun for the sharded update; the two f
     python tests/trainer/fsdp_parity.py --model DIR --out ref.json
     torchrun --nproc-per-node 2 tests/trainer/fsdp_parity.py --model DIR --out fsdp.json
 
-Each rank takes its share of the trajectories (whole GRPO groups), so the sharded job sees the same
+Each rank takes its share of the batch's rows (whole GRPO groups), so the sharded job sees the same
 batch as the reference. The optimizer is SGD: the parameter change is then lr x gradient exactly,
 so comparing parameters after the step compares gradients (AdamW's first step would only show signs).
 Used by tests/trainer/test_fsdp.py on CPU (gloo) and on two GPUs (NCCL) by hand; see docs/benchmarks.md.
@@ -24,29 +24,36 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from agentrl.rollout.trajectory import Trajectory  # noqa: E402
 from agentrl.trainer.attention import register_varlen_attention  # noqa: E402
+from agentrl.trainer.batch import TrainBatch  # noqa: E402
 from agentrl.trainer.fsdp import full_state_dict, rank, shard_policy, world_size  # noqa: E402
 from agentrl.trainer.update import LossSettings, policy_update  # noqa: E402
 
 
-def make_batch(vocab: int, groups: int, per_group: int, seed: int, max_len: int) -> tuple[list[Trajectory], list[float]]:
+def make_batch(vocab: int, groups: int, per_group: int, seed: int, max_len: int) -> TrainBatch:
     """Random token sequences (prompt + response) with plausible rollout logprobs and advantages."""
     rng = random.Random(seed)
-    trajs, advs = [], []
+    ids, masks, logps, versions, groups_of, advs = [], [], [], [], [], []
     for g in range(groups):
         prompt = [rng.randrange(vocab) for _ in range(rng.randint(4, 12))]
         for _ in range(per_group):
             resp = [rng.randrange(vocab) for _ in range(rng.randint(3, max_len - len(prompt)))]
-            n, p = len(prompt) + len(resp), len(prompt)
-            trajs.append(Trajectory(
-                token_ids=tuple(prompt + resp), loss_mask=(0,) * p + (1,) * len(resp),
-                rollout_logprobs=(0.0,) * p + tuple(-rng.uniform(3.0, 6.0) for _ in resp),
-                weight_versions=(-1,) * p + (0,) * len(resp), prompt_length=p, turn_spans=((p, n),),
-                turn_rewards=(0.0,), reward=0.0, env_id="parity", task_id=str(g), split="train", seed=g,
-                group_id=g, num_turns=1))
+            p = len(prompt)
+            ids.append(prompt + resp)
+            masks.append([0] * p + [1] * len(resp))
+            logps.append([0.0] * p + [-rng.uniform(3.0, 6.0) for _ in resp])
+            versions.append([-1] * p + [0] * len(resp))
+            groups_of.append(g)
             advs.append(rng.uniform(-1.5, 1.5))
-    return trajs, advs
+    batch = TrainBatch.from_rows(ids, masks, logps, versions, [0.0] * len(ids), groups_of)
+    return batch.with_(advantages=torch.tensor(advs).unsqueeze(1) * batch.mask)  # [B, T]
+
+
+def rank_rows(batch: TrainBatch, r: int, world: int) -> list[int]:
+    """The rows of rank `r`: whole groups, dealt out in turn."""
+    groups = sorted(set(batch.group_ids.tolist()))
+    mine = set(groups[r::world])
+    return [i for i, g in enumerate(batch.group_ids.tolist()) if g in mine]
 
 
 def main() -> None:
@@ -76,17 +83,14 @@ def main() -> None:
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
                                                  attn_implementation=register_varlen_attention()).to(device)
-    trajs, advs = make_batch(model.config.vocab_size, args.groups, args.per_group, seed=1, max_len=args.max_len)
+    batch = make_batch(model.config.vocab_size, args.groups, args.per_group, seed=1, max_len=args.max_len)
     if sharded:
         shard_policy(model, mixed_precision=args.mixed_precision)
-        groups = sorted({t.group_id for t in trajs})
-        mine = set(groups[rank()::world_size()])
-        pick = [i for i, t in enumerate(trajs) if t.group_id in mine]
-        trajs, advs = [trajs[i] for i in pick], [advs[i] for i in pick]
+        batch = batch.rows(rank_rows(batch, rank(), world_size()))
     dtype = torch.bfloat16 if args.mixed_precision == "bf16" and not sharded else None
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     settings = LossSettings(agg_mode=args.agg_mode, entropy_coef=0.01)
-    metrics = policy_update(model, optimizer, trajs, advs, settings, micro_batch_tokens=args.micro_batch_tokens,
+    metrics = policy_update(model, optimizer, batch, settings, micro_batch_tokens=args.micro_batch_tokens,
                             grad_clip=1e9, logprob_chunk=32, compute_dtype=dtype)
     state = full_state_dict(model)
     if rank() == 0:

@@ -56,18 +56,17 @@ def test_ray_trainer_workers_match_single_process(tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
                                                  attn_implementation=register_varlen_attention())
-    trajs, advs = parity.make_batch(model.config.vocab_size, groups=4, per_group=3, seed=1, max_len=48)
+    batch = parity.make_batch(model.config.vocab_size, groups=4, per_group=3, seed=1, max_len=48)
     settings = LossSettings(entropy_coef=0.01)
-    ref = policy_update(model, torch.optim.SGD(model.parameters(), lr=0.5), trajs, advs, settings,
+    ref = policy_update(model, torch.optim.SGD(model.parameters(), lr=0.5), batch, settings,
                         micro_batch_tokens=96, grad_clip=1e9, logprob_chunk=32)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     try:
         workers = TrainerWorker.group(tiny_model_dir, 2, optimizer="sgd", lr=0.5, micro_batch_tokens=96,
                                       grad_clip=1e9, logprob_chunk=32)
-        slices = [[i for i, t in enumerate(trajs) if t.group_id % 2 == r] for r in range(2)]
-        metrics = ray.get([w.update.remote([trajs[i] for i in s], [advs[i] for i in s], settings)
-                           for w, s in zip(workers, slices)], timeout=300)
+        metrics = ray.get([w.update.remote(batch.rows(parity.rank_rows(batch, r, 2)), settings)
+                           for r, w in enumerate(workers)], timeout=300)
         states = ray.get([w.full_state_dict.remote() for w in workers], timeout=300)
         ray.get([w.close.remote() for w in workers], timeout=60)
     finally:

@@ -8,33 +8,59 @@ import pytest
 import torch
 
 from agentrl.config import load_config
-from agentrl.rollout.trajectory import Trajectory
-from agentrl.trainer.loop import _mini_batches, train
-from agentrl.trainer.update import outcome_advantages
+from agentrl.driver.loop import train
+from agentrl.driver.trainer_side import group_mini_batches
+from agentrl.trainer.batch import TrainBatch
+from agentrl.trainer.update import compute_advantages
 
 
-def _traj(reward: float, group: int) -> Trajectory:
-    return Trajectory(token_ids=(1, 2, 3), loss_mask=(0, 1, 1), rollout_logprobs=(0.0, -1.0, -1.0),
-                      weight_versions=(-1, 0, 0), prompt_length=1, turn_spans=((1, 3),), turn_rewards=(reward,),
-                      reward=reward, env_id="x", task_id="t", split="train", seed=0, group_id=group, num_turns=1)
+def _batch(rewards: list[float], groups: list[int], masks: list[tuple[int, ...]] | None = None) -> TrainBatch:
+    masks = masks or [(0, 1, 1)] * len(rewards)
+    return TrainBatch.from_rows([(1,) * len(m) for m in masks], masks, [(0.0,) * len(m) for m in masks],
+                                [(0,) * len(m) for m in masks], rewards, groups)
 
 
 def test_grpo_outcome_advantages_by_hand():
     # Group 0 rewards [1, 0, 0]: mean 1/3, unbiased std sqrt(((2/3)^2 + 2*(1/3)^2) / 2) = sqrt(1/3) = 0.57735.
     #   advantages: (2/3)/0.57735 = 1.1547, (-1/3)/0.57735 = -0.57735 (twice).
     # Group 1 rewards [1, 1, 1]: all equal, std 0 -> advantages 0 (no learning signal, no NaN).
-    trajs = [_traj(1, 0), _traj(0, 0), _traj(0, 0), _traj(1, 1), _traj(1, 1), _traj(1, 1)]
-    adv = outcome_advantages(trajs, "grpo")
-    expect = [1.1547, -0.57735, -0.57735, 0.0, 0.0, 0.0]
-    assert adv == pytest.approx(expect, abs=1e-4)
+    batch = compute_advantages(_batch([1, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 1]), "grpo")
+    expect = torch.tensor([1.1547, -0.57735, -0.57735, 0.0, 0.0, 0.0])
+    # Tokens (0, 1, 1) in next-token layout: the model's two tokens sit in columns 0 and 1; column 2 has none.
+    torch.testing.assert_close(batch.advantages[:, 0], expect, atol=1e-4, rtol=0)
+    torch.testing.assert_close(batch.advantages[:, 1], expect, atol=1e-4, rtol=0)
+    assert batch.advantages[:, 2].abs().sum() == 0
     # Without std normalisation (Dr. GRPO): plain centring, 2/3 and -1/3.
-    assert outcome_advantages(trajs[:3], "dr_grpo") == pytest.approx([2 / 3, -1 / 3, -1 / 3], abs=1e-6)
+    dr = compute_advantages(_batch([1, 0, 0], [0, 0, 0]), "dr_grpo")
+    torch.testing.assert_close(dr.advantages[:, 0], torch.tensor([2 / 3, -1 / 3, -1 / 3]), atol=1e-6, rtol=0)
+
+
+def test_token_weighted_estimators_see_the_real_token_mask():
+    """REINFORCE++ whitens over tokens, so a row with more model tokens weighs more. Rows [1, 0] in
+    one group with 3 and 1 model tokens: centred scores 0.5 and -0.5; over the 4 masked tokens the
+    mean is (3 * 0.5 - 0.5) / 4 = 0.25 and the unbiased std sqrt((3 * 0.25^2 + 0.75^2) / 3) = 0.5, so
+    the whitened values are (0.5 - 0.25) / 0.5 = 0.5 and (-0.5 - 0.25) / 0.5 = -1.5. (With one mask
+    cell per row, as the estimator used to get, both would be +-0.707.)"""
+    batch = compute_advantages(_batch([1.0, 0.0], [0, 0], [(0, 1, 1, 1), (0, 1, 0, 0)]), "reinforce_pp")
+    torch.testing.assert_close(batch.advantages[0, :3], torch.full((3,), 0.5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch.advantages[1, :1], torch.tensor([-1.5]), atol=1e-5, rtol=0)
+    assert batch.advantages[1, 1:].abs().sum() == 0
+
+
+def test_train_batch_packs_its_rows_without_padding():
+    batch = _batch([0.0, 1.0, 0.5], [0, 0, 1], [(0, 1), (0, 0, 1, 1, 1), (0, 1, 1)])
+    assert batch.token_ids.shape == (3, 5) and batch.lengths.tolist() == [2, 5, 3]
+    packed = batch.packed([0, 2], "cpu")
+    assert packed.cu_seqlens.tolist() == [0, 2, 5] and packed.position_ids[0].tolist() == [0, 1, 0, 1, 2]
+    sub = batch.rows([2, 1])
+    assert sub.token_ids.shape == (2, 5) and sub.group_ids.tolist() == [1, 0]
+    assert batch.rows([0]).mask.tolist() == [[1.0, 0.0]]
 
 
 def test_mini_batches_keep_groups_together():
-    assert _mini_batches(6, 2, 3) == [[0, 1, 2], [3, 4, 5]]
-    assert _mini_batches(8, 2, 2) == [[0, 1, 4, 5], [2, 3, 6, 7]]
-    assert _mini_batches(4, 10, 2) == [[0, 1], [2, 3]]
+    assert group_mini_batches([0, 0, 0, 1, 1, 1], 2) == [[0, 1, 2], [3, 4, 5]]
+    assert group_mini_batches([0, 0, 1, 1, 2, 2, 3, 3], 2) == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    assert group_mini_batches([0, 0, 1, 1], 10) == [[0, 1], [2, 3]]
 
 
 def test_two_step_training_changes_parameters(tiny_model_dir, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 from agentrl.errors import ConfigError
 from agentrl.trainer.checkpoint import save_checkpoint
-from agentrl.trainer.run_dir import RunDir
+from agentrl.driver.run_dir import RunDir
 
 
 def _fail_in(run: RunDir, steps: int = 0) -> None:

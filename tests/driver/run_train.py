@@ -1,6 +1,6 @@
 """`agentrl` CLI with two test environments registered; run as a script so it can be killed.
 
-    python tests/trainer/run_train.py train CONFIG.yaml key=value ... [--resume]
+    python tests/driver/run_train.py train CONFIG.yaml key=value ... [--resume]
 
 `digits-v0`: one turn; the reward is the share of digit characters in the reply, so even an
 untrained model gets rewards that differ within a group (GRPO needs that to produce a gradient).

@@ -14,10 +14,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from agentrl.rollout.backends.attention import StepMetadata
-from agentrl.rollout.backends.model_runner import StepInputs
-from agentrl.rollout.backends.scheduler import Chunk, StepPlan
-from agentrl.rollout.backends.transfer import to_device
+from agentrl.rollout.backends.embedded.attention import StepMetadata
+from agentrl.rollout.backends.embedded.model_runner import StepInputs
+from agentrl.rollout.backends.embedded.scheduler import Chunk, StepPlan
+from agentrl.rollout.backends.embedded.transfer import to_device
 
 
 class _Pack:

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from agentrl.errors import EngineError
-from agentrl.rollout.backends.transfer import to_device
+from agentrl.rollout.backends.embedded.transfer import to_device
 
 NULL_BLOCK = 0
 

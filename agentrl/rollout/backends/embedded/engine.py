@@ -44,14 +44,14 @@ from dataclasses import dataclass
 import torch
 
 from agentrl.errors import EngineError
-from agentrl.rollout.backends.architectures import check_model_type, resolve_architecture
-from agentrl.rollout.backends.cuda_graphs import DecodeGraphs
-from agentrl.rollout.backends.device_steps import DeviceSteps, InFlight
-from agentrl.rollout.backends.kv_cache import BlockAllocator, PagedKVCache
-from agentrl.rollout.backends.model_runner import ModelRunner
-from agentrl.rollout.backends.sampling import StopStrings, validate
-from agentrl.rollout.backends.scheduler import Scheduler
-from agentrl.rollout.backends.scheduler import Sequence as Seq
+from agentrl.rollout.backends.embedded.architectures import check_model_type, resolve_architecture
+from agentrl.rollout.backends.embedded.cuda_graphs import DecodeGraphs
+from agentrl.rollout.backends.embedded.device_steps import DeviceSteps, InFlight
+from agentrl.rollout.backends.embedded.kv_cache import BlockAllocator, PagedKVCache
+from agentrl.rollout.backends.embedded.model_runner import ModelRunner
+from agentrl.rollout.backends.embedded.sampling import StopStrings, validate
+from agentrl.rollout.backends.embedded.scheduler import Scheduler
+from agentrl.rollout.backends.embedded.scheduler import Sequence as Seq
 from agentrl.rollout.engine import EngineStats, Generation, SamplingParams
 
 _CPU_KV_BYTES = 256 * 2**20  # default KV budget on CPU

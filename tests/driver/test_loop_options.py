@@ -11,7 +11,10 @@ import torch
 
 from agentrl.config import load_config
 from agentrl.errors import ConfigError
-from agentrl.trainer.loop import Session, collect, train
+from agentrl.driver.collect import collect
+from agentrl.driver.loop import train
+from agentrl.driver.rollout_side import RolloutSide
+from agentrl.driver.trainer_side import TrainerSide
 
 # Registers digits-v0 (reward = share of digits in the reply: varies within a group even untrained).
 _spec = importlib.util.spec_from_file_location("agentrl_test_run_train", Path(__file__).with_name("run_train.py"))
@@ -73,11 +76,11 @@ def test_tis_needs_recomputed_old_logprobs(stopping_model_dir, tmp_path):
 
 def test_dynamic_sampling_keeps_only_groups_with_a_signal(stopping_model_dir, tmp_path):
     cfg = _cfg(stopping_model_dir, tmp_path, "algorithm.dynamic_sampling=true", "algorithm.max_sampling_rounds=3")
-    s = Session.open(cfg)
+    s = RolloutSide.open(cfg)
     try:
         kept, metrics = collect(s, step=0)
     finally:
-        s.pool.close()
+        s.close()
     assert 1 <= metrics["sampling_rounds"] <= 3
     groups: dict[int, set[float]] = {}
     for t in kept:
@@ -96,4 +99,4 @@ def test_gradient_checkpointing_changes_memory_not_results(stopping_model_dir, t
 def test_lora_on_missing_modules_is_a_config_error(stopping_model_dir, tmp_path):
     cfg = _cfg(stopping_model_dir, tmp_path, "model.lora.rank=4", "model.lora.target_modules=[no_such_proj]")
     with pytest.raises(ConfigError, match="model.lora"):
-        Session.open(cfg)
+        TrainerSide.open(cfg, cfg.model.path)

@@ -283,7 +283,7 @@ def _cdiv(a: int, b: int) -> int:
 def _kernels():
     """The Triton kernels (compiled on first use); Triton is imported only here, on CUDA."""
     try:
-        from agentrl.rollout.backends.kernels import _paged_triton
+        from agentrl.rollout.backends.embedded.kernels import _paged_triton
     except ImportError as exc:  # pragma: no cover - CUDA builds of torch ship Triton
         raise RuntimeError("paged attention on CUDA needs Triton, which ships with CUDA builds of torch; "
                            "reinstall torch with CUDA support") from exc

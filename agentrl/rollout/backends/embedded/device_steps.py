@@ -21,14 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
-from agentrl.rollout.backends.cuda_graphs import DecodeGraphs
-from agentrl.rollout.backends.kv_cache import PagedKVCache
-from agentrl.rollout.backends.model_runner import ModelRunner
-from agentrl.rollout.backends.sampling import SamplingBatch, sample
-from agentrl.rollout.backends.scheduler import Scheduler, StepPlan
-from agentrl.rollout.backends.scheduler import Sequence as Seq
-from agentrl.rollout.backends.step_inputs import build_step_inputs
-from agentrl.rollout.backends.transfer import to_device
+from agentrl.rollout.backends.embedded.cuda_graphs import DecodeGraphs
+from agentrl.rollout.backends.embedded.kv_cache import PagedKVCache
+from agentrl.rollout.backends.embedded.model_runner import ModelRunner
+from agentrl.rollout.backends.embedded.sampling import SamplingBatch, sample
+from agentrl.rollout.backends.embedded.scheduler import Scheduler, StepPlan
+from agentrl.rollout.backends.embedded.scheduler import Sequence as Seq
+from agentrl.rollout.backends.embedded.step_inputs import build_step_inputs
+from agentrl.rollout.backends.embedded.transfer import to_device
 
 
 @dataclass(eq=False)

@@ -188,7 +188,7 @@ class KernelPagedAttention:
     """
 
     def __init__(self) -> None:
-        from agentrl.rollout.backends.kernels import paged_decode_attention, paged_prefill_attention, write_kv
+        from agentrl.rollout.backends.embedded.kernels import paged_decode_attention, paged_prefill_attention, write_kv
 
         self._decode, self._prefill, self.write = paged_decode_attention, paged_prefill_attention, write_kv
 

@@ -1,6 +1,6 @@
 """GPU kernels of the built-in engine, each with the torch reference it is tested against."""
 
-from agentrl.rollout.backends.kernels.paged_attention import (
+from agentrl.rollout.backends.embedded.kernels.paged_attention import (
     paged_decode_attention,
     paged_decode_attention_reference,
     paged_prefill_attention,

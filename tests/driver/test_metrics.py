@@ -8,7 +8,7 @@ import pytest
 
 from agentrl.errors import RolloutError
 from agentrl.rollout.trajectory import Trajectory
-from agentrl.trainer.metrics import MetricsWriter, check_episode_errors, error_samples, rollout_metrics
+from agentrl.driver.metrics import MetricsWriter, check_episode_errors, error_samples, rollout_metrics
 
 
 def _traj(error: str | None = None, reward: float = 1.0) -> Trajectory:

@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from agentrl.errors import EngineError
-from agentrl.rollout.backends import layer_ops
-from agentrl.rollout.backends.architectures import USE_INSTEAD, resolve_architecture
-from agentrl.rollout.backends.attention import KernelPagedAttention, SdpaPagedAttention, StepMetadata, make_attention
-from agentrl.rollout.backends.kernels.rotary import rope_write_kv
-from agentrl.rollout.backends.kv_cache import PagedKVCache
-from agentrl.rollout.backends.model_weights import LayerWeights, bind_weights
+from agentrl.rollout.backends.embedded import layer_ops
+from agentrl.rollout.backends.embedded.architectures import USE_INSTEAD, resolve_architecture
+from agentrl.rollout.backends.embedded.attention import KernelPagedAttention, SdpaPagedAttention, StepMetadata, make_attention
+from agentrl.rollout.backends.embedded.kernels.rotary import rope_write_kv
+from agentrl.rollout.backends.embedded.kv_cache import PagedKVCache
+from agentrl.rollout.backends.embedded.model_weights import LayerWeights, bind_weights
 
 _SPLIT_GATED_ROWS = 512  # see ModelRunner._gated
 

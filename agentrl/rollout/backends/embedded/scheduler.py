@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from agentrl.errors import EngineError
-from agentrl.rollout.backends.kv_cache import NULL_BLOCK, BlockAllocator, block_hashes
+from agentrl.rollout.backends.embedded.kv_cache import NULL_BLOCK, BlockAllocator, block_hashes
 
 
 @dataclass(eq=False)

@@ -81,6 +81,6 @@ def sample_full_distribution(logits: torch.Tensor, temperature: torch.Tensor | N
 @functools.cache
 def _kernels():
     """Compile on first use (Triton is imported there so that CPU imports stay light)."""
-    from agentrl.rollout.backends.kernels import _sampling_triton
+    from agentrl.rollout.backends.embedded.kernels import _sampling_triton
 
     return _sampling_triton

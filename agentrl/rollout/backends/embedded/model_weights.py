@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from agentrl.errors import EngineError
-from agentrl.rollout.backends.architectures import USE_INSTEAD, ArchSpec
+from agentrl.rollout.backends.embedded.architectures import USE_INSTEAD, ArchSpec
 
 # Names of the norms in an HF layer, by the engine's role for them, for each layout.
 _NORMS = {
@@ -173,7 +173,7 @@ def check_architecture(config, max_model_len: int | None = None) -> ArchSpec:
     """
     from transformers import AutoModelForCausalLM
 
-    from agentrl.rollout.backends.architectures import check_model_type, resolve_architecture
+    from agentrl.rollout.backends.embedded.architectures import check_model_type, resolve_architecture
 
     check_model_type(config)
     with torch.device("meta"):

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from agentrl.rollout.backends.architectures import ArchSpec
-from agentrl.rollout.backends.kernels.fused_ops import add_rms_norm, silu_and_mul
+from agentrl.rollout.backends.embedded.architectures import ArchSpec
+from agentrl.rollout.backends.embedded.kernels.fused_ops import add_rms_norm, silu_and_mul
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kind: str) -> torch.Tensor:

@@ -29,10 +29,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from agentrl.rollout.backends.attention import StepMetadata
-from agentrl.rollout.backends.kv_cache import PagedKVCache
-from agentrl.rollout.backends.model_runner import ModelRunner, StepInputs
-from agentrl.rollout.backends.scheduler import Chunk
+from agentrl.rollout.backends.embedded.attention import StepMetadata
+from agentrl.rollout.backends.embedded.kv_cache import PagedKVCache
+from agentrl.rollout.backends.embedded.model_runner import ModelRunner, StepInputs
+from agentrl.rollout.backends.embedded.scheduler import Chunk
 
 
 def batch_buckets(max_batch: int) -> list[int]:

@@ -7,7 +7,9 @@ import importlib.util
 from pathlib import Path
 
 from agentrl.config import load_config
-from agentrl.trainer.loop import Session, _group_mini_batches, collect
+from agentrl.driver.collect import collect
+from agentrl.driver.rollout_side import RolloutSide
+from agentrl.driver.trainer_side import group_mini_batches
 
 _spec = importlib.util.spec_from_file_location("agentrl_test_run_cli_hostile",
                                                Path(__file__).resolve().parents[1] / "run_cli_hostile.py")
@@ -19,7 +21,7 @@ def test_failed_episodes_are_dropped_from_training_and_shown(stopping_model_dir,
         f"model.path={stopping_model_dir}", "env.id=hostile-flaky-v0", "rollout.prompts_per_step=4",
         "rollout.samples_per_prompt=2", "rollout.max_tokens_per_turn=16", "rollout.max_turns=1",
         "rollout.max_total_tokens=64", "eval.num_tasks=0", f"run_dir={tmp_path}"])
-    session = Session.open(cfg, splits=[(cfg.env.train_split, "env.train_split")])
+    session = RolloutSide.open(cfg, splits=[(cfg.env.train_split, "env.train_split")])
     failed_steps = 0
     for step in range(6):
         kept, metrics = collect(session, step)
@@ -31,10 +33,10 @@ def test_failed_episodes_are_dropped_from_training_and_shown(stopping_model_dir,
             assert all(s.split("x ", 1)[1].startswith("TimeoutError: scorer timed out on task")
                        for s in metrics["error_samples"])
     assert failed_steps > 0  # a task seed divisible by 4 came up (the step numbers fix the seeds)
-    session.pool.close()
+    session.close()
 
 
 def test_mini_batches_keep_groups_of_any_size_together():
     # groups 0 (2 episodes), 1 (1, the others failed), 2 (3): alternate groups into 2 mini-batches
-    assert _group_mini_batches([0, 0, 1, 2, 2, 2], 2) == [[0, 1, 3, 4, 5], [2]]
-    assert _group_mini_batches([], 3) == [[]]
+    assert group_mini_batches([0, 0, 1, 2, 2, 2], 2) == [[0, 1, 3, 4, 5], [2]]
+    assert group_mini_batches([], 3) == [[]]

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from agentrl.errors import EngineError
-from agentrl.rollout.backends.transfer import to_device
+from agentrl.rollout.backends.embedded.transfer import to_device
 from agentrl.rollout.engine import SamplingParams
 
 _M32 = 0xFFFFFFFF
@@ -161,7 +161,7 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.
         b: The rows' parameters.
     """
     if logits.is_cuda and b.top_p is None and b.top_k is None and b.min_p is None:
-        from agentrl.rollout.backends.kernels.sampling_kernel import sample_full_distribution
+        from agentrl.rollout.backends.embedded.kernels.sampling_kernel import sample_full_distribution
 
         u = torch.zeros(logits.shape[0], device=logits.device, dtype=torch.float64) if b.all_greedy \
             else _uniforms(b, logits.shape[0], logits.device)

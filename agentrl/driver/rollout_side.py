@@ -1,0 +1,95 @@
+"""The rollout side of a run: an engine (chosen by name), a pool of envs and the chat renderer.
+
+It is all `agentrl eval` loads: no trainable copy of the model. The engine comes from the
+`ENGINES` registry by `rollout.engine` (the driver never imports a backend), and every check that
+can fail cheaply runs before the model is loaded (see `preflight.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from agentrl.config import Config
+from agentrl.driver.preflight import build_env, check_device, check_model_dir, check_splits, reported
+from agentrl.envs.core import Env
+from agentrl.envs.registration import make
+from agentrl.rollout.agent_loop import EnvPool, EpisodeLimits, EpisodeSpec, run_episodes
+from agentrl.rollout.chat import ChatRenderer
+from agentrl.rollout.engine import ENGINES, Engine, SamplingParams
+from agentrl.rollout.trajectory import Trajectory
+from agentrl.tools.blocking import run_blocking
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class RolloutSide:
+    """What plays episodes: the engine sampling from the policy, the envs, the renderer."""
+
+    cfg: Config
+    path: str
+    tokenizer: object
+    engine: Engine
+    pool: EnvPool
+    renderer: ChatRenderer
+
+    @classmethod
+    def open(cls, cfg: Config, model_path: str | None = None, splits: Sequence[tuple[str, str]] = ()) -> RolloutSide:
+        """Check, then load; cheap checks come before expensive loads.
+
+        Args:
+            cfg: The run's config.
+            model_path: A model directory other than model.path (`agentrl eval --model`).
+            splits: (split, where it was given) pairs that will be played, e.g. ("train",
+                "env.train_split"); each must exist and its prompts must fit rollout.max_total_tokens.
+        """
+        path = model_path or cfg.model.path
+        field = "--model" if model_path else "model.path"
+        check_device(cfg.model.device)
+        check_model_dir(path, field, cfg.rollout.max_total_tokens)
+        probe = build_env(cfg.env.id, cfg.env.kwargs)
+        try:
+            return cls._load(cfg, path, field, probe, splits)
+        except BaseException:
+            probe.close()  # an env may hold a subprocess or a connection
+            raise
+
+    @classmethod
+    def _load(cls, cfg: Config, path: str, field: str, probe: Env, splits: Sequence[tuple[str, str]]) -> RolloutSide:
+        from transformers import AutoTokenizer
+
+        r = cfg.rollout
+        fix = f"check that {field} holds a complete Hugging Face causal LM, saved with save_pretrained"
+        with reported(f"cannot load the tokenizer of {field} {path!r}", fix):
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        with reported(f"cannot render prompts with the chat template of {field} {path!r}", fix):
+            renderer = ChatRenderer(tokenizer, probe.tool_schemas(), template_kwargs=cfg.model.chat_template_kwargs)
+            check_splits(probe, cfg.env.id, splits, lambda messages: len(renderer.prompt_ids(messages)),
+                         r.max_total_tokens, r.max_tokens_per_turn)
+        with reported(f"cannot load the model in {field} {path!r} into the {r.engine} engine", fix):
+            engine = ENGINES.get(r.engine)(path, device=cfg.model.device, dtype=DTYPES[cfg.model.dtype],
+                                           max_model_len=r.max_total_tokens + 1)
+        pool = EnvPool(lambda: make(cfg.env.id, **cfg.env.kwargs))
+        pool.give(probe)
+        return cls(cfg, path, tokenizer, engine, pool, renderer)
+
+    def sampling(self, temperature: float, seed: int | None = None) -> SamplingParams:
+        r = self.cfg.rollout
+        return SamplingParams(temperature=temperature, top_p=r.top_p, max_tokens=r.max_tokens_per_turn, seed=seed)
+
+    def limits(self) -> EpisodeLimits:
+        return EpisodeLimits(max_turns=self.cfg.rollout.max_turns, max_total_tokens=self.cfg.rollout.max_total_tokens)
+
+    def play(self, specs: list[EpisodeSpec], temperature: float, seed: int | None = None) -> list[Trajectory]:
+        """Play `specs` concurrently on the engine; one trajectory each, in order."""
+        lock = self.cfg.rollout.lockstep
+        lockstep = lock == "on" or (lock == "auto" and torch.device(self.cfg.model.device).type == "cpu")
+        # run_blocking, not asyncio.run: its shutdown waits a bounded time for a tool that ignores cancellation
+        return run_blocking(run_episodes(self.engine, self.pool, self.renderer, self.sampling(temperature, seed),
+                                         self.limits(), specs, env_id=self.cfg.env.id, lockstep=lockstep))
+
+    def close(self) -> None:
+        self.pool.close()
