@@ -228,7 +228,12 @@ def check_env_cmd(
     with _errors_reported():
         ENVS.spec(env_id)
         report = check_env(env_id, episodes=episodes, seed=seed)
-    table = Table(title=f"agentrl check-env {env_id}")
+    _report_checks(f"agentrl check-env {env_id}", report, f"{env_id} passed", f"{env_id} failed")
+
+
+def _report_checks(title: str, report, passed: str, failed: str) -> None:
+    """A check report as a table and a one-line verdict; exit 1 when any check failed."""
+    table = Table(title=title)
     table.add_column("check")
     table.add_column("result")
     table.add_column("details", overflow="fold")
@@ -238,9 +243,9 @@ def check_env_cmd(
     counts = {s: sum(r.status == s for r in report.results) for s in _STATUS_STYLE}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     if report.ok:
-        console.print(f"[bold green]{env_id} passed[/] ({summary})")
+        console.print(f"[bold green]{rich_escape(passed)}[/] ({summary})")
         return
-    console.print(f"[bold red]{env_id} failed {counts['fail']} check(s)[/] ({summary})")
+    console.print(f"[bold red]{rich_escape(failed)} {counts['fail']} check(s)[/] ({summary})")
     raise typer.Exit(code=1)
 
 
@@ -270,20 +275,8 @@ def check_model_cmd(
     _quiet_loaders()
     with _errors_reported():
         report = check_model(model_dir, env_id, parser=parser, episodes=episodes, template_kwargs=options)
-    table = Table(title=f"agentrl check-model {model_dir} --env {env_id}")
-    table.add_column("check")
-    table.add_column("result")
-    table.add_column("details", overflow="fold")
-    for row in report.results:
-        table.add_row(row.name, _STATUS_STYLE[row.status], rich_escape(row.detail))
-    console.print(table)
-    counts = {s: sum(r.status == s for r in report.results) for s in _STATUS_STYLE}
-    summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-    if report.ok:
-        console.print(f"[bold green]{model_dir} is ready for {env_id}[/] ({summary})")
-        return
-    console.print(f"[bold red]{model_dir} failed {counts['fail']} check(s) for {env_id}[/] ({summary})")
-    raise typer.Exit(code=1)
+    _report_checks(f"agentrl check-model {model_dir} --env {env_id}", report, f"{model_dir} is ready for {env_id}",
+                   f"{model_dir} for {env_id} failed")
 
 
 @app.command("tiny-model")

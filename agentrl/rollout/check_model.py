@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agentrl.envs.checker import CheckResult
+from agentrl.envs.checker import CheckReport, CheckResult
 from agentrl.envs.core import Message
 from agentrl.envs.registration import make
 from agentrl.errors import AgentRLError, ChatTemplateError, EngineError
@@ -44,20 +44,10 @@ _MARKERS = re.compile(r"<\|[^|<>\s]{1,40}\|>|\[/?[A-Z][A-Z_]{1,30}\]|</?s>")
 
 
 @dataclass(frozen=True)
-class ModelCheckReport:
-    """All rows of `check_model`; `ok` is False when any row failed."""
+class ModelCheckReport(CheckReport):
+    """All rows of `check_model` (`ok` is False when any row failed), and the model they are about."""
 
-    model: str
-    env: str
-    results: tuple[CheckResult, ...]
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
-    @property
-    def failures(self) -> tuple[CheckResult, ...]:
-        return tuple(r for r in self.results if r.status == "fail")
+    model: str = ""
 
 
 def check_model(model_dir: str | Path, env_id: str, parser: str | None = None, episodes: int = 3,
@@ -91,7 +81,7 @@ def check_model(model_dir: str | Path, env_id: str, parser: str | None = None, e
             rows = _rows(Path(model_dir), env, parser, demo_parse, episodes, template_kwargs)
     finally:
         env.close()
-    return ModelCheckReport(str(model_dir), env_id, tuple(rows))
+    return ModelCheckReport(env=env_id, results=tuple(rows), model=str(model_dir))
 
 
 def _rows(model_dir: Path, env: Any, parser: str, demo_parse: Any, episodes: int,
