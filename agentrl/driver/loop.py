@@ -2,12 +2,13 @@
 
 This is the algorithm in one place; each stage is a named call:
 
-    rollout, trainer = RolloutSide.open(cfg), TrainerSide.open(cfg)   # engine + envs | policy + optimizer
+    rollout, trainer = open_sides(cfg)                  # engine + envs | policy + optimizer, here or Ray workers
     for step in range(start, steps):
         trajectories, metrics = collect(rollout, step)     # many episodes at once; failed ones dropped
         batch = to_batch(trajectories)                      # tensors, once: ids, masks, logprobs, versions
-        batch, kl_in_loss = score(batch, trainer, algo)     # advantages (and the reference's logprobs)
-        metrics |= trainer.update(batch, settings)          # packed micro-batches, one step per mini-batch
+        with engines_asleep(rollout):                       # colocated: the engines free memory meanwhile
+            batch, kl_in_loss = score(batch, trainer, algo) # advantages (and the reference's logprobs)
+            metrics |= trainer.update(batch, settings)      # packed micro-batches, one step per mini-batch
         push_weights(trainer, rollout, step + 1)            # rollouts of the next step use them
         guard(metrics); maybe trainer.save(step)            # stop on repeated non-finite steps
 
@@ -19,11 +20,13 @@ and every split the run will play (see `preflight.py`), and `RunDir` refuses a r
 another run. Episodes that fail (an env or engine error) are shown, not only counted: their first
 distinct texts go to the console and `metrics.jsonl`; they are never trained on (that failure is
 not the policy's doing); and a step or evaluation where more than `rollout.max_error_fraction` of
-the episodes failed stops the run with those texts.
+the episodes failed stops the run with those texts. SIGTERM or Ctrl-C stops the run after a final
+checkpoint (`signals.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections.abc import Callable
@@ -34,22 +37,30 @@ import torch
 from agentrl.config import Config
 from agentrl.driver.batch import score, to_batch
 from agentrl.driver.collect import collect, evaluate
+from agentrl.driver.colocated import engines_asleep
 from agentrl.driver.metrics import MetricsWriter
 from agentrl.driver.rollout_side import RolloutSide
 from agentrl.driver.run_dir import RunDir
+from agentrl.driver.sides import open_sides
+from agentrl.driver.signals import StopSignals, stopped
 from agentrl.driver.trainer_side import TrainerSide
 from agentrl.driver.weight_sync import push_weights
+from agentrl.errors import RunInterrupted
 
 
-def train_step(rollout: RolloutSide, trainer: TrainerSide, step: int) -> dict[str, Any]:
-    """Collect, score, update, push the weights; returns the step's metrics."""
+def train_step(rollout: RolloutSide, trainer: TrainerSide, step: int, stop: StopSignals | None = None) -> dict[str, Any]:
+    """Collect, score, update, push the weights; returns the step's metrics. `rollout` and `trainer`
+    may as well be their Ray versions (`RayRolloutSide`, `RayTrainerSide`)."""
     t0 = time.perf_counter()
-    trajectories, metrics = collect(rollout, step)
+    with stop.interruptible() if stop else contextlib.nullcontext():  # playing changes no state: stop at once
+        trajectories, metrics = collect(rollout, step)
     metrics["rollout_s"] = time.perf_counter() - t0
-    batch, kl_in_loss = score(to_batch(trajectories), trainer, rollout.cfg.algorithm)
-    t1 = time.perf_counter()
-    metrics.update(trainer.update(batch, trainer.loss_settings(kl_in_loss)))
-    metrics["update_s"] = time.perf_counter() - t1
+    metrics.update(rollout.worker_metrics())
+    with engines_asleep(rollout, metrics, rollout.cfg.cluster.colocate):
+        batch, kl_in_loss = score(to_batch(trajectories), trainer, rollout.cfg.algorithm)
+        t1 = time.perf_counter()
+        metrics.update(trainer.update(batch, trainer.loss_settings(kl_in_loss)))
+        metrics["update_s"] = time.perf_counter() - t1
     metrics["weight_sync_s"] = push_weights(trainer, rollout, version=step + 1)
     metrics.update(step=step + 1, step_s=time.perf_counter() - t0)
     return metrics
@@ -71,45 +82,52 @@ def train(cfg: Config, on_step: Callable[[int, dict[str, Any]], None] | None = N
         ev = cfg.eval
         evaluating = ev.num_tasks > 0 and (ev.before or ev.after)
         splits = [(cfg.env.train_split, "env.train_split")] + ([(ev.split, "eval.split")] if evaluating else [])
-        rollout = RolloutSide.open(cfg, splits=splits)
-        try:
-            return _run(rollout, TrainerSide.open(cfg, rollout.path), run, on_step, resume)
-        finally:
-            rollout.close()
+        with open_sides(cfg, splits) as (rollout, trainer), StopSignals() as stop:
+            return _run(rollout, trainer, run, on_step, resume, stop)
 
 
-def _run(rollout: RolloutSide, trainer: TrainerSide, run: RunDir, on_step, resume: bool) -> dict[str, object]:
+def _run(rollout: RolloutSide, trainer: TrainerSide, run: RunDir, on_step, resume: bool,
+         stop: StopSignals) -> dict[str, object]:
     cfg, ev = rollout.cfg, rollout.cfg.eval
     run.start()
     writer = MetricsWriter(run.path / "metrics.jsonl")
     result: dict[str, object] = {"history": [], "resumed_from": None}
-    start = 0
-    if resume:
-        restored = trainer.restore(run.path)
-        start = result["resumed_from"] = restored.step
-        push_weights(trainer, rollout, version=start)
-        for event in restored.events():  # skipped corrupt checkpoints, then the resume itself
-            writer.write(event)
-    else:
-        (run.path / "config.json").write_text(cfg.model_dump_json(indent=2))
-        if ev.before and ev.num_tasks:
-            result["before"] = evaluate(rollout, ev.split, ev.num_tasks, ev.temperature, ev.seed)
-            writer.write({"event": "eval_before", **result["before"]})
-    for step in range(start, cfg.train.steps):
-        metrics = train_step(rollout, trainer, step)
-        metrics["nonfinite_steps"] = trainer.guard.observe(bool(metrics.get("nonfinite", 0.0)))
-        writer.write(metrics)
-        run.step_done()
-        result["history"].append(metrics)
-        if on_step:
-            on_step(step + 1, metrics)
-        trainer.guard.check(step + 1, run.path)  # stops before checkpointing a run that has gone bad
-        every = cfg.train.checkpoint_every
-        if (every and (step + 1) % every == 0) or step + 1 == cfg.train.steps:
-            trainer.save(run.path, step + 1)
-    trainer.export(run.path / "final", rollout.tokenizer)
-    if ev.after and ev.num_tasks:
-        result["after"] = evaluate(rollout, ev.split, ev.num_tasks, ev.temperature, ev.seed)
-        writer.write({"event": "eval_after", **result["after"]})
-    writer.close()
+    start = saved = 0
+    try:
+        if resume:
+            restored = trainer.restore(run.path)
+            start = saved = result["resumed_from"] = restored.step
+            push_weights(trainer, rollout, version=start)
+            for event in restored.events():  # skipped corrupt checkpoints, then the resume itself
+                writer.write(event)
+        else:
+            (run.path / "config.json").write_text(cfg.model_dump_json(indent=2))
+            if ev.before and ev.num_tasks:
+                with stop.interruptible():
+                    result["before"] = evaluate(rollout, ev.split, ev.num_tasks, ev.temperature, ev.seed)
+                writer.write({"event": "eval_before", **result["before"]})
+        for step in range(start, cfg.train.steps):
+            metrics = train_step(rollout, trainer, step, stop)
+            metrics["nonfinite_steps"] = trainer.guard.observe(bool(metrics.get("nonfinite", 0.0)))
+            writer.write(metrics)
+            run.step_done()
+            result["history"].append(metrics)
+            if on_step:
+                on_step(step + 1, metrics)
+            trainer.guard.check(step + 1, run.path)  # stops before checkpointing a run that has gone bad
+            every = cfg.train.checkpoint_every
+            if (every and (step + 1) % every == 0) or step + 1 == cfg.train.steps:
+                trainer.save(run.path, step + 1)
+                saved = step + 1
+            stop.check()  # a signal during the update lands here, once the step is whole
+        trainer.export(run.path / "final", rollout.tokenizer)
+        if ev.after and ev.num_tasks:
+            with stop.interruptible():
+                result["after"] = evaluate(rollout, ev.split, ev.num_tasks, ev.temperature, ev.seed)
+            writer.write({"event": "eval_after", **result["after"]})
+    except RunInterrupted as exc:
+        raise stopped(exc, trainer, run.path, writer, done=start + len(result["history"]), saved=saved) from None
+    finally:
+        writer.close()
     return result
+

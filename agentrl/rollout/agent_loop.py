@@ -187,17 +187,22 @@ class EnvPool:
 async def run_episodes(
     engine: Engine, pool: EnvPool, renderer: ChatRenderer, sampling: SamplingParams, limits: EpisodeLimits,
     specs: Sequence[EpisodeSpec], env_id: str = "", lockstep: bool = False,
+    indices: Sequence[int] | None = None,
 ) -> list[Trajectory]:
     """Run all `specs` concurrently on one engine (the engine batches their turns).
 
     `lockstep=True` submits each turn of all episodes together (reproducible batches; see `Lockstep`).
+    `indices` are the episodes' places in the whole batch (default 0, 1, ...), which seed their
+    sampling: a rollout worker playing a slice of a batch samples what one engine would have.
     """
     barrier = Lockstep(len(specs)) if lockstep else None
+    places = list(indices) if indices is not None else list(range(len(specs)))
 
     async def one(i: int, spec: EpisodeSpec) -> Trajectory:
         env = pool.take()
         try:
-            seeded = sampling if sampling.seed is None else replace(sampling, seed=sampling.seed * 1_000_003 + i)
+            seed = None if sampling.seed is None else sampling.seed * 1_000_003 + places[i]
+            seeded = sampling if seed is None else replace(sampling, seed=seed)
             gate = (lambda: barrier.wait(i)) if barrier is not None else None
             traj, _ = await run_episode(engine, env, renderer, seeded, limits, spec, env_id, gate)
             return traj
