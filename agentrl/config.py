@@ -179,6 +179,28 @@ class EvalConfig(_Frozen):
     seed: int = Field(1234, ge=0, le=MAX_SEED, description="Sampling seed at evaluation.")
 
 
+class MetricsConfig(_Frozen):
+    """Where per-step metrics go besides `run_dir/metrics.jsonl` and the console (docs/training.md, Metrics)."""
+
+    tensorboard: bool = Field(True, description="Write TensorBoard event files to run_dir/tensorboard "
+                              "(view them with `tensorboard --logdir RUN_DIR/tensorboard`).")
+    wandb_project: str | None = Field(
+        None, min_length=1, description="Also log to this Weights & Biases project (needs `pip install "
+        "'agentrl[wandb]'` and `wandb login`); unset, wandb is never imported.")
+    wandb_entity: str | None = Field(None, min_length=1, description="wandb user or team of the project "
+                                     "(unset: your default entity).")
+    console_keys: tuple[str, ...] = Field(
+        ("reward_mean", "success_rate", "loss", "approx_kl", "entropy", "grad_norm", "nonfinite_steps"),
+        description="Metrics on each step's first console line (any key of metrics.jsonl; absent ones are skipped).")
+
+    @model_validator(mode="after")
+    def _entity_needs_project(self) -> MetricsConfig:
+        if self.wandb_entity is not None and self.wandb_project is None:
+            raise ValueError("metrics.wandb_entity is set but metrics.wandb_project is not; set the project too "
+                             "(or unset the entity)")
+        return self
+
+
 class Config(_Frozen):
     """A whole training run."""
 
@@ -189,6 +211,7 @@ class Config(_Frozen):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    metrics: MetricsConfig = MetricsConfig()
     run_dir: str = Field("runs/default", min_length=1, description="Where metrics, checkpoints and the final model go.")
 
     @model_validator(mode="after")
