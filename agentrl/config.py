@@ -89,6 +89,12 @@ class RolloutConfig(_Frozen):
         "auto", description="Submit each turn of all episodes together so batches, and results, are reproducible "
         "bit for bit (exact --resume); auto: on for CPU, off elsewhere (where tool time overlaps generation).")
 
+    @field_validator("lockstep", mode="before")
+    @classmethod
+    def _lockstep(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `on` / `off` as a boolean: `rollout.lockstep=on` means the word.
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
     @field_validator("engine")
     @classmethod
     def _engine(cls, v: str) -> str:
