@@ -79,10 +79,6 @@ def _fmt(metrics: dict[str, float], keys: list[str]) -> str:
     return "  ".join(f"{k}={metrics[k]:.3g}" for k in keys if k in metrics)
 
 
-STEP_KEYS = ["reward", "success_rate", "loss", "approx_kl", "entropy", "grad_norm", "rollout_tokens_per_s",
-             "tool_errors", "nonfinite_steps", "step_s"]
-
-
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="YAML file of overrides of agentrl.config.Config."),
@@ -110,11 +106,13 @@ def train(
             last = latest_checkpoint(cfg.run_dir)
             progress.update(task, completed=checkpoint_step(last) if last else 0)
 
+        from agentrl.driver.console import ConsoleSink
+
+        lines = ConsoleSink(lambda line: progress.console.print(rich_escape(line), highlight=False, soft_wrap=True),
+                            cfg.metrics.console_keys)
+
         def on_step(step: int, m: dict) -> None:
-            progress.console.print(f"step {step:>4}  {_fmt(m, STEP_KEYS)}")
-            errors = {k.split('/', 1)[1]: int(v) for k, v in m.items() if k.startswith("tool_errors/")}
-            if errors:
-                progress.console.print(f"          tool errors: {errors}")
+            lines.write(m)  # the step's metrics, its time split, failure counts when non-zero
             _print_episode_errors(m, progress.console.print)
             progress.update(task, advance=1)
 
@@ -142,7 +140,7 @@ def _print_before_after(result: dict, split: str) -> None:
     for key in ("before", "after"):
         if key in result:
             m = result[key]
-            table.add_row(key, f"{m['success_rate']:.1%}", f"{m['tool_calls']:.2f}")
+            table.add_row(key, f"{m['success_rate']:.1%}", f"{m['tool_calls_mean']:.2f}")
     console.print(table)
     if "before" in result and "after" in result:
         gain = result["after"]["success_rate"] - result["before"]["success_rate"]
@@ -176,7 +174,8 @@ def evaluate_cmd(
         finally:
             rollout.close()
     console.print(f"{model or cfg.model.path} on {cfg.env.id}/{chosen[0]} ({ev.num_tasks} tasks): "
-                  f"success {m['success_rate']:.1%}  {_fmt(m, ['reward', 'tool_calls', 'turns', 'tool_errors'])}")
+                  f"success {m['success_rate']:.1%}  "
+                  f"{_fmt(m, ['reward_mean', 'tool_calls_mean', 'turns_mean', 'tool_errors'])}")
     _print_episode_errors(m, console.print)
     print(json.dumps(m, sort_keys=True))
 

@@ -34,7 +34,7 @@ def collect(rollout: RolloutSide, step: int) -> tuple[list[Trajectory], dict[str
     `max_sampling_rounds` rounds) until `prompts_per_step` groups remain."""
     cfg = rollout.cfg
     r, a = cfg.rollout, cfg.algorithm
-    t0 = time.perf_counter()
+    t0, used = time.perf_counter(), rollout.engine.use()
     played: list[Trajectory] = []
     kept: list[Trajectory] = []
     rounds = a.max_sampling_rounds if a.dynamic_sampling else 1
@@ -53,7 +53,7 @@ def collect(rollout: RolloutSide, step: int) -> tuple[list[Trajectory], dict[str
         kept += [t for t, k in zip(sound, keep.tolist()) if k]
         if len(kept) >= r.prompts_per_step * r.samples_per_prompt:
             break
-    metrics = with_errors(rollout_metrics(played, time.perf_counter() - t0), played)
+    metrics = with_errors(rollout_metrics(played, time.perf_counter() - t0, rollout.engine.use() - used), played)
     kept = kept[: r.prompts_per_step * r.samples_per_prompt]
     metrics.update(sampling_rounds=float(rnd + 1), kept_groups=float(len({t.group_id for t in kept})),
                    trained_episodes=float(len(kept)))
@@ -64,10 +64,10 @@ def evaluate(rollout: RolloutSide, split: str, num_tasks: int, temperature: floa
     """Success rate on tasks 0..num_tasks-1 of a held-out split (one episode each), with the first
     distinct episode-error texts under `error_samples`; raises `RolloutError` when more than
     rollout.max_error_fraction of the episodes failed (a failed episode is not a policy failure)."""
-    t0 = time.perf_counter()
+    t0, used = time.perf_counter(), rollout.engine.use()
     trajs = rollout.play([EpisodeSpec(seed=i, split=split, group_id=i) for i in range(num_tasks)], temperature, seed)
     check_episode_errors(trajs, rollout.cfg.rollout.max_error_fraction, f"evaluation on split {split!r}")
-    return with_errors(rollout_metrics(trajs, time.perf_counter() - t0), trajs)
+    return with_errors(rollout_metrics(trajs, time.perf_counter() - t0, rollout.engine.use() - used), trajs)
 
 
 def with_errors(metrics: dict[str, Any], trajectories: list[Trajectory]) -> dict[str, Any]:

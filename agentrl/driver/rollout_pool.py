@@ -27,7 +27,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from agentrl.config import Config
@@ -38,6 +38,7 @@ from agentrl.envs.registration import ENVS
 from agentrl.errors import ConfigError
 from agentrl.rollout.agent_loop import EpisodeLimits, EpisodeSpec
 from agentrl.rollout.engine import ENGINES, SamplingParams
+from agentrl.rollout.engine_meter import EngineUse
 from agentrl.rollout.trajectory import Trajectory
 from agentrl.rollout.workers import (CONCURRENCY_GROUPS, METHOD_GROUPS, RolloutWorker, StaleWeightsError, WorkerHealth,
                                      WorkerSetup)
@@ -104,11 +105,34 @@ class _Slot:
     dead: bool = False
 
 
+class PoolMeter:
+    """`RolloutSide.engine`'s `use()` for the workers together: token counts summed over the slices
+    played, and as busy time the busiest worker's engine time in each `play` (the workers run at
+    once, so their busy seconds overlap; summing them would exceed the wall time)."""
+
+    def __init__(self):
+        self.total = EngineUse()
+
+    def use(self) -> EngineUse:
+        return self.total
+
+    def add_round(self, per_worker: dict[int, EngineUse]) -> None:
+        if per_worker:
+            busiest = max(u.busy_s for u in per_worker.values())
+            self.total = _plus(self.total, *per_worker.values(), busy_s=self.total.busy_s + busiest)
+
+
+def _plus(*uses: EngineUse, **fixed: float) -> EngineUse:
+    """The field-wise sum of `uses`, with the fields in `fixed` set as given."""
+    return EngineUse(**{f.name: fixed.get(f.name, sum(getattr(u, f.name) for u in uses)) for f in fields(EngineUse)})
+
+
 class RayRolloutSide:
     """Rollout workers as Ray actors; see the module docstring."""
 
     def __init__(self, cfg: Config, path: str, tokenizer: object, slots: list[_Slot]):
         self.cfg, self.path, self.tokenizer, self.slots = cfg, path, tokenizer, slots
+        self.engine = PoolMeter()  # what collect() reads as `rollout.engine.use()`
         self.version = 0
         self.weights_ref = None
         self.counts: dict[str, float] = {}
@@ -277,6 +301,7 @@ class _Round:
         c = side.cfg.cluster
         self.timeout, self.start_timeout = c.health_timeout_s, c.start_timeout_s
         self.tick = min(1.0, self.timeout / 4)
+        self.use: dict[int, EngineUse] = {}  # per worker, over the slices it finished
 
     def run(self) -> list[Trajectory]:
         import ray
@@ -293,6 +318,7 @@ class _Round:
             self._check_health()
         for sl in self.queue:  # every worker is gone for good
             self._give_up(sl, "no rollout worker is left (each used up cluster.max_worker_restarts)")
+        self.side.engine.add_round(self.use)
         return self.out  # type: ignore[return-value]
 
     def _refs(self) -> dict[Any, tuple[str, _Slot]]:
@@ -342,8 +368,10 @@ class _Round:
         elif kind == "start":
             slot.starting, slot.version = None, self.side.version
         else:
-            for i, traj in zip(slot.work.indices, value):
+            trajectories, use = value
+            for i, traj in zip(slot.work.indices, trajectories):
                 self.out[i] = traj
+            self.use[slot.index] = _plus(self.use.get(slot.index, EngineUse()), use)
             slot.work = slot.ref = None
 
     def _worker_lost(self, slot: _Slot, reason: str) -> None:

@@ -72,22 +72,23 @@ class StopSignals:
             raise RunInterrupted(self.signum, self._text(self.signum))
 
 
-def stopped(exc: RunInterrupted, trainer, run_path: Path, writer, done: int, saved: int) -> RunInterrupted:
-    """Checkpoint the last whole step (unless a second signal forced the stop, or it is saved already),
-    record an `interrupted` event, and return the error to raise, which says how to continue.
+def stopped(exc: RunInterrupted, trainer, run_path: Path, sinks, done: int, saved: int) -> RunInterrupted:
+    """Checkpoint the last whole step (unless a second signal forced the stop, it is saved already, or
+    the non-finite guard has tripped), record an `interrupted` event, and return the error to raise,
+    which says how to continue.
 
     Args:
         exc: The interruption.
-        trainer: The trainer side (`save(run_path, step)`).
+        trainer: The trainer side (`save(run_path, step)`, `guard`).
         run_path: The run directory.
-        writer: The run's `MetricsWriter`.
+        sinks: Where the run's records go (`write(record)`).
         done: Steps completed.
         saved: The newest step checkpointed (0: none).
     """
-    if done > saved and not exc.forced:
+    if done > saved and not exc.forced and not trainer.guard.tripped:
         trainer.save(run_path, done)
         saved = done
-    writer.write({"event": "interrupted", "signal": exc.signum, "step": done, "checkpoint_step": saved or None})
+    sinks.write({"event": "interrupted", "signal": exc.signum, "step": done, "checkpoint_step": saved or None})
     where = (f"after step {done}; the checkpoint of step {saved} is in {run_path}/checkpoints: continue with --resume"
              if saved else "before the first step was checkpointed; nothing to resume: run again")
     return RunInterrupted(exc.signum, f"{exc} {where}", forced=exc.forced)

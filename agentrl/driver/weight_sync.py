@@ -5,7 +5,8 @@ no serialisation). With Ray rollout workers the full state dict is put once into
 store and every worker copies the same object into its engine (`RayRolloutSide.update_weights`);
 with several trainer ranks the full weights are first gathered from their FSDP2 shards. No disk
 either way. CUDA IPC handles and an NCCL broadcast between trainer and engines are not built. The
-time a push takes is reported per step as `weight_sync_s`.
+time a push takes is reported per step as `time/trainer/weight_sync` and `time/rollout/weight_sync`
+(both roles take part).
 """
 
 from __future__ import annotations

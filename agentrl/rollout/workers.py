@@ -31,6 +31,7 @@ from agentrl.errors import EngineError
 from agentrl.rollout.agent_loop import EnvPool, EpisodeLimits, EpisodeSpec, run_episodes
 from agentrl.rollout.chat import ChatRenderer
 from agentrl.rollout.engine import Generation, SamplingParams
+from agentrl.rollout.engine_meter import EngineUse, MeteredEngine
 from agentrl.rollout.trajectory import Trajectory
 
 # Ray concurrency groups of the actor, and which group each method runs in.
@@ -154,16 +155,16 @@ class RolloutWorker:
         probe = make(setup.env_id, **setup.env_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(setup.model_path)
         self.renderer = ChatRenderer(tokenizer, probe.tool_schemas(), template_kwargs=setup.template_kwargs)
-        self.engine = _Watched(setup.engine(setup.model_path, device=setup.device, dtype=setup.dtype,
-                                            max_model_len=setup.max_model_len))
+        self.engine = _Watched(MeteredEngine(setup.engine(setup.model_path, device=setup.device, dtype=setup.dtype,
+                                                          max_model_len=setup.max_model_len)))
         self.pool = EnvPool(lambda: make(setup.env_id, **setup.env_kwargs))
         self.pool.give(probe)
         self.version = 0
         self.asleep = False
 
     def play(self, specs: Sequence[EpisodeSpec], indices: Sequence[int], sampling: SamplingParams,
-             version: int) -> list[Trajectory]:
-        """Play `specs` concurrently; one trajectory each, in order.
+             version: int) -> tuple[list[Trajectory], EngineUse]:
+        """Play `specs` concurrently; one trajectory each, in order, and what the engine did meanwhile.
 
         Args:
             specs: The episodes (whole GRPO groups, so a group's shared prompt is prefilled once).
@@ -183,9 +184,11 @@ class RolloutWorker:
         reset = getattr(self.engine.engine, "reset_prefix_cache", None)
         if reset is not None:
             reset()
-        return run_blocking(run_episodes(self.engine, self.pool, self.renderer, sampling, self.setup.limits,
-                                         list(specs), env_id=self.setup.env_id, lockstep=self.setup.lockstep,
-                                         indices=list(indices)))
+        before = self.engine.engine.use()
+        trajectories = run_blocking(run_episodes(self.engine, self.pool, self.renderer, sampling, self.setup.limits,
+                                                 list(specs), env_id=self.setup.env_id, lockstep=self.setup.lockstep,
+                                                 indices=list(indices)))
+        return trajectories, self.engine.engine.use() - before
 
     def update_weights(self, state_dict: Mapping[str, object], version: int) -> None:
         """Copy the trainer's weights into the engine in place (a worker that sleeps keeps sleeping)."""

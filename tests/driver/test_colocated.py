@@ -9,6 +9,7 @@ from pathlib import Path
 from agentrl.config import load_config
 from agentrl.driver.loop import train, train_step
 from agentrl.driver.sides import open_sides
+from agentrl.driver.timing import StepClock
 from agentrl.envs.registration import ENVS
 
 if "ray-digits-v0" not in ENVS:
@@ -33,14 +34,16 @@ def test_the_engine_sleeps_during_the_update(stopping_model_dir, tmp_path):
             return update(batch, settings)
 
         trainer.update = observed_update
-        train_step(rollout, trainer, 0)
+        train_step(rollout, trainer, 0, StepClock())
         assert seen == [(1, True)]  # asleep, KV cache freed
         assert not rollout.engine._asleep and rollout.engine.weight_version == 1
         # Awake again: step 2 plays every episode (an asleep engine refuses requests, and they would
         # come back as episode errors), on a cache allocated anew, and sleeps for its update again.
-        metrics = train_step(rollout, trainer, 1)
+        clock = StepClock()
+        metrics = train_step(rollout, trainer, 1, clock)
         assert metrics["trained_episodes"] == 6 and metrics["episode_errors"] == 0
-        assert seen == [(1, True), (1, True)] and metrics["sleep_s"] >= 0 and metrics["wake_s"] >= 0
+        assert seen == [(1, True), (1, True)]
+        assert clock.metrics()["time/rollout/sleep"] >= 0 and clock.metrics()["time/rollout/wake"] >= 0
 
 
 def test_colocated_run_equals_the_plain_one(stopping_model_dir, tmp_path):
@@ -48,5 +51,5 @@ def test_colocated_run_equals_the_plain_one(stopping_model_dir, tmp_path):
     colocated = train(_cfg(stopping_model_dir, tmp_path / "colocated", "cluster.colocate=true"))["history"]
     assert plain[1]["loss"] != 0.0
     for a, b in zip(plain, colocated, strict=True):
-        assert (a["loss"], a["grad_norm"], a["reward"]) == (b["loss"], b["grad_norm"], b["reward"])
-        assert "sleep_s" in b and "sleep_s" not in a
+        assert (a["loss"], a["grad_norm"], a["reward_mean"]) == (b["loss"], b["grad_norm"], b["reward_mean"])
+        assert "time/rollout/sleep" in b and "time/rollout/sleep" not in a

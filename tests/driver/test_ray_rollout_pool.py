@@ -4,11 +4,13 @@ lost for good. One Ray session serves the whole module (starting Ray costs secon
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,8 +50,18 @@ def _cfg(model_dir: str, *extra: str):
         "rollout.max_tokens_per_turn=24", "rollout.max_turns=2", "rollout.max_total_tokens=256", *extra])
 
 
-def _open(cfg) -> RayRolloutSide:
-    return RayRolloutSide.open(cfg, RaySession.open(cfg.cluster).place(cfg.cluster).rollout, [("train", "env.train_split")])
+@contextlib.contextmanager
+def _opened(cfg) -> Iterator[RayRolloutSide]:
+    """The Ray rollout side on the module's Ray; its workers and placement group are given back after."""
+    session = RaySession.open(cfg.cluster)
+    try:
+        side = RayRolloutSide.open(cfg, session.place(cfg.cluster).rollout, [("train", "env.train_split")])
+        try:
+            yield side
+        finally:
+            side.close()
+    finally:
+        session.close()
 
 
 def _same(a, b) -> bool:
@@ -73,28 +85,27 @@ def test_slices_hold_whole_groups_in_order():
 
 def test_two_workers_play_in_order_like_one_engine(ray_session, stopping_model_dir):
     cfg = _cfg(stopping_model_dir)
-    side = _open(cfg)
     local = RolloutSide.open(cfg)
     try:
-        health = side.health()
-        assert len({h.pid for h in health}) == 2 and os.getpid() not in {h.pid for h in health}
-        got = side.play(SPECS, 1.0, seed=7)
-        assert _same(got, side.play(SPECS, 1.0, seed=7))  # a function of the specs and the seed
-        ref = local.play(SPECS, 1.0, seed=7)
-        assert [(t.seed, t.group_id) for t in got] == [(s.seed, s.group_id) for s in SPECS]
-        # One engine batching all six episodes samples the same tokens; the logprobs agree to float
-        # rounding only (another batch shape), so equality is checked on tokens, closeness on logprobs.
-        assert [t.token_ids for t in got] == [t.token_ids for t in ref]
-        assert sum(t.num_model_tokens for t in got) > 20
-        for a, b in zip(got, ref):
-            torch.testing.assert_close(torch.tensor(a.rollout_logprobs), torch.tensor(b.rollout_logprobs),
-                                       atol=1e-4, rtol=0)
-        weights = _perturbed(stopping_model_dir)
-        side.update_weights(weights, 1)
-        assert {h.version for h in side.health()} == {1}
-        assert {v for t in side.play(SPECS, 1.0, seed=7) for v in t.weight_versions} == {-1, 1}
+        with _opened(cfg) as side:
+            health = side.health()
+            assert len({h.pid for h in health}) == 2 and os.getpid() not in {h.pid for h in health}
+            got = side.play(SPECS, 1.0, seed=7)
+            assert _same(got, side.play(SPECS, 1.0, seed=7))  # a function of the specs and the seed
+            ref = local.play(SPECS, 1.0, seed=7)
+            assert [(t.seed, t.group_id) for t in got] == [(s.seed, s.group_id) for s in SPECS]
+            # One engine batching all six episodes samples the same tokens; the logprobs agree to float
+            # rounding only (another batch shape), so equality is checked on tokens, closeness on logprobs.
+            assert [t.token_ids for t in got] == [t.token_ids for t in ref]
+            assert sum(t.num_model_tokens for t in got) > 20
+            for a, b in zip(got, ref):
+                torch.testing.assert_close(torch.tensor(a.rollout_logprobs), torch.tensor(b.rollout_logprobs),
+                                           atol=1e-4, rtol=0)
+            weights = _perturbed(stopping_model_dir)
+            side.update_weights(weights, 1)
+            assert {h.version for h in side.health()} == {1}
+            assert {v for t in side.play(SPECS, 1.0, seed=7) for v in t.weight_versions} == {-1, 1}
     finally:
-        side.close()
         local.close()
 
 
@@ -117,8 +128,7 @@ def _stall_then(fault_dir: Path, action) -> threading.Thread:
 def test_sigkilled_worker_restarts_and_its_episodes_are_played_again(ray_session, stopping_model_dir, fault_dir):
     cfg = _cfg(stopping_model_dir, "rollout.engine=test-stalling", "cluster.health_timeout_s=600")
     killer = _stall_then(fault_dir, lambda pid: os.kill(pid, signal.SIGKILL))
-    side = _open(cfg)  # one of the two workers claims the fault
-    try:
+    with _opened(cfg) as side:  # one of the two workers claims the fault
         side.update_weights(_perturbed(stopping_model_dir), 1)
         victim = int((fault_dir / "claimed").read_text())
         killer.start()
@@ -131,8 +141,6 @@ def test_sigkilled_worker_restarts_and_its_episodes_are_played_again(ray_session
         health = side.health()  # the restarted worker is back, a new process, with the current weights
         assert victim not in {h.pid for h in health} and {h.version for h in health} == {1}
         assert _same(got, side.play(SPECS, 1.0, seed=7))  # the re-run slice equals a run without the fault
-    finally:
-        side.close()
 
 
 def test_hung_engine_is_detected_within_seconds_and_restarted(ray_session, stopping_model_dir, fault_dir):
@@ -140,8 +148,7 @@ def test_hung_engine_is_detected_within_seconds_and_restarted(ray_session, stopp
     cfg = _cfg(stopping_model_dir, "rollout.engine=test-stalling", f"cluster.health_timeout_s={timeout}")
     stalled_at: list[float] = []
     watcher = _stall_then(fault_dir, lambda pid: stalled_at.append(time.monotonic()))
-    side = _open(cfg)  # one of the two workers claims the fault
-    try:
+    with _opened(cfg) as side:  # one of the two workers claims the fault
         side.update_weights(_perturbed(stopping_model_dir), 1)
         watcher.start()
         got = side.play(SPECS, 1.0, seed=7)
@@ -155,16 +162,13 @@ def test_hung_engine_is_detected_within_seconds_and_restarted(ray_session, stopp
         assert all(t.error is None for t in got)
         assert {h.version for h in side.health()} == {1}
         assert _same(got, side.play(SPECS, 1.0, seed=7))
-    finally:
-        side.close()
 
 
 def test_frozen_worker_is_killed_when_it_answers_no_health_check(ray_session, stopping_model_dir, fault_dir, caplog):
     timeout = 2.0
     cfg = _cfg(stopping_model_dir, "rollout.engine=test-stalling", f"cluster.health_timeout_s={timeout}")
     frozen = _stall_then(fault_dir, lambda pid: os.kill(pid, signal.SIGSTOP))  # the whole process stops
-    side = _open(cfg)
-    try:
+    with _opened(cfg) as side:
         frozen.start()
         with caplog.at_level(logging.WARNING, logger="agentrl.driver.rollout_pool"):
             got = side.play(SPECS, 1.0, seed=7)
@@ -174,16 +178,13 @@ def test_frozen_worker_is_killed_when_it_answers_no_health_check(ray_session, st
         assert counts["workers/hung"] == 1 and counts["workers/restarted"] == 1
         assert all(t.error is None for t in got)
         assert _same(got, side.play(SPECS, 1.0, seed=7))
-    finally:
-        side.close()
 
 
 def test_worker_lost_for_good_fails_its_episodes_as_data(ray_session, stopping_model_dir, fault_dir):
     cfg = _cfg(stopping_model_dir, "rollout.engine=test-stalling", "cluster.health_timeout_s=600",
                "cluster.max_worker_restarts=0", "cluster.max_episode_retries=0")
     killer = _stall_then(fault_dir, lambda pid: os.kill(pid, signal.SIGKILL))
-    side = _open(cfg)
-    try:
+    with _opened(cfg) as side:
         killer.start()
         got = side.play(SPECS, 1.0, seed=7)
         killer.join()
@@ -198,5 +199,3 @@ def test_worker_lost_for_good_fails_its_episodes_as_data(ray_session, stopping_m
         again = side.play(SPECS, 1.0, seed=7)  # the survivor plays everything
         assert all(t.error is None for t in again)
         assert sum(h is None for h in side.health()) == 1  # gone for good, and no longer given work
-    finally:
-        side.close()

@@ -16,6 +16,7 @@ from agentrl.driver.collect import evaluate
 from agentrl.driver.loop import train, train_step
 from agentrl.driver.rollout_side import RolloutSide
 from agentrl.driver.sides import open_sides
+from agentrl.driver.timing import StepClock
 from agentrl.envs.registration import ENVS
 from agentrl.trainer.checkpoint import latest_checkpoint, load_checkpoint
 
@@ -55,9 +56,12 @@ def test_three_steps_of_the_calculator_job_on_two_rollout_workers(ray_session, s
     result = train(cfg)
     hist = result["history"]
     assert [m["step"] for m in hist] == [1, 2, 3]
-    assert all(math.isfinite(m["loss"]) and m["grad_norm"] > 0 and m["weight_sync_s"] > 0 for m in hist)
+    assert all(math.isfinite(m["loss"]) and m["grad_norm"] > 0 and m["time/trainer/weight_sync"] > 0 for m in hist)
     assert all(m["trained_episodes"] == 4 and m["episode_errors"] == 0 for m in hist)
     assert not any(k.startswith(("workers/", "episodes/")) for m in hist for k in m)  # nothing failed
+    for m in hist:  # the workers' engine use, summed: every sampled token counted once; busy within the wall time
+        assert m["tokens/rollout/generated"] == m["response_tokens_mean"] * m["episodes"] > 0
+        assert 0 < m["time/rollout/engine"] <= m["time/rollout/episodes"]
     start, final = _weights(stopping_model_dir), _weights(tmp_path / "final")
     assert any(not torch.equal(start[k], final[k]) for k in start)
     # The workers evaluated with step 3's weights: one in-process engine loaded from the export plays
@@ -67,7 +71,7 @@ def test_three_steps_of_the_calculator_job_on_two_rollout_workers(ray_session, s
         again = evaluate(local, cfg.eval.split, cfg.eval.num_tasks, cfg.eval.temperature, cfg.eval.seed)
     finally:
         local.close()
-    for key in ("response_tokens", "turns", "tool_calls", "reward"):
+    for key in ("response_tokens_mean", "turns_mean", "tool_calls_mean", "reward_mean"):
         assert result["after"][key] == again[key], key
 
 
@@ -82,11 +86,14 @@ def test_colocated_engines_sleep_while_the_trainer_steps(ray_session, stopping_m
             return update(batch, settings)
 
         trainer.update = observed_update
-        metrics = train_step(rollout, trainer, 0)
+        clock = StepClock()
+        train_step(rollout, trainer, 0, clock)
         after = rollout.health()
     assert asleep_during_update == [[True, True]]
     assert [(h.asleep, h.version) for h in after] == [(False, 1), (False, 1)]  # awake, with step 1's weights
-    assert metrics["sleep_s"] > 0 and metrics["wake_s"] >= 0 and metrics["weight_sync_s"] > 0
+    times = clock.metrics()
+    assert times["time/rollout/sleep"] > 0 and times["time/rollout/wake"] >= 0
+    assert times["time/rollout/weight_sync"] > 0
 
 
 def _state(run_dir: Path) -> dict:
