@@ -18,7 +18,8 @@ import torch
 
 from agentrl.config import load_config
 from agentrl.driver.cluster import RaySession
-from agentrl.driver.rollout_pool import WORKER_LOST, RayRolloutSide, split_by_groups
+from agentrl.driver.rollout_pool import RayRolloutSide
+from agentrl.driver.rollout_round import WORKER_LOST, split_by_groups
 from agentrl.driver.rollout_side import RolloutSide
 from agentrl.rollout.agent_loop import EpisodeSpec
 from agentrl.rollout.engine import ENGINES
@@ -178,6 +179,13 @@ def test_frozen_worker_is_killed_when_it_answers_no_health_check(ray_session, st
         assert counts["workers/hung"] == 1 and counts["workers/restarted"] == 1
         assert all(t.error is None for t in got)
         assert _same(got, side.play(SPECS, 1.0, seed=7))
+        # Frozen between steps: the weight push does not wait on it past two health timeouts.
+        os.kill(side.health()[0].pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        side.update_weights(_perturbed(stopping_model_dir), 1)
+        assert time.monotonic() - t0 < 2 * timeout + 10
+        assert side.worker_metrics()["workers/hung"] == 1
+        assert {h.version for h in side.health()} == {1}  # restarted, and given the new weights
 
 
 def test_worker_lost_for_good_fails_its_episodes_as_data(ray_session, stopping_model_dir, fault_dir):
