@@ -138,7 +138,7 @@ class RayRolloutSide:
                 slot.starting = call(slot.actor, "update_weights", self.weights_ref, version, after_restart=True)
 
     def sleep(self) -> float:
-        """Every live worker frees its engine's KV cache; returns the longest time one took."""
+        """Every live worker frees its engine's KV cache; returns the seconds it took (all of them, in parallel)."""
         return self._all("sleep")
 
     def wake(self) -> float:
@@ -180,8 +180,10 @@ class RayRolloutSide:
 
     # -- failures ------------------------------------------------------------------------------
     def _all(self, method: str) -> float:
-        """Call `method` on every ready worker; the longest time one reports."""
-        return max(self._on_all(method).values(), default=0.0)
+        """Call `method` on every ready worker at once; the wall seconds until all answered."""
+        t0 = time.perf_counter()
+        self._on_all(method)
+        return time.perf_counter() - t0
 
     def _on_all(self, method: str, *args) -> dict[int, Any]:
         """`method(*args)` on every ready worker, by worker index. No long barrier: a call still pending
