@@ -169,6 +169,11 @@ class TrainerWorker:
         actor = ray.remote(_Worker)
         workers = [actor.options(**placed[rank]).remote(rank, world_size, model_path, device=device, **options)
                    for rank in range(world_size)]
-        master = ray.get(workers[0].address.remote(), timeout=timeout_s)
-        ray.get([w.join.remote(master) for w in workers], timeout=timeout_s)
+        try:
+            master = ray.get(workers[0].address.remote(), timeout=timeout_s)
+            ray.get([w.join.remote(master) for w in workers], timeout=timeout_s)
+        except BaseException:  # one rank failed to load or join: none is left behind
+            for w in workers:
+                ray.kill(w, no_restart=True)
+            raise
         return workers
