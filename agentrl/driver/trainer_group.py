@@ -24,7 +24,8 @@ from agentrl.driver.cluster import Bundle
 from agentrl.driver.resume import NonFiniteGuard, Restored, restore_run, save_run
 from agentrl.driver.rollout_side import DTYPES
 from agentrl.driver.trainer_side import group_mini_batches, loss_settings
-from agentrl.errors import TrainerError
+from agentrl.driver.preflight import first_line
+from agentrl.errors import ConfigError, TrainerError
 from agentrl.trainer.batch import TrainBatch
 from agentrl.trainer.update import LossSettings
 
@@ -58,16 +59,23 @@ class RayTrainerSide:
 
     @classmethod
     def open(cls, cfg: Config, path: str, bundles: list[Bundle]) -> RayTrainerSide:
+        import ray
+
         from agentrl.trainer.workers import TrainerWorker
 
         t, o = cfg.train, cfg.optim
         dtype = torch.float32 if t.mixed_precision == "bf16" else DTYPES[cfg.model.dtype]
-        workers = TrainerWorker.group(path, len(bundles), device=cfg.model.device, bundles=[b.options() for b in bundles],
-                                      timeout_s=cfg.cluster.start_timeout_s, dtype=dtype, lr=o.lr, betas=o.betas,
-                                      weight_decay=o.weight_decay, warmup_steps=o.warmup_steps,
-                                      mixed_precision=t.mixed_precision, micro_batch_tokens=t.micro_batch_tokens,
-                                      logprob_chunk=t.logprob_chunk, grad_clip=o.grad_clip,
-                                      gradient_checkpointing=t.gradient_checkpointing, compile=t.compile)
+        options = dict(dtype=dtype, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps,
+                       mixed_precision=t.mixed_precision, micro_batch_tokens=t.micro_batch_tokens,
+                       logprob_chunk=t.logprob_chunk, grad_clip=o.grad_clip,
+                       gradient_checkpointing=t.gradient_checkpointing, compile=t.compile)
+        try:
+            workers = TrainerWorker.group(path, len(bundles), device=cfg.model.device,
+                                          bundles=[b.options() for b in bundles],
+                                          timeout_s=cfg.cluster.start_timeout_s, **options)
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            raise ConfigError(f"the trainer ranks did not start: {first_line(getattr(exc, 'cause', None) or exc)}; "
+                              f"check model.path and cluster.start_timeout_s") from None
         return cls(cfg, workers, NonFiniteGuard(t.max_nonfinite_steps))
 
     def loss_settings(self, kl_in_loss: bool) -> LossSettings:
