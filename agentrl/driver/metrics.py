@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agentrl.errors import RolloutError
 from agentrl.rollout.trajectory import Trajectory
 
 # Distinct episode-error texts kept per batch (in metrics.jsonl and on the console).
@@ -48,25 +47,6 @@ def error_samples(trajectories: Sequence[Trajectory], limit: int = ERROR_SAMPLES
     with its count: `["12x EnvError: unknown split 'tset'; ...", ...]`."""
     counts = Counter(" ".join(t.error.split()) for t in trajectories if t.error is not None)
     return [f"{n}x {text}" for text, n in counts.most_common(limit)]
-
-
-def check_episode_errors(trajectories: Sequence[Trajectory], max_fraction: float, where: str) -> None:
-    """Raise `RolloutError` with the first error texts when more than `max_fraction` of the episodes failed.
-
-    Args:
-        trajectories: One batch (a step's round, or an evaluation).
-        max_fraction: rollout.max_error_fraction; 1.0 never raises.
-        where: What the batch was ("step 3", "evaluation on 'test'"), for the message.
-    """
-    failed = sum(t.error is not None for t in trajectories)
-    if not trajectories or failed / len(trajectories) <= max_fraction:
-        return
-    limit = f"rollout.max_error_fraction={max_fraction:g}"
-    first = " | ".join(error_samples(trajectories))
-    env_id = trajectories[0].env_id or "ENV_ID"
-    raise RolloutError(f"{where}: {failed} of {len(trajectories)} episodes failed (more than {limit}), so there is "
-                       f"nothing sound to learn from or to score; first errors: {first}. Fix the env "
-                       f"(`agentrl check-env {env_id}` runs its contract checks)")
 
 
 class MetricsWriter:

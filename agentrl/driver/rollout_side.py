@@ -81,7 +81,9 @@ class RolloutSide:
         return SamplingParams(temperature=temperature, top_p=r.top_p, max_tokens=r.max_tokens_per_turn, seed=seed)
 
     def limits(self) -> EpisodeLimits:
-        return EpisodeLimits(max_turns=self.cfg.rollout.max_turns, max_total_tokens=self.cfg.rollout.max_total_tokens)
+        r, f = self.cfg.rollout, self.cfg.failures
+        return EpisodeLimits(max_turns=r.max_turns, max_total_tokens=r.max_total_tokens,
+                             episode_timeout_s=f.episode_timeout_s, request_timeout_s=f.request_timeout_s)
 
     def play(self, specs: list[EpisodeSpec], temperature: float, seed: int | None = None) -> list[Trajectory]:
         """Play `specs` concurrently on the engine; one trajectory each, in order."""
