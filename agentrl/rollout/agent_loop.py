@@ -150,7 +150,8 @@ class _Episode:
     tool_errors: Counter[str] = field(default_factory=Counter)
     tool_calls: int = 0
     truncation: str | None = "max_turns"
-    phase: str = "env"  # env | engine | template
+    phase: str = "reset"  # whose call is running: reset | engine | env | template
+    turn: int = 0  # 0-based model turn the loop is in
     failure: str | None = None
     error: str | None = None
 
@@ -186,11 +187,14 @@ def _describe(exc: BaseException) -> str:
 
 
 def _classify(exc: Exception, phase: str) -> str:
-    if isinstance(exc, ChatTemplateError):
+    if isinstance(exc, ChatTemplateError) or phase == "template":
         return "template_refused"
     if isinstance(exc, InfrastructureFault):
         return "tool_infrastructure"
     return "engine_error" if phase == "engine" else "env_error"
+
+
+_WAITING = {"reset": "the env's reset", "engine": "the engine", "env": "the env's step", "template": "the chat template"}
 
 
 async def run_episode(
@@ -214,7 +218,8 @@ async def run_episode(
     except Exception as exc:  # noqa: BLE001 - a broken episode is data, not a crash
         if deadline.expired():  # the hung call (engine request, tool thread) was cancelled or abandoned
             ep.fail("episode_deadline", f"the episode did not finish within {limits.episode_timeout_s:g} s "
-                    f"(failures.episode_timeout_s); it was waiting on the {ep.phase} at turn {len(ep.b.spans) + 1}")
+                    f"(failures.episode_timeout_s); it was waiting on {_WAITING[ep.phase]}"
+                    + (f" at turn {ep.turn + 1}" if ep.phase != "reset" else ""))
         else:
             ep.fail(_classify(exc, ep.phase), _describe(exc))
     return ep.trajectory(spec, env_id), ep.messages
@@ -263,6 +268,7 @@ async def _play(engine: Engine, env: Env, renderer: ChatRenderer, sampling: Samp
     ep.phase = "template"
     ep.b = b = _Builder(renderer.prompt_ids(ep.messages))
     for turn in range(limits.max_turns):
+        ep.turn = turn
         room = limits.max_total_tokens - len(b.ids)
         if room <= 0:
             ep.truncation = "max_total_tokens"

@@ -8,7 +8,8 @@ Two drivers, both through the real `run_episodes`, `ToolEnv`, executor and chat 
 * the real built-in engine with the tiny model, each episode opening with one scripted call to a
   hostile tool, so that every later turn is sampled by the model on a prompt holding its output.
 
-For every episode: no episode error (nothing a tool or a model turn does may break an episode),
+For every episode: no episode error (nothing a tool or a model turn does may break an episode;
+the one failure is a tool's infrastructure fault that outlived its retries, classified as such),
 a bounded time, token bookkeeping intact, and every tool message a typed message or a result.
 """
 
