@@ -29,6 +29,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from agentrl.errors import AgentRLError, ConfigError
+from agentrl.rollout.trajectory import FAILURE_CLASSES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reinforcement learning for tool-using LLM agents.")
 console = Console()
@@ -70,7 +71,13 @@ def _print_episode_errors(metrics: dict, printer) -> None:
     """The first distinct episode-error texts of a batch, one per line (they are not trained on)."""
     samples = metrics.get("error_samples") or []
     if samples:
-        printer(f"          [yellow]{int(metrics.get('episode_errors', 0))} episode(s) failed[/] (not trained on):")
+        classes = ", ".join(f"{k.split('/', 1)[1]} {int(v)}" for k, v in metrics.items()
+                            if k.startswith("failures/") and k.split("/", 1)[1] in FAILURE_CLASSES and v)
+        decisions = ", ".join(f"{name} {int(metrics.get(f'failures/{key}', 0))}" for key, name in (
+            ("retried", "retried"), ("dropped", "dropped"), ("dropped_groups", "groups dropped"),
+            ("kept_zero_loss", "kept with zero loss")) if metrics.get(f"failures/{key}"))
+        printer(f"          [yellow]{int(metrics.get('episode_errors', 0))} episode(s) failed[/] (not trained on; "
+                f"{classes}{'; ' + decisions if decisions else ''}):")
         for text in samples:
             printer(f"            {rich_escape(text)}")
 
