@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from agentrl.config import Config
+from agentrl.driver.failures import FailurePolicy
 from agentrl.driver.preflight import build_env, check_device, check_model_dir, check_splits, reported
 from agentrl.envs.core import Env
 from agentrl.envs.registration import make
@@ -50,6 +51,7 @@ class RolloutSide:
         field = "--model" if model_path else "model.path"
         check_device(cfg.model.device)
         check_model_dir(path, field, cfg.rollout.max_total_tokens)
+        FailurePolicy.for_env(cfg.failures, cfg.env.id)  # an env's bad failure_policy is refused before any load
         probe = build_env(cfg.env.id, cfg.env.kwargs)
         try:
             return cls._load(cfg, path, field, probe, splits)

@@ -168,3 +168,15 @@ def test_every_failed_attempt_and_decision_is_counted_with_its_text():
     assert all(m[f"failures/{c}"] == 0 for c in FAILURE_CLASSES if c != "engine_timeout")
     assert m["error_samples"] == ["2x the engine did not answer"]
     assert "error_samples" not in FailureCounts().metrics()
+
+
+def test_a_bad_env_failure_policy_stops_the_run_before_anything_loads(tiny_model_dir, tmp_path):
+    from agentrl.driver.rollout_side import RolloutSide
+    from agentrl.envs import register
+    from agentrl.envs.registration import ENVS
+
+    if "test-bad-failure-policy-v0" not in ENVS:
+        register("test-bad-failure-policy-v0", type("BadPolicyEnv", (Env,), {"failure_policy": {"timeout": "drop"}}))
+    cfg = load_config(None, [f"model.path={tiny_model_dir}", "env.id=test-bad-failure-policy-v0", f"run_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="BadPolicyEnv.failure_policy names the unknown failure class 'timeout'"):
+        RolloutSide.open(cfg)
