@@ -29,7 +29,6 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from agentrl.errors import AgentRLError, ConfigError
-from agentrl.rollout.trajectory import FAILURE_CLASSES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reinforcement learning for tool-using LLM agents.")
 console = Console()
@@ -71,23 +70,13 @@ def _print_episode_errors(metrics: dict, printer) -> None:
     """The first distinct episode-error texts of a batch, one per line (they are not trained on)."""
     samples = metrics.get("error_samples") or []
     if samples:
-        classes = ", ".join(f"{k.split('/', 1)[1]} {int(v)}" for k, v in metrics.items()
-                            if k.startswith("failures/") and k.split("/", 1)[1] in FAILURE_CLASSES and v)
-        decisions = ", ".join(f"{name} {int(metrics.get(f'failures/{key}', 0))}" for key, name in (
-            ("retried", "retried"), ("dropped", "dropped"), ("dropped_groups", "groups dropped"),
-            ("kept_zero_loss", "kept with zero loss")) if metrics.get(f"failures/{key}"))
-        printer(f"          [yellow]{int(metrics.get('episode_errors', 0))} episode(s) failed[/] (not trained on; "
-                f"{classes}{'; ' + decisions if decisions else ''}):")
+        printer(f"          [yellow]{int(metrics.get('episode_errors', 0))} episode(s) failed[/] (not trained on):")
         for text in samples:
             printer(f"            {rich_escape(text)}")
 
 
 def _fmt(metrics: dict[str, float], keys: list[str]) -> str:
     return "  ".join(f"{k}={metrics[k]:.3g}" for k in keys if k in metrics)
-
-
-STEP_KEYS = ["reward", "success_rate", "loss", "approx_kl", "entropy", "grad_norm", "rollout_tokens_per_s",
-             "tool_errors", "nonfinite_steps", "step_s"]
 
 
 @app.command()
@@ -117,11 +106,13 @@ def train(
             last = latest_checkpoint(cfg.run_dir)
             progress.update(task, completed=checkpoint_step(last) if last else 0)
 
+        from agentrl.driver.console import ConsoleSink
+
+        lines = ConsoleSink(lambda line: progress.console.print(rich_escape(line), highlight=False, soft_wrap=True),
+                            cfg.metrics.console_keys)
+
         def on_step(step: int, m: dict) -> None:
-            progress.console.print(f"step {step:>4}  {_fmt(m, STEP_KEYS)}")
-            errors = {k.split('/', 1)[1]: int(v) for k, v in m.items() if k.startswith("tool_errors/")}
-            if errors:
-                progress.console.print(f"          tool errors: {errors}")
+            lines.write(m)  # the step's metrics, its time split, failure counts when non-zero
             _print_episode_errors(m, progress.console.print)
             progress.update(task, advance=1)
 
@@ -144,7 +135,7 @@ def _print_before_after(result: dict, split: str) -> None:
     for key in ("before", "after"):
         if key in result:
             m = result[key]
-            table.add_row(key, f"{m['success_rate']:.1%}", f"{m['tool_calls']:.2f}")
+            table.add_row(key, f"{m['success_rate']:.1%}", f"{m['tool_calls_mean']:.2f}")
     console.print(table)
     if "before" in result and "after" in result:
         gain = result["after"]["success_rate"] - result["before"]["success_rate"]
@@ -178,7 +169,8 @@ def evaluate_cmd(
         finally:
             rollout.close()
     console.print(f"{model or cfg.model.path} on {cfg.env.id}/{chosen[0]} ({ev.num_tasks} tasks): "
-                  f"success {m['success_rate']:.1%}  {_fmt(m, ['reward', 'tool_calls', 'turns', 'tool_errors'])}")
+                  f"success {m['success_rate']:.1%}  "
+                  f"{_fmt(m, ['reward_mean', 'tool_calls_mean', 'turns_mean', 'tool_errors'])}")
     _print_episode_errors(m, console.print)
     print(json.dumps(m, sort_keys=True))
 

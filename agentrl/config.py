@@ -86,6 +86,12 @@ class RolloutConfig(_Frozen):
         "auto", description="Submit each turn of all episodes together so batches, and results, are reproducible "
         "bit for bit (exact --resume); auto: on for CPU, off elsewhere (where tool time overlaps generation).")
 
+    @field_validator("lockstep", mode="before")
+    @classmethod
+    def _lockstep(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `on` / `off` as a boolean: `rollout.lockstep=on` means the word.
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
     @field_validator("engine")
     @classmethod
     def _engine(cls, v: str) -> str:
@@ -239,6 +245,28 @@ class EvalConfig(_Frozen):
     seed: int = Field(1234, ge=0, le=MAX_SEED, description="Sampling seed at evaluation.")
 
 
+class MetricsConfig(_Frozen):
+    """Where per-step metrics go besides `run_dir/metrics.jsonl` and the console (docs/training.md, Metrics)."""
+
+    tensorboard: bool = Field(True, description="Write TensorBoard event files to run_dir/tensorboard "
+                              "(view them with `tensorboard --logdir RUN_DIR/tensorboard`).")
+    wandb_project: str | None = Field(
+        None, min_length=1, description="Also log to this Weights & Biases project (needs `pip install "
+        "'agentrl[wandb]'` and `wandb login`); unset, wandb is never imported.")
+    wandb_entity: str | None = Field(None, min_length=1, description="wandb user or team of the project "
+                                     "(unset: your default entity).")
+    console_keys: tuple[str, ...] = Field(
+        ("reward_mean", "success_rate", "loss", "approx_kl", "entropy", "grad_norm", "nonfinite_steps"),
+        description="Metrics on each step's first console line (any key of metrics.jsonl; absent ones are skipped).")
+
+    @model_validator(mode="after")
+    def _entity_needs_project(self) -> MetricsConfig:
+        if self.wandb_entity is not None and self.wandb_project is None:
+            raise ValueError("metrics.wandb_entity is set but metrics.wandb_project is not; set the project too "
+                             "(or unset the entity)")
+        return self
+
+
 class Config(_Frozen):
     """A whole training run."""
 
@@ -250,6 +278,7 @@ class Config(_Frozen):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     failures: FailuresConfig = FailuresConfig()
+    metrics: MetricsConfig = MetricsConfig()
     run_dir: str = Field("runs/default", min_length=1, description="Where metrics, checkpoints and the final model go.")
 
     @model_validator(mode="after")

@@ -93,3 +93,12 @@ def test_device_syntax(device, ok):
     else:
         with pytest.raises(ConfigError, match="model.device: unsupported device"):
             load_config(None, BASE + [f"model.device={device}"])
+
+
+def test_lockstep_on_and_off_are_words_not_yaml_booleans():
+    # YAML 1.1 reads `on`/`off` as booleans; the override means the words.
+    from agentrl.config import load_config
+
+    base = ["model.path=m", "env.id=calculator-v0"]
+    assert load_config(None, base + ["rollout.lockstep=on"]).rollout.lockstep == "on"
+    assert load_config(None, base + ["rollout.lockstep=off"]).rollout.lockstep == "off"

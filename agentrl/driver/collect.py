@@ -18,6 +18,7 @@ from agentrl.driver.failures import FailureCounts, FailurePolicy, check_arrival,
 from agentrl.driver.metrics import rollout_metrics
 from agentrl.driver.rollout_side import RolloutSide
 from agentrl.rollout.agent_loop import EpisodeSpec
+from agentrl.rollout.engine_meter import EngineUse
 from agentrl.rollout.trajectory import Trajectory
 from agentrl.trainer.algos import filter_uniform_groups
 
@@ -41,7 +42,7 @@ def collect(rollout: RolloutSide, step: int) -> tuple[list[Trajectory], dict[str
     r, a = cfg.rollout, cfg.algorithm
     policy = FailurePolicy.for_env(cfg.failures, cfg.env.id)
     counts = FailureCounts()
-    t0 = time.perf_counter()
+    t0, used = time.perf_counter(), rollout.engine.use()
     sound: list[Trajectory] = []  # every sound episode played, for the reward metrics
     kept: list[Trajectory] = []
     rounds = a.max_sampling_rounds if a.dynamic_sampling else 1
@@ -61,7 +62,7 @@ def collect(rollout: RolloutSide, step: int) -> tuple[list[Trajectory], dict[str
         if len({t.group_id for t in kept}) >= r.prompts_per_step:
             break
     kept = _first_groups(kept, r.prompts_per_step)
-    metrics = {**rollout_metrics(sound, time.perf_counter() - t0), **counts.metrics()}
+    metrics = _played_metrics(sound, counts, time.perf_counter() - t0, rollout.engine.use() - used)
     metrics.update(sampling_rounds=float(rnd + 1), kept_groups=float(len({t.group_id for t in kept})),
                    trained_episodes=float(sum(t.failure is None for t in kept)))
     return kept, metrics
@@ -90,10 +91,19 @@ def evaluate(rollout: RolloutSide, split: str, num_tasks: int, temperature: floa
     """
     policy = FailurePolicy.for_env(rollout.cfg.failures, rollout.cfg.env.id)
     counts = FailureCounts()
-    t0 = time.perf_counter()
+    t0, used = time.perf_counter(), rollout.engine.use()
     specs = [EpisodeSpec(seed=i, split=split, group_id=i) for i in range(num_tasks)]
     final = play_with_retries(lambda s: rollout.play(s, temperature, seed), specs, policy, counts)
     check_arrival(final, settle(final, policy, counts), policy.min_group_fraction,
                   f"evaluation on split {split!r}", unit="tasks")
     sound = [t for t in final if t.failure is None]
-    return {**rollout_metrics(sound, time.perf_counter() - t0), **counts.metrics(), "scored_tasks": float(len(sound))}
+    metrics = _played_metrics(sound, counts, time.perf_counter() - t0, rollout.engine.use() - used)
+    return {**metrics, "scored_tasks": float(len(sound))}
+
+
+def _played_metrics(sound: list[Trajectory], counts: FailureCounts, seconds: float, use: EngineUse) -> dict[str, Any]:
+    """Rewards and lengths over the sound episodes (a failure's zero is not the policy's); `episodes`
+    counts every episode played, failed attempts included; then the failure counts and texts."""
+    metrics = {**rollout_metrics(sound, seconds, use), **counts.metrics()}
+    metrics["episodes"] = float(len(sound) + len(counts.failed))
+    return metrics

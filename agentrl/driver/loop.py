@@ -10,9 +10,11 @@ This is the algorithm in one place; each stage is a named call:
         metrics |= trainer.update(batch, settings)          # packed micro-batches, one step per mini-batch
         push_weights(trainer, rollout, step + 1)            # rollouts of the next step use them
         guard(metrics); maybe trainer.save(step)            # stop on repeated non-finite steps
+        sinks.write(metrics)                                # metrics.jsonl, TensorBoard, wandb
 
 The rollout side and the trainer side never meet except here: trajectories become a `TrainBatch`
-(`batch.py`) and weights go back through `weight_sync.py`.
+(`batch.py`) and weights go back through `weight_sync.py`. Each step's wall time is split by role
+into the phases above and idle time (`timing.py`); the metrics' keys are explained in `metrics.py`.
 
 Nothing fails silently. Before any work the sides check the device, the model directory, the env
 and every split the run will play (see `preflight.py`), and `RunDir` refuses a run_dir holding
@@ -25,34 +27,38 @@ groups arrived stops the run with those texts.
 
 from __future__ import annotations
 
+import contextlib
 import random
-import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from agentrl.config import Config
+from agentrl.config import Config, TrainConfig
 from agentrl.driver.batch import score, to_batch
 from agentrl.driver.collect import collect, evaluate
-from agentrl.driver.metrics import MetricsWriter
+from agentrl.driver.metrics import staleness_metrics, trainer_metrics
 from agentrl.driver.rollout_side import RolloutSide
 from agentrl.driver.run_dir import RunDir
+from agentrl.driver.sinks import check_sinks, open_sinks
+from agentrl.driver.timing import StepClock
 from agentrl.driver.trainer_side import TrainerSide
 from agentrl.driver.weight_sync import push_weights
 
 
-def train_step(rollout: RolloutSide, trainer: TrainerSide, step: int) -> dict[str, Any]:
-    """Collect, score, update, push the weights; returns the step's metrics."""
-    t0 = time.perf_counter()
-    trajectories, metrics = collect(rollout, step)
-    metrics["rollout_s"] = time.perf_counter() - t0
-    batch, kl_in_loss = score(to_batch(trajectories), trainer, rollout.cfg.algorithm)
-    t1 = time.perf_counter()
-    metrics.update(trainer.update(batch, trainer.loss_settings(kl_in_loss)))
-    metrics["update_s"] = time.perf_counter() - t1
-    metrics["weight_sync_s"] = push_weights(trainer, rollout, version=step + 1)
-    metrics.update(step=step + 1, step_s=time.perf_counter() - t0)
+def train_step(rollout: RolloutSide, trainer: TrainerSide, step: int, clock: StepClock) -> dict[str, Any]:
+    """Collect, score, update, push the weights; returns the step's metrics (its phase times go on `clock`)."""
+    trajectories, metrics = collect(rollout, step)  # times its own episodes: time/rollout/{episodes,engine,env}
+    clock.add("episodes", metrics["time/rollout/episodes"], "rollout")
+    with clock.phase("score", "trainer"):
+        batch, kl_in_loss = score(to_batch(trajectories), trainer, rollout.cfg.algorithm)
+    with clock.phase("update", "trainer"):
+        metrics.update(trainer.update(batch, trainer.loss_settings(kl_in_loss)))
+    clock.add("weight_sync", push_weights(trainer, rollout, version=step + 1), "trainer", "rollout")
+    metrics |= trainer_metrics(batch, clock.seconds("trainer", "update"))
+    metrics |= staleness_metrics(batch.weight_versions, batch.mask, policy_version=step)
+    metrics["step"] = step + 1
     return metrics
 
 
@@ -64,6 +70,7 @@ def train(cfg: Config, on_step: Callable[[int, dict[str, Any]], None] | None = N
     A run_dir that holds another run is refused unless `resume` (continue it) or `overwrite`
     (replace it, once the new run's checks pass) is given; see `RunDir`.
     """
+    check_sinks(cfg.metrics)  # a configured sink that cannot work is refused before anything else
     run = RunDir(cfg.run_dir, resume=resume, overwrite=overwrite)
     run.claim()  # a file, another run or an unwritable path is refused before anything loads
     with run.failure_record():  # failing before step 1 leaves nothing behind; later, an `error` record
@@ -82,35 +89,43 @@ def train(cfg: Config, on_step: Callable[[int, dict[str, Any]], None] | None = N
 def _run(rollout: RolloutSide, trainer: TrainerSide, run: RunDir, on_step, resume: bool) -> dict[str, object]:
     cfg, ev = rollout.cfg, rollout.cfg.eval
     run.start()
-    writer = MetricsWriter(run.path / "metrics.jsonl")
-    result: dict[str, object] = {"history": [], "resumed_from": None}
-    start = 0
-    if resume:
-        restored = trainer.restore(run.path)
-        start = result["resumed_from"] = restored.step
-        push_weights(trainer, rollout, version=start)
-        for event in restored.events():  # skipped corrupt checkpoints, then the resume itself
-            writer.write(event)
-    else:
-        (run.path / "config.json").write_text(cfg.model_dump_json(indent=2))
-        if ev.before and ev.num_tasks:
-            result["before"] = evaluate(rollout, ev.split, ev.num_tasks, ev.temperature, ev.seed)
-            writer.write({"event": "eval_before", **result["before"]})
-    for step in range(start, cfg.train.steps):
-        metrics = train_step(rollout, trainer, step)
-        metrics["nonfinite_steps"] = trainer.guard.observe(bool(metrics.get("nonfinite", 0.0)))
-        writer.write(metrics)
-        run.step_done()
-        result["history"].append(metrics)
-        if on_step:
-            on_step(step + 1, metrics)
-        trainer.guard.check(step + 1, run.path)  # stops before checkpointing a run that has gone bad
-        every = cfg.train.checkpoint_every
-        if (every and (step + 1) % every == 0) or step + 1 == cfg.train.steps:
-            trainer.save(run.path, step + 1)
-    trainer.export(run.path / "final", rollout.tokenizer)
-    if ev.after and ev.num_tasks:
-        result["after"] = evaluate(rollout, ev.split, ev.num_tasks, ev.temperature, ev.seed)
-        writer.write({"event": "eval_after", **result["after"]})
-    writer.close()
+    restored = trainer.restore(run.path) if resume else None
+    start = restored.step if restored else 0
+    result: dict[str, object] = {"history": [], "resumed_from": start if restored else None}
+    with contextlib.closing(open_sinks(cfg, run.path, start_step=start)) as sinks:  # closed (flushed) on any exit
+        if restored:
+            push_weights(trainer, rollout, version=start)
+            for event in restored.events():  # skipped corrupt checkpoints, then the resume itself
+                sinks.write(event)
+        else:
+            (run.path / "config.json").write_text(cfg.model_dump_json(indent=2))
+            if ev.before and ev.num_tasks:
+                result["before"] = evaluate(rollout, ev.split, ev.num_tasks, ev.temperature, ev.seed)
+                sinks.write({"event": "eval_before", **result["before"]})
+        for step in range(start, cfg.train.steps):
+            clock = StepClock()
+            metrics = train_step(rollout, trainer, step, clock)
+            metrics["nonfinite_steps"] = trainer.guard.observe(bool(metrics.get("nonfinite", 0.0)))
+            run.step_done()
+            try:
+                _save_if_due(trainer, run.path, cfg.train, step + 1, clock)
+            finally:  # the step's record is kept even when saving fails
+                metrics |= clock.metrics()
+                sinks.write(metrics)
+            result["history"].append(metrics)
+            if on_step:
+                on_step(step + 1, metrics)
+            trainer.guard.check(step + 1, run.path)
+        trainer.export(run.path / "final", rollout.tokenizer)
+        if ev.after and ev.num_tasks:
+            result["after"] = evaluate(rollout, ev.split, ev.num_tasks, ev.temperature, ev.seed)
+            sinks.write({"event": "eval_after", **result["after"]})
     return result
+
+
+def _save_if_due(trainer: TrainerSide, run_dir: Path, t: TrainConfig, done: int, clock: StepClock) -> None:
+    """Checkpoint every `checkpoint_every` steps and after the last, unless the guard is about to stop
+    the run (a run that has gone bad is not saved over its last good checkpoint)."""
+    if ((t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.steps) and not trainer.guard.tripped:
+        with clock.phase("checkpoint", "trainer"):
+            trainer.save(run_dir, done)

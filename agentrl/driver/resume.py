@@ -68,9 +68,14 @@ class NonFiniteGuard:
         self.total += int(nonfinite)
         return float(self.total)
 
+    @property
+    def tripped(self) -> bool:
+        """`limit` non-finite steps came in a row: `check` will stop the run."""
+        return self.consecutive >= self.limit
+
     def check(self, step: int, run_dir: str | Path) -> None:
         """Raise TrainerError once `limit` non-finite steps came in a row."""
-        if self.consecutive < self.limit:
+        if not self.tripped:
             return
         last = latest_checkpoint(run_dir)
         where = (f"the last good checkpoint is {last}; lower optim.lr or check the rewards, then continue "
@@ -99,7 +104,7 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
 
 def _fixed(flat: dict[str, object]) -> dict[str, object]:
     """The keys that must not change on resume."""
-    return {k: v for k, v in flat.items() if k not in _MAY_CHANGE and not k.startswith("eval.")}
+    return {k: v for k, v in flat.items() if k not in _MAY_CHANGE and not k.startswith(("eval.", "metrics."))}
 
 
 def _identity(cfg: Config) -> dict[str, object]:
@@ -159,7 +164,7 @@ def restore_run(run_dir: str | Path, cfg: Config, policy: torch.nn.Module, optim
     if changed:
         detail = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
         raise TrainerError(f"cannot resume {path}: the config differs from the run's ({detail}). Only "
-                           f"{', '.join(sorted(_MAY_CHANGE))} and eval.* may change on resume")
+                           f"{', '.join(sorted(_MAY_CHANGE))}, eval.* and metrics.* may change on resume")
     step = int(state["step"])
     if step > cfg.train.steps:
         raise TrainerError(f"{path} is at step {step}, past train.steps={cfg.train.steps}; raise train.steps")

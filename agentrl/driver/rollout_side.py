@@ -19,7 +19,8 @@ from agentrl.envs.core import Env
 from agentrl.envs.registration import make
 from agentrl.rollout.agent_loop import EnvPool, EpisodeLimits, EpisodeSpec, run_episodes
 from agentrl.rollout.chat import ChatRenderer
-from agentrl.rollout.engine import ENGINES, Engine, SamplingParams
+from agentrl.rollout.engine import ENGINES, SamplingParams
+from agentrl.rollout.engine_meter import MeteredEngine
 from agentrl.rollout.trajectory import Trajectory
 from agentrl.tools.blocking import run_blocking
 
@@ -33,7 +34,7 @@ class RolloutSide:
     cfg: Config
     path: str
     tokenizer: object
-    engine: Engine
+    engine: MeteredEngine  # the backend, with its busy time and tokens counted for the metrics
     pool: EnvPool
     renderer: ChatRenderer
 
@@ -72,8 +73,8 @@ class RolloutSide:
             check_splits(probe, cfg.env.id, splits, lambda messages: len(renderer.prompt_ids(messages)),
                          r.max_total_tokens, r.max_tokens_per_turn)
         with reported(f"cannot load the model in {field} {path!r} into the {r.engine} engine", fix):
-            engine = ENGINES.get(r.engine)(path, device=cfg.model.device, dtype=DTYPES[cfg.model.dtype],
-                                           max_model_len=r.max_total_tokens + 1)
+            engine = MeteredEngine(ENGINES.get(r.engine)(path, device=cfg.model.device, dtype=DTYPES[cfg.model.dtype],
+                                                         max_model_len=r.max_total_tokens + 1))
         pool = EnvPool(lambda: make(cfg.env.id, **cfg.env.kwargs))
         pool.give(probe)
         return cls(cfg, path, tokenizer, engine, pool, renderer)

@@ -22,8 +22,8 @@ from pathlib import Path
 from agentrl.errors import AgentRLError, ConfigError
 from agentrl.trainer.checkpoint import latest_checkpoint
 
-# Everything a run writes into its directory (the CLI adds summary.json).
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "final")
+# Everything a run writes into its directory (the CLI adds summary.json; the metrics sinks tensorboard/ and wandb/).
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "final", "tensorboard", "wandb")
 
 
 def _names(paths: list[Path], limit: int = 4) -> str:

@@ -1,7 +1,8 @@
 """Weights from the trainer side to the rollout side.
 
 In one process the engine copies the trainer's tensors into its own parameters in place (no disk,
-no serialisation); the time it takes is reported per step as `weight_sync_s`.
+no serialisation); the time it takes is reported per step as `time/trainer/weight_sync` and
+`time/rollout/weight_sync` (both roles take part).
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ def _assert_continues_reference(run_dir: Path, reference: Path, first: int, last
     after, want = _step_records(run_dir, after_resume=True), _step_records(reference)
     assert min(after) == first
     for step in range(first, last + 1):
-        for key in ("loss", "grad_norm", "reward", "entropy"):
+        for key in ("loss", "grad_norm", "reward_mean", "entropy"):
             assert after[step][key] == want[step][key], (step, key, after[step][key], want[step][key])
     a, b = _policy(reference, last), _policy(run_dir, last)
     assert all(torch.equal(a[k], b[k]) for k in a)
