@@ -82,9 +82,6 @@ class RolloutConfig(_Frozen):
     max_turns: int = Field(4, ge=1, le=1000, description="Most model turns per episode.")
     max_total_tokens: int = Field(512, ge=8, le=MAX_TOKENS,
                                   description="Most tokens per episode, prompt and observations included.")
-    max_error_fraction: float = Field(
-        0.5, ge=0.0, le=1.0, description="Stop the run when more than this share of a step's or an evaluation's "
-        "episodes failed (env or engine error); 1.0 never stops. Failed episodes are never trained on.")
     lockstep: Literal["auto", "on", "off"] = Field(
         "auto", description="Submit each turn of all episodes together so batches, and results, are reproducible "
         "bit for bit (exact --resume); auto: on for CPU, off elsewhere (where tool time overlaps generation).")
@@ -101,6 +98,69 @@ class RolloutConfig(_Frozen):
         from agentrl.rollout.engine import ENGINES
 
         return _registered(ENGINES, v)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_error_fraction" in data:
+            raise ValueError("rollout.max_error_fraction was replaced by failures.min_group_fraction (the share of "
+                             "a step's task groups that must arrive sound; 0.5 by default): set that instead")
+        return data
+
+
+FailureAction = Literal["retry", "drop", "drop_group", "keep_zero_loss"]
+
+#: What happens to an episode of each failure class when neither the config nor the env says
+#: (see docs/training.md, "Failed episodes", for why). Keys: agentrl.rollout.trajectory.FAILURE_CLASSES.
+FAILURE_DEFAULTS: dict[str, str] = {
+    "worker_lost": "retry", "engine_error": "retry", "engine_timeout": "retry", "tool_infrastructure": "retry",
+    "episode_deadline": "drop", "env_error": "drop_group", "template_refused": "drop_group",
+}
+
+
+def _policy_field(failure: str, what: str) -> Any:
+    return Field(None, description=f"{what}: retry | drop | drop_group | keep_zero_loss. null: the env class's "
+                 f"`failure_policy`, else {FAILURE_DEFAULTS[failure]}.")
+
+
+class FailurePolicyConfig(_Frozen):
+    """What happens to an episode that failed, by failure class (never trained on whatever the choice).
+
+    retry: play the same task with the same seeds on a fresh env, up to failures.max_retries times
+    (then failures.after_retries); drop: leave the episode out; drop_group: leave its whole task
+    group out; keep_zero_loss: keep it in the batch with no gradient and outside its group's statistics.
+    """
+
+    worker_lost: FailureAction | None = _policy_field("worker_lost", "The rollout worker playing it died")
+    engine_error: FailureAction | None = _policy_field("engine_error", "The inference engine raised on a request")
+    engine_timeout: FailureAction | None = _policy_field(
+        "engine_timeout", "An engine request passed failures.request_timeout_s")
+    tool_infrastructure: FailureAction | None = _policy_field(
+        "tool_infrastructure", "A tool's or sandbox's InfrastructureFault outlived the tool's retries")
+    episode_deadline: FailureAction | None = _policy_field(
+        "episode_deadline", "The episode passed failures.episode_timeout_s")
+    env_error: FailureAction | None = _policy_field("env_error", "The env raised or broke its contract")
+    template_refused: FailureAction | None = _policy_field(
+        "template_refused", "The chat template refused the episode's conversation")
+
+
+class FailuresConfig(_Frozen):
+    """Episodes the infrastructure broke: how they are bounded, and what happens to them."""
+
+    policy: FailurePolicyConfig = FailurePolicyConfig()
+    max_retries: int = Field(2, ge=0, le=100, description="Most replays of one episode whose failure class's "
+                             "policy is retry; after that, failures.after_retries applies.")
+    after_retries: Literal["drop", "drop_group", "keep_zero_loss"] = Field(
+        "drop", description="What happens to an episode still failing after failures.max_retries replays.")
+    min_group_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="Stop the run when fewer than this share of a step's task groups (of an "
+        "evaluation's tasks) arrived: not dropped, with at least one sound episode. 0 never stops.")
+    episode_timeout_s: float | None = Field(
+        1800.0, gt=0.0, description="Wall-clock bound of one episode (reset, turns, tool calls; not the wait for "
+        "other episodes in lockstep); past it the episode fails as episode_deadline. null: no bound.")
+    request_timeout_s: float | None = Field(
+        600.0, gt=0.0, description="Wall-clock bound of one engine request; past it the request is cancelled and "
+        "the episode fails as engine_timeout. null: no bound.")
 
 
 class AlgorithmConfig(_Frozen):
@@ -217,6 +277,7 @@ class Config(_Frozen):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    failures: FailuresConfig = FailuresConfig()
     metrics: MetricsConfig = MetricsConfig()
     run_dir: str = Field("runs/default", min_length=1, description="Where metrics, checkpoints and the final model go.")
 

@@ -4,7 +4,7 @@ This is the algorithm in one place; each stage is a named call:
 
     rollout, trainer = RolloutSide.open(cfg), TrainerSide.open(cfg)   # engine + envs | policy + optimizer
     for step in range(start, steps):
-        trajectories, metrics = collect(rollout, step)     # many episodes at once; failed ones dropped
+        trajectories, metrics = collect(rollout, step)     # many episodes at once; failures settled by class
         batch = to_batch(trajectories)                      # tensors, once: ids, masks, logprobs, versions
         batch, kl_in_loss = score(batch, trainer, algo)     # advantages (and the reference's logprobs)
         metrics |= trainer.update(batch, settings)          # packed micro-batches, one step per mini-batch
@@ -18,10 +18,11 @@ into the phases above and idle time (`timing.py`); the metrics' keys are explain
 
 Nothing fails silently. Before any work the sides check the device, the model directory, the env
 and every split the run will play (see `preflight.py`), and `RunDir` refuses a run_dir holding
-another run. Episodes that fail (an env or engine error) are shown, not only counted: their first
-distinct texts go to the console and `metrics.jsonl`; they are never trained on (that failure is
-not the policy's doing); and a step or evaluation where more than `rollout.max_error_fraction` of
-the episodes failed stops the run with those texts.
+another run. Episodes the infrastructure broke (an env or engine error, a hung request or episode,
+...) are classified, retried, dropped or masked by class (`failures.py`), never trained on, and
+shown, not only counted: their classes and first distinct texts go to the console and
+`metrics.jsonl`; a step or evaluation where fewer than `failures.min_group_fraction` of the task
+groups arrived stops the run with those texts.
 """
 
 from __future__ import annotations
