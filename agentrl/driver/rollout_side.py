@@ -98,3 +98,6 @@ class RolloutSide:
 
     def close(self) -> None:
         self.pool.close()
+        close = getattr(self.engine, "close", None)  # the built-in engine joins its thread
+        if close is not None:
+            close()
