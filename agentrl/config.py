@@ -224,6 +224,12 @@ class TrainConfig(_Frozen):
                                     description="Token budget of one packed micro-batch.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the data order, sampling and initialisation.")
     logprob_chunk: int = Field(2048, ge=16, le=MAX_TOKENS, description="Tokens per chunk of the vocabulary projection.")
+    schedule: Literal["synchronous", "asynchronous"] = Field(
+        "synchronous", description="synchronous: each step's episodes are played with the latest weights, then "
+        "trained on. asynchronous: later steps' episodes are played while the trainer updates (at most "
+        "train.max_staleness policy versions behind); not bit-exact on resume. See docs/training.md.")
+    max_staleness: int = Field(1, ge=0, le=64, description="asynchronous schedule: the most policy versions a "
+                               "trained token may lag behind the policy being updated.")
     gradient_checkpointing: bool = Field(False, description="Recompute block activations in backward (less memory).")
     mixed_precision: Literal["none", "bf16"] = Field(
         "none", description="bf16: float32 master weights, bfloat16 compute (on GPUs).")
@@ -290,6 +296,10 @@ class Config(_Frozen):
             raise ValueError(f"env.train_split and eval.split are both {self.eval.split!r}: training on the held-out "
                              "split makes its score meaningless; pick another split, or set "
                              "env.allow_train_on_eval_split=true if you mean it")
+        if self.train.schedule == "asynchronous" and self.algorithm.tis == "none":
+            raise ValueError("train.schedule=asynchronous trains on tokens sampled by older policies, so the loss must "
+                             "correct for the policy that sampled them: set algorithm.old_logprobs=recompute and "
+                             "algorithm.tis=token (or sequence)")
         if self.algorithm.tis != "none" and self.algorithm.old_logprobs != "recompute":
             raise ValueError("algorithm.tis corrects the trainer's old logprobs towards the engine's, so it needs "
                              "algorithm.old_logprobs=recompute (with 'rollout' every weight would be exactly 1)")

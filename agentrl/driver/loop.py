@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from agentrl.config import Config, TrainConfig
+from agentrl.driver.async_ import AsyncCollector, check_staleness
 from agentrl.driver.batch import score, to_batch
 from agentrl.driver.collect import collect, evaluate
 from agentrl.driver.metrics import staleness_metrics, trainer_metrics
@@ -47,17 +48,26 @@ from agentrl.driver.trainer_side import TrainerSide
 from agentrl.driver.weight_sync import push_weights
 
 
-def train_step(rollout: RolloutSide, trainer: TrainerSide, step: int, clock: StepClock) -> dict[str, Any]:
-    """Collect, score, update, push the weights; returns the step's metrics (its phase times go on `clock`)."""
-    trajectories, metrics = collect(rollout, step)  # times its own episodes: time/rollout/{episodes,engine,env}
-    clock.add("episodes", metrics["time/rollout/episodes"], "rollout")
+def train_step(rollout: RolloutSide, trainer: TrainerSide, step: int, clock: StepClock,
+               ahead: AsyncCollector | None = None) -> dict[str, Any]:
+    """Collect (or take what `ahead` played), score, update, push the weights; returns the step's
+    metrics (its phase times go on `clock`)."""
+    if ahead is None:
+        trajectories, metrics = collect(rollout, step)  # times its own episodes: time/rollout/{episodes,engine,env}
+        clock.add("episodes", metrics["time/rollout/episodes"], "rollout")
+    else:  # played on the collector's thread, overlapping earlier updates
+        trajectories, metrics = ahead.get(step)
+        clock.add("wait_rollout", metrics.pop("time/trainer/wait_rollout"), "trainer")
     with clock.phase("score", "trainer"):
         batch, kl_in_loss = score(to_batch(trajectories), trainer, rollout.cfg.algorithm)
     with clock.phase("update", "trainer"):
         metrics.update(trainer.update(batch, trainer.loss_settings(kl_in_loss)))
     clock.add("weight_sync", push_weights(trainer, rollout, version=step + 1), "trainer", "rollout")
+    if ahead is not None:
+        ahead.weights_pushed(step + 1)
     metrics |= trainer_metrics(batch, clock.seconds("trainer", "update"))
     metrics |= staleness_metrics(batch.weight_versions, batch.mask, policy_version=step)
+    check_staleness(metrics, rollout.cfg.train.max_staleness if ahead else 0, step)
     metrics["step"] = step + 1
     return metrics
 
@@ -102,25 +112,35 @@ def _run(rollout: RolloutSide, trainer: TrainerSide, run: RunDir, on_step, resum
             if ev.before and ev.num_tasks:
                 result["before"] = evaluate(rollout, ev.split, ev.num_tasks, ev.temperature, ev.seed)
                 sinks.write({"event": "eval_before", **result["before"]})
-        for step in range(start, cfg.train.steps):
-            clock = StepClock()
-            metrics = train_step(rollout, trainer, step, clock)
-            metrics["nonfinite_steps"] = trainer.guard.observe(bool(metrics.get("nonfinite", 0.0)))
-            run.step_done()
-            try:
-                _save_if_due(trainer, run.path, cfg.train, step + 1, clock)
-            finally:  # the step's record is kept even when saving fails
-                metrics |= clock.metrics()
-                sinks.write(metrics)
-            result["history"].append(metrics)
-            if on_step:
-                on_step(step + 1, metrics)
-            trainer.guard.check(step + 1, run.path)
+        ahead = (AsyncCollector(rollout, start, cfg.train.steps, cfg.train.max_staleness)
+                 if cfg.train.schedule == "asynchronous" else None)
+        with contextlib.closing(ahead) if ahead else contextlib.nullcontext():
+            _train_steps(rollout, trainer, run, sinks, result, on_step, start, ahead)
         trainer.export(run.path / "final", rollout.tokenizer)
         if ev.after and ev.num_tasks:
             result["after"] = evaluate(rollout, ev.split, ev.num_tasks, ev.temperature, ev.seed)
             sinks.write({"event": "eval_after", **result["after"]})
     return result
+
+
+def _train_steps(rollout: RolloutSide, trainer: TrainerSide, run: RunDir, sinks, result: dict, on_step, start: int,
+                 ahead: AsyncCollector | None) -> None:
+    """Steps `start`.. of the run: train, record, checkpoint when due, stop a run gone bad."""
+    t = rollout.cfg.train
+    for step in range(start, t.steps):
+        clock = StepClock()
+        metrics = train_step(rollout, trainer, step, clock, ahead)
+        metrics["nonfinite_steps"] = trainer.guard.observe(bool(metrics.get("nonfinite", 0.0)))
+        run.step_done()
+        try:
+            _save_if_due(trainer, run.path, t, step + 1, clock)
+        finally:  # the step's record is kept even when saving fails
+            metrics |= clock.metrics()
+            sinks.write(metrics)
+        result["history"].append(metrics)
+        if on_step:
+            on_step(step + 1, metrics)
+        trainer.guard.check(step + 1, run.path)
 
 
 def _save_if_due(trainer: TrainerSide, run_dir: Path, t: TrainConfig, done: int, clock: StepClock) -> None:
