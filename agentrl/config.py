@@ -82,9 +82,6 @@ class RolloutConfig(_Frozen):
     max_turns: int = Field(4, ge=1, le=1000, description="Most model turns per episode.")
     max_total_tokens: int = Field(512, ge=8, le=MAX_TOKENS,
                                   description="Most tokens per episode, prompt and observations included.")
-    max_error_fraction: float = Field(
-        0.5, ge=0.0, le=1.0, description="Stop the run when more than this share of a step's or an evaluation's "
-        "episodes failed (env or engine error); 1.0 never stops. Failed episodes are never trained on.")
     lockstep: Literal["auto", "on", "off"] = Field(
         "auto", description="Submit each turn of all episodes together so batches, and results, are reproducible "
         "bit for bit (exact --resume); auto: on for CPU, off elsewhere (where tool time overlaps generation).")
@@ -101,6 +98,69 @@ class RolloutConfig(_Frozen):
         from agentrl.rollout.engine import ENGINES
 
         return _registered(ENGINES, v)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_error_fraction" in data:
+            raise ValueError("rollout.max_error_fraction was replaced by failures.min_group_fraction (the share of "
+                             "a step's task groups that must arrive sound; 0.5 by default): set that instead")
+        return data
+
+
+FailureAction = Literal["retry", "drop", "drop_group", "keep_zero_loss"]
+
+#: What happens to an episode of each failure class when neither the config nor the env says
+#: (see docs/training.md, "Failed episodes", for why). Keys: agentrl.rollout.trajectory.FAILURE_CLASSES.
+FAILURE_DEFAULTS: dict[str, str] = {
+    "worker_lost": "retry", "engine_error": "retry", "engine_timeout": "retry", "tool_infrastructure": "retry",
+    "episode_deadline": "drop", "env_error": "drop_group", "template_refused": "drop_group",
+}
+
+
+def _policy_field(failure: str, what: str) -> Any:
+    return Field(None, description=f"{what}: retry | drop | drop_group | keep_zero_loss. null: the env class's "
+                 f"`failure_policy`, else {FAILURE_DEFAULTS[failure]}.")
+
+
+class FailurePolicyConfig(_Frozen):
+    """What happens to an episode that failed, by failure class (never trained on whatever the choice).
+
+    retry: play the same task with the same seeds on a fresh env, up to failures.max_retries times
+    (then failures.after_retries); drop: leave the episode out; drop_group: leave its whole task
+    group out; keep_zero_loss: keep it in the batch with no gradient and outside its group's statistics.
+    """
+
+    worker_lost: FailureAction | None = _policy_field("worker_lost", "The rollout worker playing it died")
+    engine_error: FailureAction | None = _policy_field("engine_error", "The inference engine raised on a request")
+    engine_timeout: FailureAction | None = _policy_field(
+        "engine_timeout", "An engine request passed failures.request_timeout_s")
+    tool_infrastructure: FailureAction | None = _policy_field(
+        "tool_infrastructure", "A tool's or sandbox's InfrastructureFault outlived the tool's retries")
+    episode_deadline: FailureAction | None = _policy_field(
+        "episode_deadline", "The episode passed failures.episode_timeout_s")
+    env_error: FailureAction | None = _policy_field("env_error", "The env raised or broke its contract")
+    template_refused: FailureAction | None = _policy_field(
+        "template_refused", "The chat template refused the episode's conversation")
+
+
+class FailuresConfig(_Frozen):
+    """Episodes the infrastructure broke: how they are bounded, and what happens to them."""
+
+    policy: FailurePolicyConfig = FailurePolicyConfig()
+    max_retries: int = Field(2, ge=0, le=100, description="Most replays of one episode whose failure class's "
+                             "policy is retry; after that, failures.after_retries applies.")
+    after_retries: Literal["drop", "drop_group", "keep_zero_loss"] = Field(
+        "drop", description="What happens to an episode still failing after failures.max_retries replays.")
+    min_group_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="Stop the run when fewer than this share of a step's task groups (of an "
+        "evaluation's tasks) arrived: not dropped, with at least one sound episode. 0 never stops.")
+    episode_timeout_s: float | None = Field(
+        1800.0, gt=0.0, description="Wall-clock bound of one episode (reset, turns, tool calls; not the wait for "
+        "other episodes in lockstep); past it the episode fails as episode_deadline. null: no bound.")
+    request_timeout_s: float | None = Field(
+        600.0, gt=0.0, description="Wall-clock bound of one engine request; past it the request is cancelled and "
+        "the episode fails as engine_timeout. null: no bound.")
 
 
 class AlgorithmConfig(_Frozen):
@@ -164,6 +224,12 @@ class TrainConfig(_Frozen):
                                     description="Token budget of one packed micro-batch.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the data order, sampling and initialisation.")
     logprob_chunk: int = Field(2048, ge=16, le=MAX_TOKENS, description="Tokens per chunk of the vocabulary projection.")
+    schedule: Literal["synchronous", "asynchronous"] = Field(
+        "synchronous", description="synchronous: each step's episodes are played with the latest weights, then "
+        "trained on. asynchronous: later steps' episodes are played while the trainer updates (at most "
+        "train.max_staleness policy versions behind); not bit-exact on resume. See docs/training.md.")
+    max_staleness: int = Field(1, ge=0, le=64, description="asynchronous schedule: the most policy versions a "
+                               "trained token may lag behind the policy being updated.")
     gradient_checkpointing: bool = Field(False, description="Recompute block activations in backward (less memory).")
     mixed_precision: Literal["none", "bf16"] = Field(
         "none", description="bf16: float32 master weights, bfloat16 compute (on GPUs).")
@@ -281,6 +347,7 @@ class Config(_Frozen):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     cluster: ClusterConfig = ClusterConfig()
+    failures: FailuresConfig = FailuresConfig()
     metrics: MetricsConfig = MetricsConfig()
     run_dir: str = Field("runs/default", min_length=1, description="Where metrics, checkpoints and the final model go.")
 
@@ -293,9 +360,19 @@ class Config(_Frozen):
             raise ValueError(f"env.train_split and eval.split are both {self.eval.split!r}: training on the held-out "
                              "split makes its score meaningless; pick another split, or set "
                              "env.allow_train_on_eval_split=true if you mean it")
+        if self.train.schedule == "asynchronous" and self.algorithm.tis == "none":
+            raise ValueError("train.schedule=asynchronous trains on tokens sampled by older policies, so the loss must "
+                             "correct for the policy that sampled them: set algorithm.old_logprobs=recompute and "
+                             "algorithm.tis=token (or sequence)")
         if self.algorithm.tis != "none" and self.algorithm.old_logprobs != "recompute":
             raise ValueError("algorithm.tis corrects the trainer's old logprobs towards the engine's, so it needs "
                              "algorithm.old_logprobs=recompute (with 'rollout' every weight would be exactly 1)")
+        if self.train.schedule == "asynchronous" and self.cluster.colocate:
+            raise ValueError("cluster.colocate puts the engines to sleep during the update, which is when "
+                             "train.schedule=asynchronous plays the next step's episodes; use one or the other")
+        if self.train.schedule == "asynchronous" and self.cluster.mode == "ray":
+            raise ValueError("train.schedule=asynchronous with cluster.mode=ray is not built (it runs with "
+                             "cluster.mode=local); use the synchronous schedule on Ray workers")
         if self.cluster.mode == "ray":
             _check_ray_devices(self)
         return self

@@ -41,7 +41,18 @@ class EngineError(AgentRLError, RuntimeError):
 
 
 class RolloutError(AgentRLError, RuntimeError):
-    """Too many episodes of a batch failed (env or engine errors); the message holds their first texts."""
+    """Too few groups of a batch arrived sound (failed episodes dropped or retried in vain); the
+    message holds the first failure texts."""
+
+
+class InfrastructureFault(Exception):
+    """A fault that is not the model's doing: a sandbox that could not start, a service that is down.
+
+    Raised by a tool, the executor retries the call (`ToolPolicy.retries`), then answers with an
+    `infrastructure` tool error; raised by an env, or answered so by its executor, it ends the
+    episode as a `tool_infrastructure` failure, which the driver retries on a fresh env and never
+    trains on (see docs/training.md, "Failed episodes").
+    """
 
 
 class TrainerError(AgentRLError, RuntimeError):
@@ -63,6 +74,7 @@ class ToolErrorKind(str, enum.Enum):
     OUTPUT_TOO_LARGE = "output_too_large"
     RATE_LIMITED = "rate_limited"
     UNAVAILABLE = "unavailable"  # the tool refuses calls for now (too many abandoned calls still running)
+    INFRASTRUCTURE = "infrastructure"  # an InfrastructureFault outlived the tool's retries: not the model's doing
 
 
 class ToolError(AgentRLError):

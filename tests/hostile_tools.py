@@ -148,7 +148,7 @@ _RAISES = {
     "tool_error": (lambda: ToolError(K.INVALID_ARGUMENTS, "use a smaller number"), {K.INVALID_ARGUMENTS}),
     "tool_error_huge": (lambda: ToolError(K.RUNTIME, "e" * 1_000_000), {K.RUNTIME}),
     "tool_error_object": (lambda: ToolError(K.RUNTIME, Unprintable()), {K.RUNTIME}),  # type: ignore[arg-type]
-    "infrastructure": (lambda: InfrastructureFault("backend down"), {K.RUNTIME}),
+    "infrastructure": (lambda: InfrastructureFault("backend down"), {K.INFRASTRUCTURE}),
 }
 HANGS = {"hang": {K.TIMEOUT}, "sleep_past_timeout": {K.TIMEOUT}, "stubborn": {K.TIMEOUT}}
 MODES: dict[str, set] = {**{m: k for m, (_, k) in RETURNS.items()}, **{m: k for m, (_, k) in _RAISES.items()},

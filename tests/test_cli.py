@@ -99,12 +99,14 @@ def test_episode_errors_reach_the_console_and_metrics_and_are_not_trained_on(sto
     code, out = _invoke("train", ROOT / "examples/calculator.yaml", f"model.path={stopping_model_dir}",
                         "env.id=hostile-flaky-v0", *SMALL, "rollout.prompts_per_step=4", "train.steps=3",
                         "eval.num_tasks=0", f"run_dir={run}")
-    assert code == 0, out  # one task in four fails: under rollout.max_error_fraction, the run goes on
+    assert code == 0, out  # one task in four fails: above failures.min_group_fraction, the run goes on
     assert "episode(s) failed (not trained on)" in out and "TimeoutError: scorer timed out on task" in out, out
+    assert "failures: dropped_groups=" in out and " env_error=" in out, out  # the decision and the class
     steps = [r for r in _records(run) if "step" in r]
     assert sum(r["episode_errors"] for r in steps) > 0
-    for r in steps:
-        assert r["trained_episodes"] == 8 - r["episode_errors"]
+    for r in steps:  # an env error drops its task group (2 episodes) by default
+        assert r["trained_episodes"] == 8 - 2 * r["failures/dropped_groups"]
+        assert r["failures/env_error"] == r["episode_errors"]
         assert bool(r.get("error_samples")) == bool(r["episode_errors"])
 
 

@@ -179,7 +179,8 @@ ROWS = [
     Row("negative-temperature", train("rollout.temperature=-1"), "rollout.temperature"),
     Row("adam-beta-of-one-or-more", train("optim.betas=[0.9, 1.5]"), "optim.betas: AdamW betas"),
     Row("empty-run-dir", train("run_dir="), "run_dir: String should have at least 1 character"),
-    Row("error-fraction-above-one", train("rollout.max_error_fraction=2"), "rollout.max_error_fraction"),
+    Row("group-fraction-above-one", train("failures.min_group_fraction=2"), "failures.min_group_fraction"),
+    Row("renamed-error-fraction", train("rollout.max_error_fraction=0.5"), "replaced by failures.min_group_fraction"),
     Row("absurd-max-total-tokens", train("rollout.max_total_tokens=10000000000"), "rollout.max_total_tokens"),
     Row("absurd-max-tokens-per-turn", train("rollout.max_tokens_per_turn=1000000000000"), "rollout.max_tokens_per_turn"),
     Row("absurd-prompts-per-step", train("rollout.prompts_per_step=1000000000"), "rollout.prompts_per_step"),
@@ -244,7 +245,7 @@ ROWS = [
     Row("env-reset-raises", train("env.id=hostile-reset-v0"), "fails to start a task"),
     Row("env-episodes-fail-mid-run", train("env.id=hostile-late-v0"), "step 1: 4 of 4 episodes failed"),
     Row("env-step-raises", lambda w: ["train", w.base, "env.id=hostile-step-v0", f"model.path={w.stopping}",
-                                      "rollout.max_error_fraction=0"], "KeyError: 'answer'"),
+                                      "failures.min_group_fraction=1"], "KeyError: 'answer'"),
     # agentrl eval.
     Row("eval-split-unknown", evaluate("--split", "nosuchsplit"), "--split='nosuchsplit'"),
     Row("eval-model-missing", evaluate("--model", "/nonexistent/final"), "--model '/nonexistent/final' does not"),

@@ -16,6 +16,7 @@ def test_overrides_are_typed_and_defaults_live_in_one_place(tmp_path):
     cfg = load_config(f, ["train.steps=7", "optim.lr=0.01", "algorithm.norm_by_std=false"])
     assert cfg.train.steps == 7 and cfg.optim.lr == 0.01 and cfg.algorithm.norm_by_std is False
     assert cfg.rollout.samples_per_prompt == 8  # default from agentrl/config.py
+    assert load_config(None, BASE + ["failures.episode_timeout_s=null"]).failures.episode_timeout_s is None
 
 
 @pytest.mark.parametrize("overrides,fragment", [
@@ -25,6 +26,12 @@ def test_overrides_are_typed_and_defaults_live_in_one_place(tmp_path):
     (["train.steps=many"], "valid integer"),
     (["nonsense"], "section.key=value"),
     (["optimm.lr=1"], "Did you mean 'optim'"),
+    (["failures.policy.env_eror=drop"], "Did you mean 'env_error'"),
+    (["failures.policy.env_error=skip"], "failures.policy.env_error: Input should be 'retry', 'drop', 'drop_group'"),
+    (["failures.after_retries=retry"], "failures.after_retries: Input should be 'drop', 'drop_group'"),
+    (["failures.min_group_fraction=1.5"], "failures.min_group_fraction: Input should be less than or equal to 1"),
+    (["failures.episode_timeout_s=0"], "failures.episode_timeout_s: Input should be greater than 0"),
+    (["rollout.max_error_fraction=0.2"], "rollout.max_error_fraction was replaced by failures.min_group_fraction"),
 ])
 def test_bad_configs_explain_themselves(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment):

@@ -17,10 +17,18 @@ from agentrl.trainer.update import compute_advantages, episode_kl
 
 
 def to_batch(trajectories: Sequence[Trajectory]) -> TrainBatch:
-    """The trajectories' tokens, masks, rollout logprobs and versions as one padded batch, scored by reward."""
-    return TrainBatch.from_rows([t.token_ids for t in trajectories], [t.loss_mask for t in trajectories],
+    """The trajectories' tokens, masks, rollout logprobs and versions as one padded batch, scored by reward.
+
+    A failed trajectory here (kept with zero loss, see `agentrl.driver.failures`) gets an all-zero
+    mask, so it carries no gradient, and a group of its own, so it does not move its task group's
+    mean or std: an infrastructure failure is never a sample of what the policy did.
+    """
+    masks = [t.loss_mask if t.failure is None else (0,) * len(t.loss_mask) for t in trajectories]
+    fresh = max((t.group_id for t in trajectories), default=0) + 1  # ids no task group has
+    groups = [t.group_id if t.failure is None else fresh + i for i, t in enumerate(trajectories)]
+    return TrainBatch.from_rows([t.token_ids for t in trajectories], masks,
                                 [t.rollout_logprobs for t in trajectories], [t.weight_versions for t in trajectories],
-                                [t.reward for t in trajectories], [t.group_id for t in trajectories])
+                                [t.reward for t in trajectories], groups)
 
 
 def score(batch: TrainBatch, trainer: TrainerSide, algo: AlgorithmConfig) -> tuple[TrainBatch, bool]:

@@ -2,7 +2,8 @@
 
 Everything a step plays is a function of (config, step): task seeds come from a fixed shuffled
 stream sliced by step, sampling seeds from the step and the episode index, so `--resume`
-repeats an uninterrupted run exactly.
+repeats an uninterrupted run exactly. Episodes the infrastructure broke are retried, dropped or
+kept with zero loss by their failure class (`failures.py`), never trained on.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from typing import Any
 
 import torch
 
-from agentrl.driver.metrics import check_episode_errors, error_samples, rollout_metrics
+from agentrl.driver.failures import FailureCounts, FailurePolicy, check_arrival, play_with_retries, settle
+from agentrl.driver.metrics import rollout_metrics
 from agentrl.driver.rollout_side import RolloutSide
 from agentrl.rollout.agent_loop import EpisodeSpec
+from agentrl.rollout.engine_meter import EngineUse
 from agentrl.rollout.trajectory import Trajectory
 from agentrl.trainer.algos import filter_uniform_groups
 
@@ -27,49 +30,80 @@ def task_seeds(step: int, prompts_per_step: int, seed: int, round: int = 0) -> l
 
 
 def collect(rollout: RolloutSide, step: int) -> tuple[list[Trajectory], dict[str, Any]]:
-    """One step's episodes to train on. Failed episodes (`Trajectory.error`) are dropped: an env or
-    engine failure is not the policy's doing, so it must not be trained as a zero reward; when more
-    than rollout.max_error_fraction of a round failed, `RolloutError` stops the run. With dynamic
-    sampling, groups whose rewards are all equal are dropped and more tasks are played (up to
-    `max_sampling_rounds` rounds) until `prompts_per_step` groups remain."""
+    """One step's episodes to train on (sound ones, and failed ones kept with zero loss).
+
+    Failed episodes are settled by `failures.policy` (retried, dropped, their group dropped, or
+    kept with zero loss); when fewer than failures.min_group_fraction of a round's groups arrived,
+    `RolloutError` stops the run. With dynamic sampling, groups whose rewards are all equal are
+    dropped and more tasks are played (up to `max_sampling_rounds` rounds) until `prompts_per_step`
+    groups remain.
+    """
     cfg = rollout.cfg
     r, a = cfg.rollout, cfg.algorithm
+    policy = FailurePolicy.for_env(cfg.failures, cfg.env.id)
+    counts = FailureCounts()
     t0, used = time.perf_counter(), rollout.engine.use()
-    played: list[Trajectory] = []
+    sound: list[Trajectory] = []  # every sound episode played, for the reward metrics
     kept: list[Trajectory] = []
     rounds = a.max_sampling_rounds if a.dynamic_sampling else 1
     for rnd in range(rounds):
         specs = [EpisodeSpec(seed=seed, split=cfg.env.train_split, group_id=rnd * r.prompts_per_step + g)
                  for g, seed in enumerate(task_seeds(step, r.prompts_per_step, cfg.train.seed, rnd))
                  for _ in range(r.samples_per_prompt)]
-        trajs = rollout.play(specs, r.temperature, seed=(cfg.train.seed * 100_003 + step) * 101 + rnd)
-        check_episode_errors(trajs, r.max_error_fraction, f"step {step + 1}")
-        played += trajs
-        sound = [t for t in trajs if t.error is None]
+        seed = (cfg.train.seed * 100_003 + step) * 101 + rnd
+        final = play_with_retries(lambda s: rollout.play(s, r.temperature, seed=seed), specs, policy, counts)
+        batch = settle(final, policy, counts)
+        check_arrival(final, batch, policy.min_group_fraction, f"step {step + 1}")
+        sound += [t for t in final if t.failure is None]
         if not a.dynamic_sampling:
-            kept = sound
+            kept = batch
             break
-        keep = filter_uniform_groups(torch.tensor([t.reward for t in sound]), torch.tensor([t.group_id for t in sound]))
-        kept += [t for t, k in zip(sound, keep.tolist()) if k]
-        if len(kept) >= r.prompts_per_step * r.samples_per_prompt:
+        kept += _varied_groups(batch)
+        if len({t.group_id for t in kept}) >= r.prompts_per_step:
             break
-    metrics = with_errors(rollout_metrics(played, time.perf_counter() - t0, rollout.engine.use() - used), played)
-    kept = kept[: r.prompts_per_step * r.samples_per_prompt]
+    kept = _first_groups(kept, r.prompts_per_step)
+    metrics = _played_metrics(sound, counts, time.perf_counter() - t0, rollout.engine.use() - used)
     metrics.update(sampling_rounds=float(rnd + 1), kept_groups=float(len({t.group_id for t in kept})),
-                   trained_episodes=float(len(kept)))
+                   trained_episodes=float(sum(t.failure is None for t in kept)))
     return kept, metrics
 
 
+def _varied_groups(batch: list[Trajectory]) -> list[Trajectory]:
+    """The rows of the groups whose sound episodes' rewards differ (DAPO dynamic sampling)."""
+    sound = [t for t in batch if t.failure is None]
+    keep = filter_uniform_groups(torch.tensor([t.reward for t in sound]), torch.tensor([t.group_id for t in sound]))
+    varied = {t.group_id for t, k in zip(sound, keep.tolist()) if k}
+    return [t for t in batch if t.group_id in varied]
+
+
+def _first_groups(rows: list[Trajectory], n: int) -> list[Trajectory]:
+    first = set(list(dict.fromkeys(t.group_id for t in rows))[:n])
+    return [t for t in rows if t.group_id in first]
+
+
 def evaluate(rollout: RolloutSide, split: str, num_tasks: int, temperature: float, seed: int) -> dict[str, Any]:
-    """Success rate on tasks 0..num_tasks-1 of a held-out split (one episode each), with the first
-    distinct episode-error texts under `error_samples`; raises `RolloutError` when more than
-    rollout.max_error_fraction of the episodes failed (a failed episode is not a policy failure)."""
+    """Success rate on tasks 0..num_tasks-1 of a held-out split (one episode each).
+
+    Failed episodes are retried by `failures.policy` like training ones; the rest are not scored
+    (`scored_tasks` says how many were, `failures/*` why the others were not), and their first
+    distinct texts go under `error_samples`. Raises `RolloutError` when fewer than
+    failures.min_group_fraction of the tasks were scored.
+    """
+    policy = FailurePolicy.for_env(rollout.cfg.failures, rollout.cfg.env.id)
+    counts = FailureCounts()
     t0, used = time.perf_counter(), rollout.engine.use()
-    trajs = rollout.play([EpisodeSpec(seed=i, split=split, group_id=i) for i in range(num_tasks)], temperature, seed)
-    check_episode_errors(trajs, rollout.cfg.rollout.max_error_fraction, f"evaluation on split {split!r}")
-    return with_errors(rollout_metrics(trajs, time.perf_counter() - t0, rollout.engine.use() - used), trajs)
+    specs = [EpisodeSpec(seed=i, split=split, group_id=i) for i in range(num_tasks)]
+    final = play_with_retries(lambda s: rollout.play(s, temperature, seed), specs, policy, counts)
+    check_arrival(final, settle(final, policy, counts), policy.min_group_fraction,
+                  f"evaluation on split {split!r}", unit="tasks")
+    sound = [t for t in final if t.failure is None]
+    metrics = _played_metrics(sound, counts, time.perf_counter() - t0, rollout.engine.use() - used)
+    return {**metrics, "scored_tasks": float(len(sound))}
 
 
-def with_errors(metrics: dict[str, Any], trajectories: list[Trajectory]) -> dict[str, Any]:
-    samples = error_samples(trajectories)
-    return {**metrics, "error_samples": samples} if samples else metrics
+def _played_metrics(sound: list[Trajectory], counts: FailureCounts, seconds: float, use: EngineUse) -> dict[str, Any]:
+    """Rewards and lengths over the sound episodes (a failure's zero is not the policy's); `episodes`
+    counts every episode played, failed attempts included; then the failure counts and texts."""
+    metrics = {**rollout_metrics(sound, seconds, use), **counts.metrics()}
+    metrics["episodes"] = float(len(sound) + len(counts.failed))
+    return metrics

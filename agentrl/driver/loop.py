@@ -4,7 +4,7 @@ This is the algorithm in one place; each stage is a named call:
 
     rollout, trainer = open_sides(cfg)                  # engine + envs | policy + optimizer, here or Ray workers
     for step in range(start, steps):
-        trajectories, metrics = collect(rollout, step)     # many episodes at once; failed ones dropped
+        trajectories, metrics = collect(rollout, step)     # many episodes at once; failures settled by class
         batch = to_batch(trajectories)                      # tensors, once: ids, masks, logprobs, versions
         with engines_asleep(rollout):                       # colocated: the engines free memory meanwhile
             batch, kl_in_loss = score(batch, trainer, algo) # advantages (and the reference's logprobs)
@@ -19,10 +19,11 @@ into the phases above and idle time (`timing.py`); the metrics' keys are explain
 
 Nothing fails silently. Before any work the sides check the device, the model directory, the env
 and every split the run will play (see `preflight.py`), and `RunDir` refuses a run_dir holding
-another run. Episodes that fail (an env or engine error) are shown, not only counted: their first
-distinct texts go to the console and `metrics.jsonl`; they are never trained on (that failure is
-not the policy's doing); and a step or evaluation where more than `rollout.max_error_fraction` of
-the episodes failed stops the run with those texts. SIGTERM or Ctrl-C stops the run after a final
+another run. Episodes the infrastructure broke (an env or engine error, a hung request or episode,
+...) are classified, retried, dropped or masked by class (`failures.py`), never trained on, and
+shown, not only counted: their classes and first distinct texts go to the console and
+`metrics.jsonl`; a step or evaluation where fewer than `failures.min_group_fraction` of the task
+groups arrived stops the run with those texts. SIGTERM or Ctrl-C stops the run after a final
 checkpoint (`signals.py`).
 """
 
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 
 from agentrl.config import Config, TrainConfig
+from agentrl.driver.async_ import AsyncCollector, check_staleness
 from agentrl.driver.batch import score, to_batch
 from agentrl.driver.collect import collect, evaluate
 from agentrl.driver.colocated import engines_asleep
@@ -53,12 +55,17 @@ from agentrl.errors import RunInterrupted
 
 
 def train_step(rollout: RolloutSide, trainer: TrainerSide, step: int, clock: StepClock,
-               stop: StopSignals | None = None) -> dict[str, Any]:
-    """Collect, score, update, push the weights; returns the step's metrics (its phase times go on `clock`).
-    `rollout` and `trainer` may as well be their Ray versions (`RayRolloutSide`, `RayTrainerSide`)."""
+               ahead: AsyncCollector | None = None, stop: StopSignals | None = None) -> dict[str, Any]:
+    """Collect (or take what `ahead` played), score, update, push the weights; returns the step's
+    metrics (its phase times go on `clock`). `rollout` and `trainer` may as well be their Ray
+    versions (`RayRolloutSide`, `RayTrainerSide`); a signal in `stop` ends the step while it plays."""
     with stop.interruptible() if stop else contextlib.nullcontext():  # playing changes no state: stop at once
-        trajectories, metrics = collect(rollout, step)  # times its own episodes: time/rollout/{episodes,engine,env}
-    clock.add("episodes", metrics["time/rollout/episodes"], "rollout")
+        if ahead is None:
+            trajectories, metrics = collect(rollout, step)  # times its episodes: time/rollout/{episodes,engine,env}
+            clock.add("episodes", metrics["time/rollout/episodes"], "rollout")
+        else:  # played on the collector's thread, overlapping earlier updates
+            trajectories, metrics = ahead.get(step)
+            clock.add("wait_rollout", metrics.pop("time/trainer/wait_rollout"), "trainer")
     metrics |= rollout.worker_metrics()  # workers lost, hung or restarted, episodes played again (Ray)
     with engines_asleep(rollout, clock, rollout.cfg.cluster.colocate):
         with clock.phase("score", "trainer"):
@@ -66,8 +73,11 @@ def train_step(rollout: RolloutSide, trainer: TrainerSide, step: int, clock: Ste
         with clock.phase("update", "trainer"):
             metrics.update(trainer.update(batch, trainer.loss_settings(kl_in_loss)))
     clock.add("weight_sync", push_weights(trainer, rollout, version=step + 1), "trainer", "rollout")
+    if ahead is not None:
+        ahead.weights_pushed(step + 1)
     metrics |= trainer_metrics(batch, clock.seconds("trainer", "update"))
     metrics |= staleness_metrics(batch.weight_versions, batch.mask, policy_version=step)
+    check_staleness(metrics, rollout.cfg.train.max_staleness if ahead else 0, step)
     metrics["step"] = step + 1
     return metrics
 
@@ -98,9 +108,10 @@ def _run(rollout: RolloutSide, trainer: TrainerSide, run: RunDir, on_step, resum
     cfg, ev = rollout.cfg, rollout.cfg.eval
     run.start()
     restored = trainer.restore(run.path) if resume else None
-    start = saved = restored.step if restored else 0
+    start = restored.step if restored else 0
     result: dict[str, object] = {"history": [], "resumed_from": start if restored else None}
     with contextlib.closing(open_sinks(cfg, run.path, start_step=start)) as sinks:  # closed (flushed) on any exit
+        saved = [start]  # the newest checkpointed step (the one resumed from, at first)
         try:
             if restored:
                 push_weights(trainer, rollout, version=start)
@@ -112,36 +123,41 @@ def _run(rollout: RolloutSide, trainer: TrainerSide, run: RunDir, on_step, resum
                     with stop.interruptible():
                         result["before"] = evaluate(rollout, ev.split, ev.num_tasks, ev.temperature, ev.seed)
                     sinks.write({"event": "eval_before", **result["before"]})
-            for step in range(start, cfg.train.steps):
-                saved = step + 1 if _one_step(rollout, trainer, run, step, sinks, stop, result, on_step) else saved
-                stop.check()  # a signal during the update lands here, once the step is whole (and saved)
+            ahead = (AsyncCollector(rollout, start, cfg.train.steps, cfg.train.max_staleness)
+                     if cfg.train.schedule == "asynchronous" else None)
+            with contextlib.closing(ahead) if ahead else contextlib.nullcontext():
+                _train_steps(rollout, trainer, run, sinks, result, on_step, start, ahead, stop, saved)
             trainer.export(run.path / "final", rollout.tokenizer)
             if ev.after and ev.num_tasks:
                 with stop.interruptible():
                     result["after"] = evaluate(rollout, ev.split, ev.num_tasks, ev.temperature, ev.seed)
                 sinks.write({"event": "eval_after", **result["after"]})
         except RunInterrupted as exc:  # the last whole step is checkpointed: `--resume` continues from it
-            done = start + len(result["history"])
-            raise stopped(exc, trainer, run.path, sinks, done, saved) from None
+            raise stopped(exc, trainer, run.path, sinks, start + len(result["history"]), saved[0]) from None
     return result
 
 
-def _one_step(rollout, trainer, run: RunDir, step: int, sinks, stop: StopSignals, result: dict, on_step) -> bool:
-    """Train step `step`, checkpoint it when due, record it; whether it was checkpointed."""
-    clock = StepClock()
-    metrics = train_step(rollout, trainer, step, clock, stop)
-    metrics["nonfinite_steps"] = trainer.guard.observe(bool(metrics.get("nonfinite", 0.0)))
-    run.step_done()
-    try:
-        saved = _save_if_due(trainer, run.path, rollout.cfg.train, step + 1, clock)
-    finally:  # the step's record is kept even when saving fails
-        metrics |= clock.metrics()
-        sinks.write(metrics)
-    result["history"].append(metrics)
-    if on_step:
-        on_step(step + 1, metrics)
-    trainer.guard.check(step + 1, run.path)
-    return saved
+def _train_steps(rollout: RolloutSide, trainer: TrainerSide, run: RunDir, sinks, result: dict, on_step, start: int,
+                 ahead: AsyncCollector | None, stop: StopSignals, saved: list[int]) -> None:
+    """Steps `start`.. of the run: train, record, checkpoint when due (noting it in `saved`), stop a
+    run gone bad, or one that was sent a signal once its step is whole."""
+    t = rollout.cfg.train
+    for step in range(start, t.steps):
+        clock = StepClock()
+        metrics = train_step(rollout, trainer, step, clock, ahead, stop)
+        metrics["nonfinite_steps"] = trainer.guard.observe(bool(metrics.get("nonfinite", 0.0)))
+        run.step_done()
+        try:
+            if _save_if_due(trainer, run.path, t, step + 1, clock):
+                saved[0] = step + 1
+        finally:  # the step's record is kept even when saving fails
+            metrics |= clock.metrics()
+            sinks.write(metrics)
+        result["history"].append(metrics)
+        if on_step:
+            on_step(step + 1, metrics)
+        trainer.guard.check(step + 1, run.path)
+        stop.check()  # a signal during the update lands here, once the step is whole (and saved when due)
 
 
 def _save_if_due(trainer: TrainerSide, run_dir: Path, t: TrainConfig, done: int, clock: StepClock) -> bool:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from agentrl.errors import RolloutError, TrainerError
+from agentrl.errors import TrainerError
 from agentrl.rollout.engine_meter import EngineUse
 from agentrl.rollout.trajectory import Trajectory
 from agentrl.trainer.batch import TrainBatch
@@ -33,7 +33,8 @@ def rollout_metrics(trajectories: Sequence[Trajectory], seconds: float,
     """Reward, success, lengths, truncations and tool-error counts of one batch, and its rollout time and throughput.
 
     Args:
-        trajectories: Every episode played (failed ones too: they count in `episodes` and the means).
+        trajectories: The episodes to summarise. A step or an evaluation passes those that ended sound (a
+            failure's reward is not the policy's) and counts its failures apart (`failures.FailureCounts`).
         seconds: Wall time spent playing them.
         use: What the engine did meanwhile (`MeteredEngine.use()` after minus before); without it
             the engine/env split and the prompt tokens are left out.
@@ -129,22 +130,3 @@ def error_samples(trajectories: Sequence[Trajectory], limit: int = ERROR_SAMPLES
     with its count: `["12x EnvError: unknown split 'tset'; ...", ...]`."""
     counts = Counter(" ".join(t.error.split()) for t in trajectories if t.error is not None)
     return [f"{n}x {text}" for text, n in counts.most_common(limit)]
-
-
-def check_episode_errors(trajectories: Sequence[Trajectory], max_fraction: float, where: str) -> None:
-    """Raise `RolloutError` with the first error texts when more than `max_fraction` of the episodes failed.
-
-    Args:
-        trajectories: One batch (a step's round, or an evaluation).
-        max_fraction: rollout.max_error_fraction; 1.0 never raises.
-        where: What the batch was ("step 3", "evaluation on 'test'"), for the message.
-    """
-    failed = sum(t.error is not None for t in trajectories)
-    if not trajectories or failed / len(trajectories) <= max_fraction:
-        return
-    limit = f"rollout.max_error_fraction={max_fraction:g}"
-    first = " | ".join(error_samples(trajectories))
-    env_id = trajectories[0].env_id or "ENV_ID"
-    raise RolloutError(f"{where}: {failed} of {len(trajectories)} episodes failed (more than {limit}), so there is "
-                       f"nothing sound to learn from or to score; first errors: {first}. Fix the env "
-                       f"(`agentrl check-env {env_id}` runs its contract checks)")

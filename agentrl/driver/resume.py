@@ -33,8 +33,10 @@ logger = logging.getLogger(__name__)
 
 # Config keys that may differ between a run and its continuation.
 # run_dir may change: a run directory can be moved and resumed from its new place.
+# The failure bounds may change too (a run stopped by too many timeouts continues with longer ones);
+# the failure policies may not: they decide what is trained on.
 _MAY_CHANGE = {"train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite_steps",
-               "rollout.max_error_fraction", "run_dir"}
+               "failures.min_group_fraction", "failures.episode_timeout_s", "failures.request_timeout_s", "run_dir"}
 
 
 def _field_defaults(model: type[BaseModel], prefix: str = "") -> dict[str, object]:

@@ -17,7 +17,7 @@ node) fails its call; one whose engine stops answering (no health answer, or req
 no progress, for `cluster.health_timeout_s`) is killed. Either way Ray restarts it (up to
 `cluster.max_worker_restarts`), the driver pushes it the current weights, and its slice is played
 again by the first free worker, up to `cluster.max_episode_retries` times; after that the slice's
-episodes are recorded as failed (`lost_episode`) and never trained on. Counts per step come out of
+episodes are recorded as failed (failure class `worker_lost`) and never trained on. Counts per step come out of
 `worker_metrics()`.
 """
 
@@ -26,10 +26,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from agentrl.config import Config
 from agentrl.driver.cluster import Bundle
+from agentrl.driver.failures import FailurePolicy
 from agentrl.driver.preflight import build_env, check_model_dir, first_line
 from agentrl.driver.rollout_round import Round, Slice, Slot, call, cause, plus, split_by_groups
 from agentrl.driver.rollout_side import DTYPES, load_renderer, lockstep_on
@@ -80,6 +82,7 @@ class RayRolloutSide:
 
         path, r, c = cfg.model.path, cfg.rollout, cfg.cluster
         check_model_dir(path, "model.path", r.max_total_tokens)
+        FailurePolicy.for_env(cfg.failures, cfg.env.id)  # an env's bad failure_policy is refused before any load
         probe = build_env(cfg.env.id, cfg.env.kwargs)
         try:
             tokenizer, _ = load_renderer(cfg, path, "model.path", probe, splits)
@@ -89,7 +92,8 @@ class RayRolloutSide:
                             dtype=DTYPES[cfg.model.dtype], max_model_len=r.max_total_tokens + 1, env_id=cfg.env.id,
                             env_kwargs=dict(cfg.env.kwargs), env_spec=ENVS.spec(cfg.env.id),
                             template_kwargs=dict(cfg.model.chat_template_kwargs),
-                            limits=EpisodeLimits(r.max_turns, r.max_total_tokens), lockstep=lockstep_on(cfg))
+                            limits=EpisodeLimits(r.max_turns, r.max_total_tokens, cfg.failures.episode_timeout_s,
+                                                 cfg.failures.request_timeout_s), lockstep=lockstep_on(cfg))
         actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker)
         slots = [Slot(i, actor.options(max_restarts=c.max_worker_restarts, max_task_retries=0,
                                         **b.options()).remote(setup)) for i, b in enumerate(bundles)]
@@ -122,6 +126,8 @@ class RayRolloutSide:
 
     def play(self, specs: list[EpisodeSpec], temperature: float, seed: int | None = None) -> list[Trajectory]:
         """Play `specs` on the workers; one trajectory each, in the order of `specs`."""
+        # Each episode is seeded by its place in the whole batch, whichever worker plays it.
+        specs = [s if s.index is not None else replace(s, index=i) for i, s in enumerate(specs)]
         live = [s for s in self.slots if not s.dead]
         slices = [Slice(ix) for ix in split_by_groups(specs, max(len(live), 1))]
         return Round(self, specs, self.sampling(temperature, seed), slices).run()

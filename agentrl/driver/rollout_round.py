@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from agentrl.driver.preflight import first_line
-from agentrl.rollout.agent_loop import EpisodeSpec
+from agentrl.rollout.agent_loop import EpisodeSpec, failed_trajectory
 from agentrl.rollout.engine import SamplingParams
 from agentrl.rollout.engine_meter import EngineUse
 from agentrl.rollout.trajectory import Trajectory
@@ -28,16 +28,10 @@ from agentrl.rollout.workers import METHOD_GROUPS, StaleWeightsError
 if TYPE_CHECKING:
     from agentrl.driver.rollout_pool import RayRolloutSide
 
-WORKER_LOST = "WorkerLost"  # error prefix of an episode no worker could play
-
-
 def lost_episode(spec: EpisodeSpec, env_id: str, reason: str) -> Trajectory:
-    """The record of an episode that could not be played because its workers were lost: no tokens,
-    reward 0, `error` set (so it is counted and never trained on)."""
-    return Trajectory(token_ids=(), loss_mask=(), rollout_logprobs=(), weight_versions=(), prompt_length=0,
-                      turn_spans=(), turn_rewards=(), reward=0.0, env_id=env_id, task_id=f"{spec.split}-{spec.seed}",
-                      split=spec.split, seed=spec.seed, group_id=spec.group_id, num_turns=0, truncation="error",
-                      error=f"{WORKER_LOST}: {reason}")
+    """The record of an episode no worker could play (its workers were lost): failure class
+    `worker_lost`, no tokens, reward 0; counted and never trained on."""
+    return failed_trajectory(spec, "worker_lost", reason, env_id)
 
 
 def plus(*uses: EngineUse, **fixed: float) -> EngineUse:
@@ -145,8 +139,7 @@ class Round:
             if self.queue and not slot.dead and slot.work is None and slot.starting is None:
                 sl = self.queue.popleft()
                 slot.work, slot.probe, slot.probe_done = sl, None, time.monotonic()
-                slot.ref = call(slot.actor, "play", [self.specs[i] for i in sl.indices], sl.indices, self.sampling,
-                                 self.side.version)
+                slot.ref = call(slot.actor, "play", [self.specs[i] for i in sl.indices], self.sampling, self.side.version)
 
     def _finished(self, kind: str, slot: Slot, ref) -> None:
         import ray

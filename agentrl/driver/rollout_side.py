@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from agentrl.config import Config
+from agentrl.driver.failures import FailurePolicy
 from agentrl.driver.preflight import build_env, check_device, check_model_dir, check_splits, reported
 from agentrl.envs.core import Env
 from agentrl.envs.registration import make
@@ -52,6 +53,7 @@ class RolloutSide:
         field = "--model" if model_path else "model.path"
         check_device(cfg.model.device)
         check_model_dir(path, field, cfg.rollout.max_total_tokens)
+        FailurePolicy.for_env(cfg.failures, cfg.env.id)  # an env's bad failure_policy is refused before any load
         probe = build_env(cfg.env.id, cfg.env.kwargs)
         try:
             return cls._load(cfg, path, field, probe, splits)
@@ -76,7 +78,9 @@ class RolloutSide:
         return SamplingParams(temperature=temperature, top_p=r.top_p, max_tokens=r.max_tokens_per_turn, seed=seed)
 
     def limits(self) -> EpisodeLimits:
-        return EpisodeLimits(max_turns=self.cfg.rollout.max_turns, max_total_tokens=self.cfg.rollout.max_total_tokens)
+        r, f = self.cfg.rollout, self.cfg.failures
+        return EpisodeLimits(max_turns=r.max_turns, max_total_tokens=r.max_total_tokens,
+                             episode_timeout_s=f.episode_timeout_s, request_timeout_s=f.request_timeout_s)
 
     def play(self, specs: list[EpisodeSpec], temperature: float, seed: int | None = None) -> list[Trajectory]:
         """Play `specs` concurrently on the engine; one trajectory each, in order."""
@@ -109,6 +113,9 @@ class RolloutSide:
 
     def close(self) -> None:
         self.pool.close()
+        close = getattr(self.engine, "close", None)  # the built-in engine joins its thread
+        if close is not None:
+            close()
 
 
 def lockstep_on(cfg: Config) -> bool:

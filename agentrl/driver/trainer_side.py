@@ -73,6 +73,7 @@ class TrainerSide:
         t = self.cfg.train
         compute = torch.bfloat16 if t.mixed_precision == "bf16" else None
         metrics: dict[str, float] = {}
+        batch = batch.rows(batch.trained_rows())  # rows kept with zero loss must not make mini-batches of their own
         for idx in group_mini_batches(batch.group_ids.tolist(), t.mini_batches):
             upd = policy_update(self.policy, self.optimizer, batch.rows(idx), settings,
                                 micro_batch_tokens=t.micro_batch_tokens, grad_clip=self.cfg.optim.grad_clip,

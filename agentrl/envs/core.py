@@ -10,7 +10,9 @@ methods in a worker thread, and tool environments implement them natively.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import gymnasium as gym
@@ -74,6 +76,9 @@ class Env(gym.Env):
     metadata = {"render_modes": []}
     #: The task splits this env can draw from; held-out evaluation uses a split, not a separate path.
     splits: tuple[str, ...] = ("train", "test")
+    #: How the driver treats this env's failed episodes, by failure class, where the config leaves it
+    #: open (e.g. `{"env_error": "retry"}` for an env whose errors are transient); see docs/training.md.
+    failure_policy: Mapping[str, str] = MappingProxyType({})
     observation_space = MessagesSpace()
     action_space = spaces.Text(max_length=MAX_ACTION_CHARS)
 

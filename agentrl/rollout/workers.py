@@ -143,7 +143,7 @@ class RolloutWorker:
 
     Example:
         >>> worker = RolloutWorker(setup)                                              # doctest: +SKIP
-        >>> trajs = worker.play(specs, indices=[0, 1], sampling=SamplingParams(seed=3), version=0)  # doctest: +SKIP
+        >>> trajs, use = worker.play(specs, SamplingParams(seed=3), version=0)          # doctest: +SKIP
     """
 
     def __init__(self, setup: WorkerSetup):
@@ -162,13 +162,13 @@ class RolloutWorker:
         self.version = 0
         self.asleep = False
 
-    def play(self, specs: Sequence[EpisodeSpec], indices: Sequence[int], sampling: SamplingParams,
+    def play(self, specs: Sequence[EpisodeSpec], sampling: SamplingParams,
              version: int) -> tuple[list[Trajectory], EngineUse]:
         """Play `specs` concurrently; one trajectory each, in order, and what the engine did meanwhile.
 
         Args:
-            specs: The episodes (whole GRPO groups, so a group's shared prompt is prefilled once).
-            indices: Each episode's place in the step's whole batch (seeds its sampling).
+            specs: The episodes (whole GRPO groups, so a group's shared prompt is prefilled once), each
+                with its `index`, its place in the step's whole batch, which seeds its sampling.
             sampling: Sampling parameters with the step's seed.
             version: The weight version the driver expects this worker to hold.
 
@@ -186,8 +186,7 @@ class RolloutWorker:
             reset()
         before = self.engine.engine.use()
         trajectories = run_blocking(run_episodes(self.engine, self.pool, self.renderer, sampling, self.setup.limits,
-                                                 list(specs), env_id=self.setup.env_id, lockstep=self.setup.lockstep,
-                                                 indices=list(indices)))
+                                                 list(specs), env_id=self.setup.env_id, lockstep=self.setup.lockstep))
         return trajectories, self.engine.engine.use() - before
 
     def update_weights(self, state_dict: Mapping[str, object], version: int) -> None:
@@ -220,6 +219,9 @@ class RolloutWorker:
 
     def close(self) -> None:
         self.pool.close()
+        close = getattr(self.engine.engine.engine, "close", None)  # the built-in engine joins its thread
+        if close is not None:
+            close()
 
 
 def _node_id() -> str:

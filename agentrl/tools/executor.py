@@ -38,7 +38,8 @@ from dataclasses import dataclass, replace
 
 import jsonschema
 
-from agentrl.errors import ConfigError, ToolError, ToolErrorKind, did_you_mean
+# InfrastructureFault lives in agentrl.errors (envs raise it too); tools may keep importing it from here.
+from agentrl.errors import ConfigError, InfrastructureFault, ToolError, ToolErrorKind, did_you_mean
 from agentrl.tools.blocking import ctrl_c_raises_here
 from agentrl.tools.core import Tool, ToolCall, ToolResult
 from agentrl.tools.limits import ToolState, tool_state
@@ -61,10 +62,6 @@ MIN_RENDER_S = 0.1  # time an async tool's result always gets to be turned into 
 _MIN_KEPT_CHARS = 200  # below this, a result over its share of the turn's limit is withheld rather than cut
 SHORT_RESULT_CHARS = 512  # results this short (errors, summaries) are never cut by the turn's limit
 MIN_OBSERVATION_CHARS = 1000
-
-
-class InfrastructureFault(Exception):
-    """Raised by a tool for faults that are not the model's doing (retried per policy)."""
 
 
 @dataclass(frozen=True)
@@ -280,7 +277,8 @@ class ToolExecutor:
             if outcome.fault is None:
                 return outcome
             fault = outcome.fault
-        return _Outcome(error=ToolError(ToolErrorKind.RUNTIME, f"{tool.name!r} is unavailable: {fault}"))
+        # Its own kind: the episode it happens in is an infrastructure failure, not the model's mistake.
+        return _Outcome(error=ToolError(ToolErrorKind.INFRASTRUCTURE, f"{tool.name!r} is unavailable: {fault}"))
 
     async def _attempt_sync(self, tool: Tool, state: ToolState, arguments: dict) -> _Outcome:
         return await self._on_thread(tool, state, _sync_work(tool, arguments), tool.policy.timeout_s)

@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from agentrl.envs import Env, Message, register  # noqa: E402
+from agentrl.envs.registration import ENVS  # noqa: E402
 from agentrl.errors import EnvError  # noqa: E402
 
 
@@ -44,8 +45,9 @@ class HugeDigitsEnv(DigitsEnv):
     scale = 1e38
 
 
-register("digits-v0", DigitsEnv)
-register("huge-digits-v0", HugeDigitsEnv)
+for _id, _cls in (("digits-v0", DigitsEnv), ("huge-digits-v0", HugeDigitsEnv)):
+    if _id not in ENVS:  # test modules load this file each on their own
+        register(_id, _cls)
 
 if __name__ == "__main__":
     from agentrl.cli import app

@@ -26,8 +26,13 @@ def test_failed_episodes_are_dropped_from_training_and_shown(stopping_model_dir,
     for step in range(6):
         kept, metrics = collect(session, step)
         # Before this rule, an episode whose env step raised kept its model tokens and was trained with reward 0.
-        assert all(t.error is None for t in kept)
-        assert metrics["trained_episodes"] == len(kept) == 8 - metrics["episode_errors"]
+        # An env error drops its whole group (failures.policy.env_error defaults to drop_group): the group's
+        # other episode, which ended before the env's scorer ran, does not train alone.
+        assert all(t.failure is None for t in kept)
+        assert metrics["failures/env_error"] == metrics["episode_errors"]
+        assert metrics["trained_episodes"] == len(kept) == 8 - 2 * metrics["failures/dropped_groups"]
+        assert metrics["failures/dropped_groups"] <= metrics["episode_errors"]
+        assert metrics["failures/retried"] == metrics["failures/dropped"] == 0  # env errors are not retried
         if metrics["episode_errors"]:
             failed_steps += 1
             assert all(s.split("x ", 1)[1].startswith("TimeoutError: scorer timed out on task")

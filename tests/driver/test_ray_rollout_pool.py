@@ -19,7 +19,7 @@ import torch
 from agentrl.config import load_config
 from agentrl.driver.cluster import RaySession
 from agentrl.driver.rollout_pool import RayRolloutSide
-from agentrl.driver.rollout_round import WORKER_LOST, split_by_groups
+from agentrl.driver.rollout_round import split_by_groups
 from agentrl.driver.rollout_side import RolloutSide
 from agentrl.rollout.agent_loop import EpisodeSpec
 from agentrl.rollout.engine import ENGINES
@@ -200,7 +200,8 @@ def test_worker_lost_for_good_fails_its_episodes_as_data(ray_session, stopping_m
         assert failed in ([0, 1], [2, 3, 4, 5])  # one whole slice: groups 0 | 1, 2
         for i in failed:
             t = got[i]
-            assert t.error.startswith(f"{WORKER_LOST}: worker process lost") and t.reward == 0.0 and not t.token_ids
+            assert t.failure == "worker_lost" and t.error.startswith("worker process lost")
+            assert t.reward == 0.0 and not t.token_ids
             assert (t.seed, t.group_id) == (SPECS[i].seed, SPECS[i].group_id)
         counts = side.worker_metrics()
         assert counts["episodes/lost"] == len(failed) and "workers/restarted" not in counts

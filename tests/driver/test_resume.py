@@ -149,7 +149,8 @@ def test_checkpoint_from_before_manifests_resumes_with_a_warning(stopping_model_
     del meta["format"]
     meta["config"]["run_dir"] = "/where/it/used/to/be"
     # Fields added to the config since then: absent from the record, they resume at their defaults.
-    for key in ("model.chat_template_kwargs", "env.allow_train_on_eval_split", "rollout.max_error_fraction"):
+    for key in ("model.chat_template_kwargs", "env.allow_train_on_eval_split", "failures.max_retries",
+                "failures.policy.env_error"):
         meta["config"].pop(key, None)
     (old / "meta.json").write_text(json.dumps(meta))
     done = _run(_cmd(cfg, run_dir, "train.steps=3", "--resume"))

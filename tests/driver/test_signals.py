@@ -23,6 +23,7 @@ SCRIPT = Path(__file__).with_name("run_train.py")
 
 
 def test_a_signal_waits_for_the_step_and_a_second_one_does_not():
+    before = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or Ray's own once a test started Ray here
     with StopSignals() as stop:
         os.kill(os.getpid(), signal.SIGTERM)  # outside a stretch that may stop at once: only noted
         time.sleep(0.05)
@@ -34,14 +35,15 @@ def test_a_signal_waits_for_the_step_and_a_second_one_does_not():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.5)
         assert second.value.forced
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
 
 
 def test_a_signal_while_playing_stops_at_once():
+    before = signal.getsignal(signal.SIGINT)
     with StopSignals() as stop, pytest.raises(RunInterrupted, match="stopped by SIGINT"), stop.interruptible():
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(5)  # not reached: the handler raises
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def _ours(tag: str) -> list[int]:

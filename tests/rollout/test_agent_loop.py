@@ -1,4 +1,5 @@
-"""The agent loop's token bookkeeping: masks, spans, decoding, truncation, errors as data."""
+"""The agent loop's token bookkeeping: masks, spans, decoding, truncation, errors as data (the failure
+classes in detail: test_agent_loop_failures.py)."""
 
 from __future__ import annotations
 
@@ -116,6 +117,7 @@ def test_env_failure_is_recorded_not_raised(env_and_renderer):
     engine = ScriptedEngine(renderer, ["anything"])
     traj, _ = asyncio.run(run_episode(engine, OneTurnEnv(astep), renderer, SamplingParams(), EpisodeLimits(), EpisodeSpec(0)))
     assert traj.error and "env bug" in traj.error and traj.reward == 0.0 and traj.truncation == "error"
+    assert traj.failure == "env_error"
     assert traj.num_model_tokens == len(renderer.assistant_ids("anything"))
 
 
@@ -128,7 +130,7 @@ def test_non_finite_or_non_numeric_reward_is_an_episode_error(env_and_renderer, 
 
     engine = ScriptedEngine(renderer, ["anything"])
     traj, _ = asyncio.run(run_episode(engine, OneTurnEnv(astep), renderer, SamplingParams(), EpisodeLimits(), EpisodeSpec(0)))
-    assert traj.truncation == "error" and traj.reward == 0.0
+    assert traj.truncation == "error" and traj.reward == 0.0 and traj.failure == "env_error"
     assert "EnvError" in traj.error and "rewards must be finite" in traj.error
 
 

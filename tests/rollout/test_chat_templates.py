@@ -135,10 +135,14 @@ def mistral(mistral_model_dir):
 def test_mistral_system_prompt_move_is_refused_with_the_offending_text(mistral):
     env = make("calculator-v0")
     renderer = ChatRenderer(mistral, env.tool_schemas())
-    with pytest.raises(ChatTemplateError) as caught:
-        _play(renderer, env, ["anything"])  # a template error stops the run instead of erroring every episode
+    with pytest.raises(ChatTemplateError) as caught:  # the rollout side's checks before a run stop it here
+        renderer.prompt_ids(list(env.reset(seed=3, options={"split": "test"})[0]))
     text = str(caught.value)
     assert "not append-only" in text and "adding the model's first turn" in text
+    # Met inside an episode, the same refusal fails that episode only, classified and with its text.
+    traj, _, _ = _play(ChatRenderer(mistral, env.tool_schemas()), env, ["anything"])
+    assert traj.failure == "template_refused" and traj.num_model_tokens == 0
+    assert "ChatTemplateError" in traj.error and "not append-only" in traj.error
     assert "the token stream has 'Use the calculator, then answer.\\n\\n" in text  # the system prompt that moves
 
 

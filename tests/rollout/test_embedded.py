@@ -168,3 +168,24 @@ def test_sdpa_attention_matches_the_reference_on_a_mixed_step():
     pre = paged_prefill_attention_reference(q[2:], k_cache, v_cache, m.prefill_block_table, m.prefill_cu_q,
                                             m.prefill_seq_lens, D ** -0.5)
     torch.testing.assert_close(got, torch.cat([dec, pre]), atol=1e-5, rtol=1e-5)
+
+
+def test_close_waits_for_the_engine_thread_and_the_engine_serves_again(tiny_model_dir):
+    """`close()` returns only once the engine thread has exited (a thread still unwinding at
+    interpreter exit aborts the process); a later request starts a new one."""
+    engine = EmbeddedEngine(tiny_model_dir, max_model_len=8192)
+
+    async def go():
+        task = asyncio.ensure_future(engine.generate([4, 5, 6], SamplingParams(max_tokens=5000)))
+        while engine.stats.generated_tokens < 3:
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(engine.close)
+        return await task
+
+    out = asyncio.run(go())
+    assert out.finish_reason == "abort"
+    assert engine._last_thread is not None and not engine._last_thread.is_alive()
+    again = asyncio.run(engine.generate([4, 5, 6], SamplingParams(max_tokens=3)))
+    assert again.finish_reason == "length" and len(again.token_ids) == 3
+    engine.close()
+    assert not engine._last_thread.is_alive()

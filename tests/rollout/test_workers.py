@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from agentrl.rollout.backends.embedded import EmbeddedEngine
 from agentrl.rollout.engine import SamplingParams
 from agentrl.rollout.workers import RolloutWorker, StaleWeightsError, WorkerSetup
 
-SPECS = [EpisodeSpec(seed=10 + g, group_id=g) for g in range(2) for _ in range(2)]
+SPECS = [EpisodeSpec(seed=10 + g, group_id=g, index=i) for i, g in enumerate([0, 0, 1, 1])]
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +29,9 @@ def worker(stopping_model_dir) -> RolloutWorker:
 
 def test_episodes_are_seeded_by_their_place_in_the_batch(worker):
     sampling = SamplingParams(temperature=1.0, max_tokens=24, seed=5)
-    first, _ = worker.play(SPECS, [0, 1, 2, 3], sampling, version=0)
-    again, use = worker.play(SPECS, [0, 1, 2, 3], sampling, version=0)
-    shifted, _ = worker.play(SPECS, [4, 5, 6, 7], sampling, version=0)
+    first, _ = worker.play(SPECS, sampling, version=0)
+    again, use = worker.play(SPECS, sampling, version=0)
+    shifted, _ = worker.play([replace(s, index=s.index + 4) for s in SPECS], sampling, version=0)
     assert [t.token_ids for t in first] == [t.token_ids for t in again]
     assert [t.token_ids for t in first] != [t.token_ids for t in shifted]  # other places, other seeds
     assert use.generated_tokens == sum(t.num_model_tokens for t in again) and use.busy_s > 0
@@ -39,7 +40,8 @@ def test_episodes_are_seeded_by_their_place_in_the_batch(worker):
 def _play_in_thread(worker, max_tokens: int) -> tuple[threading.Thread, list]:
     out: list = []
     sampling = SamplingParams(temperature=1.0, max_tokens=max_tokens, seed=1)
-    thread = threading.Thread(target=lambda: out.append(worker.play(SPECS * 4, list(range(16)), sampling, 0)))
+    specs = [replace(s, index=i) for i, s in enumerate(SPECS * 4)]
+    thread = threading.Thread(target=lambda: out.append(worker.play(specs, sampling, 0)))
     thread.start()
     return thread, out
 
@@ -71,18 +73,18 @@ def test_health_answers_mid_generation_and_abort_ends_the_episodes(worker):
 def test_asleep_it_refuses_requests_and_awake_it_plays(worker):
     sampling = SamplingParams(temperature=1.0, max_tokens=16, seed=2)
     assert worker.sleep() >= 0 and worker.health().asleep
-    refused, _ = worker.play(SPECS, [0, 1, 2, 3], sampling, version=0)
+    refused, _ = worker.play(SPECS, sampling, version=0)
     assert all(t.error is not None and "asleep" in t.error for t in refused)  # data, not a crash
     worker.wake()
-    played, _ = worker.play(SPECS, [0, 1, 2, 3], sampling, version=0)
+    played, _ = worker.play(SPECS, sampling, version=0)
     assert all(t.error is None for t in played) and not worker.health().asleep
 
 
 def test_it_refuses_to_play_with_weights_it_does_not_hold(worker):
     with pytest.raises(StaleWeightsError, match="holds weights version 0, the driver expects 3"):
-        worker.play(SPECS, [0, 1, 2, 3], SamplingParams(), version=3)
+        worker.play(SPECS, SamplingParams(), version=3)
     state = {k: v.clone() for k, v in worker.engine.engine.engine.model.state_dict().items()}
     worker.update_weights(state, 3)
     assert worker.health().version == 3
-    trajectories, _ = worker.play(SPECS, [0, 1, 2, 3], SamplingParams(max_tokens=8, seed=1), version=3)
+    trajectories, _ = worker.play(SPECS, SamplingParams(max_tokens=8, seed=1), version=3)
     assert {v for t in trajectories for v in t.weight_versions} == {-1, 3}

@@ -11,7 +11,7 @@ import pytest
 
 from agentrl.envs.core import Task
 from agentrl.envs.tool_env import ToolEnv
-from agentrl.errors import ConfigError, ToolError, ToolErrorKind
+from agentrl.errors import ConfigError, InfrastructureFault, ToolError, ToolErrorKind
 from agentrl.tools.core import ToolCall, ToolPolicy, tool
 from agentrl.tools.executor import ToolExecutor
 from agentrl.tools.limits import abandoned_calls
@@ -434,3 +434,30 @@ def test_policy_values_are_checked():
                 {"retries": -1}, {"max_output_chars": 1.5}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             ToolPolicy(**bad)
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_an_infrastructure_fault_is_retried_then_answered_with_its_own_kind(is_async):
+    attempts = []
+
+    def flaky(key: str) -> str:
+        attempts.append(key)
+        if key == "down" or len(attempts) == 1:  # "up" fails once: the retry absorbs it
+            raise InfrastructureFault("the key-value service is down")
+        return "value"
+
+    async def flaky_async(key: str) -> str:
+        return flaky(key)
+
+    fn = flaky_async if is_async else flaky
+    fn.__doc__ = "Look a key up.\n\nArgs:\n    key: The key.\n"
+    lookup = tool(fn, name="lookup", policy=ToolPolicy(retries=2))
+    ex = ToolExecutor([lookup])
+    [up] = asyncio.run(ex.execute([ToolCall("lookup", {"key": "up"}, "c0")]))
+    assert up.ok and up.content == "value" and attempts == ["up", "up"]
+    [down] = asyncio.run(ex.execute([ToolCall("lookup", {"key": "down"}, "c1")]))
+    assert attempts[2:] == ["down"] * 3  # one attempt and two retries
+    assert down.error_kind is ToolErrorKind.INFRASTRUCTURE  # not the model's doing: the episode is not trained on
+    assert down.content == ("Error (infrastructure): 'lookup' is unavailable: InfrastructureFault: the key-value "
+                            "service is down")
+    assert ex.error_counts == {"infrastructure": 1}

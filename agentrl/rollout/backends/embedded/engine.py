@@ -36,8 +36,10 @@ also moves the weights to host memory on an accelerator); `generate()` while asl
 from __future__ import annotations
 
 import asyncio
+import atexit
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -55,6 +57,17 @@ from agentrl.rollout.backends.embedded.scheduler import Sequence as Seq
 from agentrl.rollout.engine import EngineStats, Generation, SamplingParams
 
 _CPU_KV_BYTES = 256 * 2**20  # default KV budget on CPU
+# Engines whose thread ran; at exit each is closed, so no engine thread is still unwinding (and
+# freeing tensors) while the interpreter finalizes, which aborts the process ("terminate called
+# without an active exception", exit 134) after a run that had finished.
+_LIVE_ENGINES: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_engines() -> None:
+    for engine in list(_LIVE_ENGINES):
+        engine.abort()
+        engine._join(timeout=10.0)
 _GPU_KV_FRACTION = 0.5  # default share of free accelerator memory for the KV cache
 
 
@@ -145,6 +158,7 @@ class EmbeddedEngine:
         self._flush_scheduled = False
         self._abort_epoch = 0
         self._thread: threading.Thread | None = None
+        self._last_thread: threading.Thread | None = None  # kept after `_run` returns, for `_join`
         self._asleep = 0
         self._cancels = 0  # generate() calls cancelled so far (the engine thread drops them)
         self._seen = (0, 0)  # (abort epoch, cancels) the engine thread has already acted on
@@ -273,13 +287,23 @@ class EmbeddedEngine:
             self._staged, self._flush_scheduled = [], False
             if self._thread is None and self._inbox:
                 self._thread = threading.Thread(target=self._run, name="agentrl-embedded-engine", daemon=True)
+                self._last_thread = self._thread
+                _LIVE_ENGINES.add(self)
                 self._thread.start()
 
-    def _join(self) -> None:
+    def _join(self, timeout: float | None = None) -> None:
+        """Wait until the engine thread has exited (not only said it will: `_run` clears `_thread`
+        just before returning, and a thread still unwinding at interpreter exit aborts the process)."""
         with self._cv:
-            thread = self._thread
+            thread = self._last_thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join()
+            thread.join(timeout)
+
+    def close(self) -> None:
+        """Abort what is in flight and wait for the engine thread to exit; the engine serves again on
+        the next `generate`. Call it before the process exits (the driver does)."""
+        self.abort()
+        self._join()
 
     def _run(self) -> None:
         while True:
