@@ -28,7 +28,7 @@ from rich.markup import escape as rich_escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from agentrl.errors import AgentRLError, ConfigError
+from agentrl.errors import AgentRLError, ConfigError, RunInterrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reinforcement learning for tool-using LLM agents.")
 console = Console()
@@ -116,7 +116,12 @@ def train(
             _print_episode_errors(m, progress.console.print)
             progress.update(task, advance=1)
 
-        result = run_training(cfg, on_step=on_step, resume=resume, overwrite=overwrite)
+        try:
+            result = run_training(cfg, on_step=on_step, resume=resume, overwrite=overwrite)
+        except RunInterrupted as exc:  # SIGTERM / Ctrl-C: a clean stop, not an error in the input
+            progress.stop()
+            console.print(f"[bold yellow]stopped:[/] {rich_escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(code=128 + exc.signum) from None
     for key in ("before", "after"):
         if key in result:
             _print_episode_errors(result[key], console.print)

@@ -251,6 +251,69 @@ class EvalConfig(_Frozen):
     seed: int = Field(1234, ge=0, le=MAX_SEED, description="Sampling seed at evaluation.")
 
 
+class ClusterConfig(_Frozen):
+    """Where the run's parts run: all in this process, or as Ray actors (see docs/training.md, "Ray workers")."""
+
+    mode: Literal["local", "ray"] = Field(
+        "local", description="local: the engine, the envs and the trainer run in this process (laptops, CI, the "
+        "quickstart); ray: rollout workers, and trainer ranks when trainer_workers > 1, run as Ray actors.")
+    address: str | None = Field(
+        None, description="Ray cluster to join (`auto`, `HOST:PORT`, `ray://HOST:10001`); unset starts a private "
+        "Ray on this machine for the run and stops it at the end.")
+    num_cpus: int | None = Field(
+        None, ge=1, le=1_000_000, description="CPUs a private Ray may schedule on (unset: all of this machine's); "
+        "only without cluster.address.")
+    rollout_workers: int = Field(1, ge=1, le=4096, description="Rollout workers: each one engine, its envs and "
+                                 "renderer (data-parallel engine replicas).")
+    trainer_workers: int = Field(
+        1, ge=1, le=4096, description="Trainer ranks, FSDP2-sharded across them (1: the trainer runs in the "
+        "driver process).")
+    cpus_per_rollout_worker: float = Field(1.0, gt=0.0, le=1024.0, description="CPUs reserved per rollout worker.")
+    gpus_per_rollout_worker: float = Field(0.0, ge=0.0, le=64.0, description="GPUs per rollout worker (0 on CPU).")
+    cpus_per_trainer_worker: float = Field(1.0, gt=0.0, le=1024.0, description="CPUs reserved per trainer rank.")
+    gpus_per_trainer_worker: float = Field(0.0, ge=0.0, le=64.0, description="GPUs per trainer rank (0 on CPU).")
+    colocate: bool = Field(
+        False, description="Rollout and training share devices: the engines sleep (free their KV cache) while the "
+        "trainer steps and wake after; with Ray, rollout worker i and trainer rank i share one placement bundle.")
+    health_timeout_s: float = Field(
+        30.0, gt=0.0, le=86_400.0, description="A rollout worker with episodes in flight that answers no health "
+        "check, or whose engine makes no progress, for this long is killed, restarted with the current weights, "
+        "and its episodes are played again.")
+    start_timeout_s: float = Field(
+        600.0, gt=0.0, le=86_400.0, description="How long a worker may take to start (load its model) or to "
+        "restart before it counts as lost.")
+    max_worker_restarts: int = Field(3, ge=0, le=10_000, description="Restarts allowed per rollout worker.")
+    max_episode_retries: int = Field(
+        2, ge=0, le=100, description="Times the episodes of a lost worker are played again elsewhere; past that "
+        "they are recorded as failed (worker_lost) and never trained on.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ClusterConfig:
+        if self.mode == "local":
+            extra = [f"{k}={getattr(self, k)}" for k in ("rollout_workers", "trainer_workers") if getattr(self, k) > 1]
+            extra += ["address"] if self.address is not None else []
+            if extra:
+                raise ValueError(f"cluster.{', cluster.'.join(extra)} needs Ray workers: set cluster.mode=ray")
+        if self.address is not None and self.num_cpus is not None:
+            raise ValueError("cluster.num_cpus sizes a private Ray; a cluster joined through cluster.address "
+                             "has its own resources: unset one of them")
+        for role in ("rollout", "trainer"):
+            gpus = getattr(self, f"gpus_per_{role}_worker")
+            if gpus > 1 and gpus != int(gpus):
+                raise ValueError(f"cluster.gpus_per_{role}_worker={gpus:g}: above 1, Ray places whole GPUs only")
+        if self.mode == "ray" and self.colocate:
+            if self.rollout_workers != self.trainer_workers and self.trainer_workers > 1:
+                raise ValueError(f"cluster.colocate pairs rollout worker i with trainer rank i, so rollout_workers "
+                                 f"({self.rollout_workers}) must equal trainer_workers ({self.trainer_workers})")
+            if self.gpus_per_rollout_worker != self.gpus_per_trainer_worker and self.trainer_workers > 1:
+                raise ValueError("cluster.colocate shares each device between a rollout worker and a trainer rank: "
+                                 "gpus_per_rollout_worker must equal gpus_per_trainer_worker")
+            if self.gpus_per_rollout_worker > 1:
+                raise ValueError("cluster.colocate with more than one GPU per worker is not built; use 1 GPU per "
+                                 "worker (one engine replica per trainer rank)")
+        return self
+
+
 class MetricsConfig(_Frozen):
     """Where per-step metrics go besides `run_dir/metrics.jsonl` and the console (docs/training.md, Metrics)."""
 
@@ -283,6 +346,7 @@ class Config(_Frozen):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    cluster: ClusterConfig = ClusterConfig()
     failures: FailuresConfig = FailuresConfig()
     metrics: MetricsConfig = MetricsConfig()
     run_dir: str = Field("runs/default", min_length=1, description="Where metrics, checkpoints and the final model go.")
@@ -303,7 +367,40 @@ class Config(_Frozen):
         if self.algorithm.tis != "none" and self.algorithm.old_logprobs != "recompute":
             raise ValueError("algorithm.tis corrects the trainer's old logprobs towards the engine's, so it needs "
                              "algorithm.old_logprobs=recompute (with 'rollout' every weight would be exactly 1)")
+        if self.train.schedule == "asynchronous" and self.cluster.colocate:
+            raise ValueError("cluster.colocate puts the engines to sleep during the update, which is when "
+                             "train.schedule=asynchronous plays the next step's episodes; use one or the other")
+        if self.train.schedule == "asynchronous" and self.cluster.mode == "ray":
+            raise ValueError("train.schedule=asynchronous with cluster.mode=ray is not built (it runs with "
+                             "cluster.mode=local); use the synchronous schedule on Ray workers")
+        if self.cluster.mode == "ray":
+            _check_ray_devices(self)
         return self
+
+
+def _check_ray_devices(cfg: Config) -> None:
+    """model.device and the cluster's GPUs per worker must tell one story; refuse what Ray workers do not run."""
+    c, device = cfg.cluster, cfg.model.device
+    if device.startswith("cuda:"):
+        raise ValueError(f"model.device={device}: a Ray worker uses the GPU Ray assigned to it; write model.device=cuda")
+    roles = [("rollout", c.gpus_per_rollout_worker)] + ([("trainer", c.gpus_per_trainer_worker)]
+                                                        if c.trainer_workers > 1 else [])
+    for role, gpus in roles:
+        if device == "cuda" and gpus == 0:
+            raise ValueError(f"model.device=cuda but cluster.gpus_per_{role}_worker=0: give each {role} worker a GPU")
+        if device == "cpu" and gpus > 0:
+            raise ValueError(f"cluster.gpus_per_{role}_worker={gpus:g} but model.device=cpu: set model.device=cuda "
+                             f"or gpus_per_{role}_worker=0")
+    if c.trainer_workers == 1 and c.gpus_per_trainer_worker > 0:
+        raise ValueError("cluster.gpus_per_trainer_worker applies to trainer_workers > 1; one trainer runs in the "
+                         "driver process on model.device")
+    if c.trainer_workers > 1:
+        if cfg.model.lora.rank > 0:
+            raise ValueError("model.lora with cluster.trainer_workers > 1 is not built (FSDP2-sharded LoRA); "
+                             "train LoRA with one trainer worker")
+        if cfg.algorithm.kl_coef > 0:
+            raise ValueError("algorithm.kl_coef > 0 with cluster.trainer_workers > 1 is not built (the reference "
+                             "model is not sharded yet); use kl_coef=0 or one trainer worker")
 
 
 # A config holds overrides: a few hundred values at most. These bounds are far above any real one

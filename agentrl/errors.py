@@ -98,3 +98,18 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """Return ' Did you mean X?' for the closest candidate, or '' when nothing is close."""
     close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
     return f" Did you mean {close[0]!r}?" if close else ""
+
+
+class RunInterrupted(AgentRLError):
+    """SIGTERM or SIGINT stopped a training run (after a final checkpoint, unless a second signal forced it).
+
+    Args:
+        signum: The signal received.
+        message: What happened and how to continue.
+        forced: A second signal stopped the run at once, mid-step (no final checkpoint).
+    """
+
+    def __init__(self, signum: int, message: str, forced: bool = False):
+        super().__init__(message)
+        self.signum = signum
+        self.forced = forced

@@ -2,12 +2,13 @@
 
 This is the algorithm in one place; each stage is a named call:
 
-    rollout, trainer = RolloutSide.open(cfg), TrainerSide.open(cfg)   # engine + envs | policy + optimizer
+    rollout, trainer = open_sides(cfg)                  # engine + envs | policy + optimizer, here or Ray workers
     for step in range(start, steps):
         trajectories, metrics = collect(rollout, step)     # many episodes at once; failures settled by class
         batch = to_batch(trajectories)                      # tensors, once: ids, masks, logprobs, versions
-        batch, kl_in_loss = score(batch, trainer, algo)     # advantages (and the reference's logprobs)
-        metrics |= trainer.update(batch, settings)          # packed micro-batches, one step per mini-batch
+        with engines_asleep(rollout):                       # colocated: the engines free memory meanwhile
+            batch, kl_in_loss = score(batch, trainer, algo) # advantages (and the reference's logprobs)
+            metrics |= trainer.update(batch, settings)      # packed micro-batches, one step per mini-batch
         push_weights(trainer, rollout, step + 1)            # rollouts of the next step use them
         guard(metrics); maybe trainer.save(step)            # stop on repeated non-finite steps
         sinks.write(metrics)                                # metrics.jsonl, TensorBoard, wandb
@@ -22,7 +23,8 @@ another run. Episodes the infrastructure broke (an env or engine error, a hung r
 ...) are classified, retried, dropped or masked by class (`failures.py`), never trained on, and
 shown, not only counted: their classes and first distinct texts go to the console and
 `metrics.jsonl`; a step or evaluation where fewer than `failures.min_group_fraction` of the task
-groups arrived stops the run with those texts.
+groups arrived stops the run with those texts. SIGTERM or Ctrl-C stops the run after a final
+checkpoint (`signals.py`).
 """
 
 from __future__ import annotations
@@ -39,29 +41,37 @@ from agentrl.config import Config, TrainConfig
 from agentrl.driver.async_ import AsyncCollector, check_staleness
 from agentrl.driver.batch import score, to_batch
 from agentrl.driver.collect import collect, evaluate
+from agentrl.driver.colocated import engines_asleep
 from agentrl.driver.metrics import staleness_metrics, trainer_metrics
 from agentrl.driver.rollout_side import RolloutSide
 from agentrl.driver.run_dir import RunDir
+from agentrl.driver.sides import open_sides
+from agentrl.driver.signals import StopSignals, stopped
 from agentrl.driver.sinks import check_sinks, open_sinks
 from agentrl.driver.timing import StepClock
 from agentrl.driver.trainer_side import TrainerSide
 from agentrl.driver.weight_sync import push_weights
+from agentrl.errors import RunInterrupted
 
 
 def train_step(rollout: RolloutSide, trainer: TrainerSide, step: int, clock: StepClock,
-               ahead: AsyncCollector | None = None) -> dict[str, Any]:
+               ahead: AsyncCollector | None = None, stop: StopSignals | None = None) -> dict[str, Any]:
     """Collect (or take what `ahead` played), score, update, push the weights; returns the step's
-    metrics (its phase times go on `clock`)."""
-    if ahead is None:
-        trajectories, metrics = collect(rollout, step)  # times its own episodes: time/rollout/{episodes,engine,env}
-        clock.add("episodes", metrics["time/rollout/episodes"], "rollout")
-    else:  # played on the collector's thread, overlapping earlier updates
-        trajectories, metrics = ahead.get(step)
-        clock.add("wait_rollout", metrics.pop("time/trainer/wait_rollout"), "trainer")
-    with clock.phase("score", "trainer"):
-        batch, kl_in_loss = score(to_batch(trajectories), trainer, rollout.cfg.algorithm)
-    with clock.phase("update", "trainer"):
-        metrics.update(trainer.update(batch, trainer.loss_settings(kl_in_loss)))
+    metrics (its phase times go on `clock`). `rollout` and `trainer` may as well be their Ray
+    versions (`RayRolloutSide`, `RayTrainerSide`); a signal in `stop` ends the step while it plays."""
+    with stop.interruptible() if stop else contextlib.nullcontext():  # playing changes no state: stop at once
+        if ahead is None:
+            trajectories, metrics = collect(rollout, step)  # times its episodes: time/rollout/{episodes,engine,env}
+            clock.add("episodes", metrics["time/rollout/episodes"], "rollout")
+        else:  # played on the collector's thread, overlapping earlier updates
+            trajectories, metrics = ahead.get(step)
+            clock.add("wait_rollout", metrics.pop("time/trainer/wait_rollout"), "trainer")
+    metrics |= rollout.worker_metrics()  # workers lost, hung or restarted, episodes played again (Ray)
+    with engines_asleep(rollout, clock, rollout.cfg.cluster.colocate):
+        with clock.phase("score", "trainer"):
+            batch, kl_in_loss = score(to_batch(trajectories), trainer, rollout.cfg.algorithm)
+        with clock.phase("update", "trainer"):
+            metrics.update(trainer.update(batch, trainer.loss_settings(kl_in_loss)))
     clock.add("weight_sync", push_weights(trainer, rollout, version=step + 1), "trainer", "rollout")
     if ahead is not None:
         ahead.weights_pushed(step + 1)
@@ -89,51 +99,57 @@ def train(cfg: Config, on_step: Callable[[int, dict[str, Any]], None] | None = N
         ev = cfg.eval
         evaluating = ev.num_tasks > 0 and (ev.before or ev.after)
         splits = [(cfg.env.train_split, "env.train_split")] + ([(ev.split, "eval.split")] if evaluating else [])
-        rollout = RolloutSide.open(cfg, splits=splits)
-        try:
-            return _run(rollout, TrainerSide.open(cfg, rollout.path), run, on_step, resume)
-        finally:
-            rollout.close()
+        with open_sides(cfg, splits) as (rollout, trainer), StopSignals() as stop:
+            return _run(rollout, trainer, run, on_step, resume, stop)
 
 
-def _run(rollout: RolloutSide, trainer: TrainerSide, run: RunDir, on_step, resume: bool) -> dict[str, object]:
+def _run(rollout: RolloutSide, trainer: TrainerSide, run: RunDir, on_step, resume: bool,
+         stop: StopSignals) -> dict[str, object]:
     cfg, ev = rollout.cfg, rollout.cfg.eval
     run.start()
     restored = trainer.restore(run.path) if resume else None
     start = restored.step if restored else 0
     result: dict[str, object] = {"history": [], "resumed_from": start if restored else None}
     with contextlib.closing(open_sinks(cfg, run.path, start_step=start)) as sinks:  # closed (flushed) on any exit
-        if restored:
-            push_weights(trainer, rollout, version=start)
-            for event in restored.events():  # skipped corrupt checkpoints, then the resume itself
-                sinks.write(event)
-        else:
-            (run.path / "config.json").write_text(cfg.model_dump_json(indent=2))
-            if ev.before and ev.num_tasks:
-                result["before"] = evaluate(rollout, ev.split, ev.num_tasks, ev.temperature, ev.seed)
-                sinks.write({"event": "eval_before", **result["before"]})
-        ahead = (AsyncCollector(rollout, start, cfg.train.steps, cfg.train.max_staleness)
-                 if cfg.train.schedule == "asynchronous" else None)
-        with contextlib.closing(ahead) if ahead else contextlib.nullcontext():
-            _train_steps(rollout, trainer, run, sinks, result, on_step, start, ahead)
-        trainer.export(run.path / "final", rollout.tokenizer)
-        if ev.after and ev.num_tasks:
-            result["after"] = evaluate(rollout, ev.split, ev.num_tasks, ev.temperature, ev.seed)
-            sinks.write({"event": "eval_after", **result["after"]})
+        saved = [start]  # the newest checkpointed step (the one resumed from, at first)
+        try:
+            if restored:
+                push_weights(trainer, rollout, version=start)
+                for event in restored.events():  # skipped corrupt checkpoints, then the resume itself
+                    sinks.write(event)
+            else:
+                (run.path / "config.json").write_text(cfg.model_dump_json(indent=2))
+                if ev.before and ev.num_tasks:
+                    with stop.interruptible():
+                        result["before"] = evaluate(rollout, ev.split, ev.num_tasks, ev.temperature, ev.seed)
+                    sinks.write({"event": "eval_before", **result["before"]})
+            ahead = (AsyncCollector(rollout, start, cfg.train.steps, cfg.train.max_staleness)
+                     if cfg.train.schedule == "asynchronous" else None)
+            with contextlib.closing(ahead) if ahead else contextlib.nullcontext():
+                _train_steps(rollout, trainer, run, sinks, result, on_step, start, ahead, stop, saved)
+            trainer.export(run.path / "final", rollout.tokenizer)
+            if ev.after and ev.num_tasks:
+                with stop.interruptible():
+                    result["after"] = evaluate(rollout, ev.split, ev.num_tasks, ev.temperature, ev.seed)
+                sinks.write({"event": "eval_after", **result["after"]})
+        except RunInterrupted as exc:  # the last whole step is checkpointed: `--resume` continues from it
+            raise stopped(exc, trainer, run.path, sinks, start + len(result["history"]), saved[0]) from None
     return result
 
 
 def _train_steps(rollout: RolloutSide, trainer: TrainerSide, run: RunDir, sinks, result: dict, on_step, start: int,
-                 ahead: AsyncCollector | None) -> None:
-    """Steps `start`.. of the run: train, record, checkpoint when due, stop a run gone bad."""
+                 ahead: AsyncCollector | None, stop: StopSignals, saved: list[int]) -> None:
+    """Steps `start`.. of the run: train, record, checkpoint when due (noting it in `saved`), stop a
+    run gone bad, or one that was sent a signal once its step is whole."""
     t = rollout.cfg.train
     for step in range(start, t.steps):
         clock = StepClock()
-        metrics = train_step(rollout, trainer, step, clock, ahead)
+        metrics = train_step(rollout, trainer, step, clock, ahead, stop)
         metrics["nonfinite_steps"] = trainer.guard.observe(bool(metrics.get("nonfinite", 0.0)))
         run.step_done()
         try:
-            _save_if_due(trainer, run.path, t, step + 1, clock)
+            if _save_if_due(trainer, run.path, t, step + 1, clock):
+                saved[0] = step + 1
         finally:  # the step's record is kept even when saving fails
             metrics |= clock.metrics()
             sinks.write(metrics)
@@ -141,11 +157,14 @@ def _train_steps(rollout: RolloutSide, trainer: TrainerSide, run: RunDir, sinks,
         if on_step:
             on_step(step + 1, metrics)
         trainer.guard.check(step + 1, run.path)
+        stop.check()  # a signal during the update lands here, once the step is whole (and saved when due)
 
 
-def _save_if_due(trainer: TrainerSide, run_dir: Path, t: TrainConfig, done: int, clock: StepClock) -> None:
+def _save_if_due(trainer: TrainerSide, run_dir: Path, t: TrainConfig, done: int, clock: StepClock) -> bool:
     """Checkpoint every `checkpoint_every` steps and after the last, unless the guard is about to stop
-    the run (a run that has gone bad is not saved over its last good checkpoint)."""
+    the run (a run that has gone bad is not saved over its last good checkpoint); whether it saved."""
     if ((t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.steps) and not trainer.guard.tripped:
         with clock.phase("checkpoint", "trainer"):
             trainer.save(run_dir, done)
+        return True
+    return False

@@ -103,8 +103,10 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 def _fixed(flat: dict[str, object]) -> dict[str, object]:
-    """The keys that must not change on resume."""
-    return {k: v for k, v in flat.items() if k not in _MAY_CHANGE and not k.startswith(("eval.", "metrics."))}
+    """The keys that must not change on resume (where the run's parts run, `cluster.*`, may: a run can
+    continue on more or fewer workers)."""
+    return {k: v for k, v in flat.items()
+            if k not in _MAY_CHANGE and not k.startswith(("eval.", "metrics.", "cluster."))}
 
 
 def _identity(cfg: Config) -> dict[str, object]:
@@ -164,7 +166,7 @@ def restore_run(run_dir: str | Path, cfg: Config, policy: torch.nn.Module, optim
     if changed:
         detail = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
         raise TrainerError(f"cannot resume {path}: the config differs from the run's ({detail}). Only "
-                           f"{', '.join(sorted(_MAY_CHANGE))}, eval.* and metrics.* may change on resume")
+                           f"{', '.join(sorted(_MAY_CHANGE))}, eval.*, metrics.* and cluster.* may change on resume")
     step = int(state["step"])
     if step > cfg.train.steps:
         raise TrainerError(f"{path} is at step {step}, past train.steps={cfg.train.steps}; raise train.steps")

@@ -7,7 +7,8 @@ can fail cheaply runs before the model is loaded (see `preflight.py`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,16 +63,9 @@ class RolloutSide:
 
     @classmethod
     def _load(cls, cfg: Config, path: str, field: str, probe: Env, splits: Sequence[tuple[str, str]]) -> RolloutSide:
-        from transformers import AutoTokenizer
-
+        tokenizer, renderer = load_renderer(cfg, path, field, probe, splits)
         r = cfg.rollout
         fix = f"check that {field} holds a complete Hugging Face causal LM, saved with save_pretrained"
-        with reported(f"cannot load the tokenizer of {field} {path!r}", fix):
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        with reported(f"cannot render prompts with the chat template of {field} {path!r}", fix):
-            renderer = ChatRenderer(tokenizer, probe.tool_schemas(), template_kwargs=cfg.model.chat_template_kwargs)
-            check_splits(probe, cfg.env.id, splits, lambda messages: len(renderer.prompt_ids(messages)),
-                         r.max_total_tokens, r.max_tokens_per_turn)
         with reported(f"cannot load the model in {field} {path!r} into the {r.engine} engine", fix):
             engine = MeteredEngine(ENGINES.get(r.engine)(path, device=cfg.model.device, dtype=DTYPES[cfg.model.dtype],
                                                          max_model_len=r.max_total_tokens + 1))
@@ -90,14 +84,57 @@ class RolloutSide:
 
     def play(self, specs: list[EpisodeSpec], temperature: float, seed: int | None = None) -> list[Trajectory]:
         """Play `specs` concurrently on the engine; one trajectory each, in order."""
-        lock = self.cfg.rollout.lockstep
-        lockstep = lock == "on" or (lock == "auto" and torch.device(self.cfg.model.device).type == "cpu")
         # run_blocking, not asyncio.run: its shutdown waits a bounded time for a tool that ignores cancellation
         return run_blocking(run_episodes(self.engine, self.pool, self.renderer, self.sampling(temperature, seed),
-                                         self.limits(), specs, env_id=self.cfg.env.id, lockstep=lockstep))
+                                         self.limits(), specs, env_id=self.cfg.env.id, lockstep=lockstep_on(self.cfg)))
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        """The trainer's weights into the engine, in place (no disk, no copy through serialisation)."""
+        self.engine.update_weights(state_dict, version=version)
+
+    def sleep(self) -> float:
+        """Free the engine's KV cache while the trainer steps (`cluster.colocate`); returns the seconds it took."""
+        t0 = time.perf_counter()
+        self.engine.sleep()
+        return time.perf_counter() - t0
+
+    def wake(self) -> float:
+        t0 = time.perf_counter()
+        self.engine.wake()
+        return time.perf_counter() - t0
+
+    def abort(self) -> None:
+        """End the engine's requests in flight (a clean stop on SIGTERM)."""
+        self.engine.abort()
+
+    def worker_metrics(self) -> dict[str, float]:
+        """Counters of lost and restarted workers since the last call: none in one process."""
+        return {}
 
     def close(self) -> None:
         self.pool.close()
         close = getattr(self.engine, "close", None)  # the built-in engine joins its thread
         if close is not None:
             close()
+
+
+def lockstep_on(cfg: Config) -> bool:
+    """rollout.lockstep resolved: `auto` is on for CPU engines, off elsewhere."""
+    lock = cfg.rollout.lockstep
+    return lock == "on" or (lock == "auto" and torch.device(cfg.model.device).type == "cpu")
+
+
+def load_renderer(cfg: Config, path: str, field: str, probe: Env,
+                  splits: Sequence[tuple[str, str]]) -> tuple[object, ChatRenderer]:
+    """The tokenizer and chat renderer of `path`, after checking every split's prompts fit the episode bounds."""
+    from transformers import AutoTokenizer
+
+    r = cfg.rollout
+    fix = f"check that {field} holds a complete Hugging Face causal LM, saved with save_pretrained"
+    with reported(f"cannot load the tokenizer of {field} {path!r}", fix):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    with reported(f"cannot render prompts with the chat template of {field} {path!r}", fix):
+        renderer = ChatRenderer(tokenizer, probe.tool_schemas(), template_kwargs=cfg.model.chat_template_kwargs)
+        check_splits(probe, cfg.env.id, splits, lambda messages: len(renderer.prompt_ids(messages)),
+                     r.max_total_tokens, r.max_tokens_per_turn)
+    return tokenizer, renderer

@@ -20,6 +20,7 @@ from agentrl.trainer.attention import register_varlen_attention
 from agentrl.trainer.batch import TrainBatch
 from agentrl.trainer.policy import compile_blocks, export_hf, load_policy, merged_state_dict
 from agentrl.trainer.update import LossSettings, policy_update, recompute_logprobs
+from agentrl.trainer.workers import linear_warmup
 
 
 @dataclass
@@ -48,8 +49,7 @@ class TrainerSide:
         o = cfg.optim
         optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=o.lr, betas=o.betas,
                                       weight_decay=o.weight_decay, fused=torch.device(cfg.model.device).type == "cuda")
-        warmup = o.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / (warmup + 1)))
+        scheduler = linear_warmup(optimizer, o.warmup_steps)
         ref = None
         if cfg.algorithm.kl_coef > 0 and lora.rank == 0:  # with LoRA the reference is the model without adapters
             ref = load_policy(path, dtype=DTYPES[cfg.model.dtype], device=cfg.model.device,
@@ -57,10 +57,7 @@ class TrainerSide:
         return cls(cfg, policy, optimizer, scheduler, ref, NonFiniteGuard(t.max_nonfinite_steps))
 
     def loss_settings(self, kl_in_loss: bool) -> LossSettings:
-        a, r = self.cfg.algorithm, self.cfg.rollout
-        return LossSettings(a.policy_loss, a.agg_mode, a.clip_low, a.clip_high, a.entropy_coef,
-                            temperature=r.temperature if r.temperature > 0 else 1.0, old_logprobs=a.old_logprobs,
-                            kl_coef=a.kl_coef if kl_in_loss else 0.0, kl_kind=a.kl_kind, tis=a.tis, tis_cap=a.tis_cap)
+        return loss_settings(self.cfg, kl_in_loss)
 
     def reference_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """[B, T] logprobs of the starting policy (LoRA: the same model with its adapters switched off)."""
@@ -97,6 +94,14 @@ class TrainerSide:
 
     def export(self, out_dir: Path, tokenizer) -> None:
         export_hf(self.policy, tokenizer, out_dir)
+
+
+def loss_settings(cfg: Config, kl_in_loss: bool) -> LossSettings:
+    """The policy loss's settings from the config (the KL term only when it is part of the loss)."""
+    a, r = cfg.algorithm, cfg.rollout
+    return LossSettings(a.policy_loss, a.agg_mode, a.clip_low, a.clip_high, a.entropy_coef,
+                        temperature=r.temperature if r.temperature > 0 else 1.0, old_logprobs=a.old_logprobs,
+                        kl_coef=a.kl_coef if kl_in_loss else 0.0, kl_kind=a.kl_kind, tis=a.tis, tis_cap=a.tis_cap)
 
 
 def group_mini_batches(group_ids: list[int], k: int) -> list[list[int]]:

@@ -1,0 +1,248 @@
+"""The rollout side on Ray: `cluster.rollout_workers` rollout workers behind `RolloutSide`'s interface.
+
+`RayRolloutSide` has what `collect`, `evaluate` and the loop use of `RolloutSide` (`cfg`, `path`,
+`tokenizer`, `play`, `update_weights`, `sleep`, `wake`, `abort`, `worker_metrics`, `close`), so they
+run unchanged on one engine in-process or on N engines in Ray actors.
+
+A batch is split into one slice per worker, whole GRPO groups each (a group's shared prompt is
+prefilled once, and every turn of an episode runs on one engine by construction). Each episode keeps
+the sampling seed of its place in the whole batch, and a worker clears its prefix cache before each
+slice, so with lockstep (CPU) a slice's trajectories are a function of the slice, the weights and
+the seed alone: the same whichever worker, fresh or restarted, plays it. (They are not the same as
+one engine playing the whole batch: the forward passes batch other rows, and float results move in
+the last bits.)
+
+Workers fail, and the batch goes on (`rollout_round.Round`): a worker whose process dies (SIGKILL, OOM, a lost
+node) fails its call; one whose engine stops answering (no health answer, or requests in flight and
+no progress, for `cluster.health_timeout_s`) is killed. Either way Ray restarts it (up to
+`cluster.max_worker_restarts`), the driver pushes it the current weights, and its slice is played
+again by the first free worker, up to `cluster.max_episode_retries` times; after that the slice's
+episodes are recorded as failed (failure class `worker_lost`) and never trained on. Counts per step come out of
+`worker_metrics()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from agentrl.config import Config
+from agentrl.driver.cluster import Bundle
+from agentrl.driver.failures import FailurePolicy
+from agentrl.driver.preflight import build_env, check_model_dir, first_line
+from agentrl.driver.rollout_round import Round, Slice, Slot, call, cause, plus, split_by_groups
+from agentrl.driver.rollout_side import DTYPES, load_renderer, lockstep_on
+from agentrl.envs.registration import ENVS
+from agentrl.errors import ConfigError
+from agentrl.rollout.agent_loop import EpisodeLimits, EpisodeSpec
+from agentrl.rollout.engine import ENGINES, SamplingParams
+from agentrl.rollout.engine_meter import EngineUse
+from agentrl.rollout.trajectory import Trajectory
+from agentrl.rollout.workers import CONCURRENCY_GROUPS, RolloutWorker, WorkerHealth, WorkerSetup
+
+logger = logging.getLogger(__name__)
+
+
+class PoolMeter:
+    """`RolloutSide.engine`'s `use()` for the workers together: token counts summed over the slices
+    played, and as busy time the busiest worker's engine time in each `play` (the workers run at
+    once, so their busy seconds overlap; summing them would exceed the wall time)."""
+
+    def __init__(self):
+        self.total = EngineUse()
+
+    def use(self) -> EngineUse:
+        return self.total
+
+    def add_round(self, per_worker: dict[int, EngineUse]) -> None:
+        if per_worker:
+            busiest = max(u.busy_s for u in per_worker.values())
+            self.total = plus(self.total, *per_worker.values(), busy_s=self.total.busy_s + busiest)
+
+
+
+class RayRolloutSide:
+    """Rollout workers as Ray actors; see the module docstring."""
+
+    def __init__(self, cfg: Config, path: str, tokenizer: object, slots: list[Slot]):
+        self.cfg, self.path, self.tokenizer, self.slots = cfg, path, tokenizer, slots
+        self.engine = PoolMeter()  # what collect() reads as `rollout.engine.use()`
+        self.version = 0
+        self.weights_ref = None
+        self.counts: dict[str, float] = {}
+        self.node_ids: list[str] = []  # the Ray node each worker started on
+
+    @classmethod
+    def open(cls, cfg: Config, bundles: list[Bundle], splits: Sequence[tuple[str, str]] = ()) -> RayRolloutSide:
+        """Check the model and env here (cheap, one line on failure), then start a worker per bundle."""
+        import ray
+
+        path, r, c = cfg.model.path, cfg.rollout, cfg.cluster
+        check_model_dir(path, "model.path", r.max_total_tokens)
+        FailurePolicy.for_env(cfg.failures, cfg.env.id)  # an env's bad failure_policy is refused before any load
+        probe = build_env(cfg.env.id, cfg.env.kwargs)
+        try:
+            tokenizer, _ = load_renderer(cfg, path, "model.path", probe, splits)
+        finally:
+            probe.close()
+        setup = WorkerSetup(engine=ENGINES.get(r.engine), model_path=path, device=cfg.model.device,
+                            dtype=DTYPES[cfg.model.dtype], max_model_len=r.max_total_tokens + 1, env_id=cfg.env.id,
+                            env_kwargs=dict(cfg.env.kwargs), env_spec=ENVS.spec(cfg.env.id),
+                            template_kwargs=dict(cfg.model.chat_template_kwargs),
+                            limits=EpisodeLimits(r.max_turns, r.max_total_tokens, cfg.failures.episode_timeout_s,
+                                                 cfg.failures.request_timeout_s), lockstep=lockstep_on(cfg))
+        actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker)
+        slots = [Slot(i, actor.options(max_restarts=c.max_worker_restarts, max_task_retries=0,
+                                        **b.options()).remote(setup)) for i, b in enumerate(bundles)]
+        side = cls(cfg, path, tokenizer, slots)
+        try:
+            side.node_ids = side._wait_started()
+        except BaseException:
+            side.close()
+            raise
+        return side
+
+    def _wait_started(self) -> list[str]:
+        """Each worker's Ray node id once all have loaded their engine; a worker that cannot start is a ConfigError."""
+        import ray
+
+        refs = [call(s.actor, "health") for s in self.slots]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.cluster.start_timeout_s)
+        if len(ready) < len(refs):
+            raise ConfigError(f"{len(refs) - len(ready)} rollout worker(s) did not start within "
+                              f"cluster.start_timeout_s={self.cfg.cluster.start_timeout_s:g} s")
+        try:
+            return [h.node_id for h in ray.get(refs)]
+        except ray.exceptions.RayError as exc:
+            raise ConfigError(f"a rollout worker failed to start: {first_line(cause(exc))}") from None
+
+    # -- RolloutSide's interface -------------------------------------------------------------
+    def sampling(self, temperature: float, seed: int | None = None) -> SamplingParams:
+        r = self.cfg.rollout
+        return SamplingParams(temperature=temperature, top_p=r.top_p, max_tokens=r.max_tokens_per_turn, seed=seed)
+
+    def play(self, specs: list[EpisodeSpec], temperature: float, seed: int | None = None) -> list[Trajectory]:
+        """Play `specs` on the workers; one trajectory each, in the order of `specs`."""
+        # Each episode is seeded by its place in the whole batch, whichever worker plays it.
+        specs = [s if s.index is not None else replace(s, index=i) for i, s in enumerate(specs)]
+        live = [s for s in self.slots if not s.dead]
+        slices = [Slice(ix) for ix in split_by_groups(specs, max(len(live), 1))]
+        return Round(self, specs, self.sampling(temperature, seed), slices).run()
+
+    def update_weights(self, state_dict: Mapping[str, Any], version: int) -> None:
+        """Put the weights into Ray's object store once; every worker copies the same object into its engine."""
+        import ray
+
+        self.weights_ref, self.version = ray.put(dict(state_dict)), version
+        for index in self._on_all("update_weights", self.weights_ref, version):
+            self.slots[index].version = version
+        for slot in self.slots:
+            if slot.starting is not None:  # restarting: it takes these weights once it is back
+                slot.starting = call(slot.actor, "update_weights", self.weights_ref, version, after_restart=True)
+
+    def sleep(self) -> float:
+        """Every live worker frees its engine's KV cache; returns the seconds it took (all of them, in parallel)."""
+        return self._all("sleep")
+
+    def wake(self) -> float:
+        return self._all("wake")
+
+    def abort(self) -> None:
+        for slot in self.slots:
+            if not slot.dead:
+                call(slot.actor, "abort")
+
+    def health(self) -> list[WorkerHealth | None]:
+        """Each worker's health, waiting up to cluster.start_timeout_s for restarting ones (None: gone for good)."""
+        import ray
+
+        for slot in self.slots:
+            if slot.starting is not None:
+                try:
+                    ray.get(slot.starting, timeout=self.cfg.cluster.start_timeout_s)
+                    slot.starting, slot.version = None, self.version
+                except ray.exceptions.RayError as exc:
+                    self._lost(slot, f"restart failed: {first_line(exc)}")
+        return [None if s.dead else ray.get(call(s.actor, "health", after_restart=True),
+                                            timeout=self.cfg.cluster.start_timeout_s) for s in self.slots]
+
+    def worker_metrics(self) -> dict[str, float]:
+        """Worker losses, hangs and restarts, and episodes played again or lost, since the last call."""
+        out, self.counts = self.counts, {}
+        return out
+
+    def close(self) -> None:
+        """Close every worker's envs (a few seconds at most), then end the worker processes."""
+        import ray
+
+        live = [s for s in self.slots if not s.dead]
+        ray.wait([call(s.actor, "close") for s in live], num_returns=len(live), timeout=5)
+        for slot in self.slots:
+            ray.kill(slot.actor, no_restart=True)  # a dead or stuck worker too
+        self.slots = []
+
+    # -- failures ------------------------------------------------------------------------------
+    def _all(self, method: str) -> float:
+        """Call `method` on every ready worker at once; the wall seconds until all answered."""
+        t0 = time.perf_counter()
+        self._on_all(method)
+        return time.perf_counter() - t0
+
+    def _on_all(self, method: str, *args) -> dict[int, Any]:
+        """`method(*args)` on every ready worker, by worker index. No long barrier: a call still pending
+        after cluster.health_timeout_s has its worker probed, and one that answers no health check
+        within that time either is killed; a lost worker is restarted (it is not in the result)."""
+        import ray
+
+        c = self.cfg.cluster
+        calls = {s.index: call(s.actor, method, *args) for s in self.slots if not s.dead and s.starting is None}
+        out: dict[int, Any] = {}
+        deadline = time.monotonic() + c.start_timeout_s
+        while calls:
+            done, _ = ray.wait(list(calls.values()), num_returns=len(calls), timeout=c.health_timeout_s)
+            for index in [i for i, ref in calls.items() if ref in done]:
+                try:
+                    out[index] = ray.get(calls.pop(index))
+                except ray.exceptions.RayActorError as exc:
+                    self._lost(self.slots[index], f"{method} failed: {first_line(exc)}")
+            if not calls:
+                break
+            probes = {i: call(self.slots[i].actor, "health") for i in calls}
+            answered, _ = ray.wait(list(probes.values()), num_returns=len(probes), timeout=c.health_timeout_s)
+            for i, probe in probes.items():
+                late = time.monotonic() > deadline
+                if probe not in answered or late:
+                    calls.pop(i)
+                    self._count("workers/hung")
+                    ray.kill(self.slots[i].actor, no_restart=False)
+                    why = "answered no health check" if probe not in answered else "did not finish"
+                    self._lost(self.slots[i], f"{why} during {method} (cluster.health_timeout_s="
+                                              f"{c.health_timeout_s:g}, start_timeout_s={c.start_timeout_s:g})")
+        return out
+
+    def _count(self, key: str, n: float = 1.0) -> None:
+        self.counts[key] = self.counts.get(key, 0.0) + n
+
+    def _lost(self, slot: Slot, reason: str) -> None:
+        """The worker died or was killed: Ray restarts it (while restarts remain) and it gets the current weights."""
+        self._count("workers/lost")
+        slot.work = slot.ref = slot.probe = None
+        slot.kill_reason = None
+        slot.restarts += 1
+        limit = self.cfg.cluster.max_worker_restarts
+        if slot.restarts > limit:
+            slot.dead = True
+            logger.warning("rollout worker %d lost for good: %s (cluster.max_worker_restarts=%d used up)",
+                           slot.index, reason, limit)
+            return
+        logger.warning("rollout worker %d lost: %s; restarting it (%d of %d)", slot.index, reason, slot.restarts, limit)
+        self._count("workers/restarted")
+        slot.version = None
+        slot.started_at = time.monotonic()
+        slot.starting = (call(slot.actor, "update_weights", self.weights_ref, self.version, after_restart=True)
+                         if self.weights_ref is not None else call(slot.actor, "health", after_restart=True))
+
+
