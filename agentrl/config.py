@@ -82,6 +82,11 @@ class RolloutConfig(_Frozen):
     max_turns: int = Field(4, ge=1, le=1000, description="Most model turns per episode.")
     max_total_tokens: int = Field(512, ge=8, le=MAX_TOKENS,
                                   description="Most tokens per episode, prompt and observations included.")
+    device: str | None = Field(
+        None, description="Device of the built-in engine when everything runs in one process; null: model.device. "
+        "Another GPU than the trainer's disaggregates rollout from training in one process (model.device=cuda:0, "
+        "rollout.device=cuda:1): weights cross by a device-to-device copy, and train.schedule=asynchronous lets "
+        "both GPUs work at once.")
     lockstep: Literal["auto", "on", "off"] = Field(
         "auto", description="Submit each turn of all episodes together so batches, and results, are reproducible "
         "bit for bit (exact --resume); auto: on for CPU, off elsewhere (where tool time overlaps generation).")
@@ -91,6 +96,13 @@ class RolloutConfig(_Frozen):
     def _lockstep(cls, v: Any) -> Any:
         # YAML 1.1 reads a bare `on` / `off` as a boolean: `rollout.lockstep=on` means the word.
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"cpu|cuda(:\d{1,3})?", v):
+            raise ValueError(f"unsupported device {v!r}; use cpu, cuda or cuda:N (or leave it unset: model.device)")
+        return v
 
     @field_validator("engine")
     @classmethod
@@ -370,6 +382,16 @@ class Config(_Frozen):
         if self.train.schedule == "asynchronous" and self.cluster.colocate:
             raise ValueError("cluster.colocate puts the engines to sleep during the update, which is when "
                              "train.schedule=asynchronous plays the next step's episodes; use one or the other")
+        if self.rollout.device not in (None, self.model.device):
+            if self.cluster.mode == "ray":
+                raise ValueError("rollout.device places the engine of a one-process run; Ray rollout workers use the "
+                                 "GPUs Ray assigns (cluster.gpus_per_rollout_worker): leave rollout.device unset")
+            if self.cluster.colocate:
+                raise ValueError(f"cluster.colocate shares one device between engine and trainer, but rollout.device="
+                                 f"{self.rollout.device} differs from model.device={self.model.device}: drop one")
+            if "cpu" in (self.rollout.device, self.model.device):
+                raise ValueError(f"rollout.device={self.rollout.device} with model.device={self.model.device}: split "
+                                 "across two GPUs (cuda:N), or leave rollout.device unset")
         if self.train.schedule == "asynchronous" and self.cluster.mode == "ray":
             raise ValueError("train.schedule=asynchronous with cluster.mode=ray is not built (it runs with "
                              "cluster.mode=local); use the synchronous schedule on Ray workers")

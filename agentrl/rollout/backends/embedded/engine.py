@@ -306,6 +306,10 @@ class EmbeddedEngine:
         self._join()
 
     def _run(self) -> None:
+        if self.device.type == "cuda":
+            # The current device is per thread: Triton kernels and graph captures use it, and a process may
+            # hold the engine on another GPU than its trainer (rollout.device).
+            torch.cuda.set_device(self.device)
         while True:
             with self._cv:
                 new, self._inbox = self._inbox, []
