@@ -61,10 +61,10 @@ def variants(baseline_src: str | None, two_gpus: bool) -> list[Variant]:
         stale = ["train.schedule=asynchronous", "train.max_staleness=1", "algorithm.tis=token",
                  "algorithm.old_logprobs=recompute"]
         out += [
-            Variant("sync disagg compile", ["train.compile=true", "model.device=cuda:0", "rollout.device=cuda:1"]
-                    + tuned, gpus=2),
             Variant("async disagg compile", ["train.compile=true", "model.device=cuda:0", "rollout.device=cuda:1"]
                     + tuned + stale, gpus=2),
+            Variant("sync disagg compile", ["train.compile=true", "model.device=cuda:0", "rollout.device=cuda:1"]
+                    + tuned, gpus=2),
         ]
     return out
 

@@ -134,6 +134,8 @@ class EmbeddedEngine:
             tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(path)
         resolve_architecture(model, max_model_len)  # refuse before taking any accelerator memory
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # pin "cuda" to the GPU it means now
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -306,10 +308,21 @@ class EmbeddedEngine:
         self._join()
 
     def _run(self) -> None:
-        if self.device.type == "cuda":
-            # The current device is per thread: Triton kernels and graph captures use it, and a process may
-            # hold the engine on another GPU than its trainer (rollout.device).
-            torch.cuda.set_device(self.device)
+        try:
+            if self.device.type == "cuda":
+                # The current device is per thread: Triton kernels and graph captures use it, and a process
+                # may hold the engine on another GPU than its trainer (rollout.device).
+                torch.cuda.set_device(self.device)
+        except Exception as exc:  # this thread cannot serve: fail what waits instead of leaving it waiting
+            with self._cv:
+                new, self._inbox = self._inbox, []
+                self._thread = None
+                self._cv.notify_all()
+            err = EngineError(f"the engine thread cannot use {self.device}: {type(exc).__name__}: {exc}")
+            for req in new:
+                self._post(req, err)
+            self._fail_all(err)
+            return
         while True:
             with self._cv:
                 new, self._inbox = self._inbox, []
