@@ -372,10 +372,12 @@ class Config(_Frozen):
             raise ValueError(f"env.train_split and eval.split are both {self.eval.split!r}: training on the held-out "
                              "split makes its score meaningless; pick another split, or set "
                              "env.allow_train_on_eval_split=true if you mean it")
-        if self.train.schedule == "asynchronous" and self.algorithm.tis == "none":
+        if (self.train.schedule == "asynchronous" and self.algorithm.tis == "none"
+                and self.algorithm.old_logprobs == "recompute"):
             raise ValueError("train.schedule=asynchronous trains on tokens sampled by older policies, so the loss must "
-                             "correct for the policy that sampled them: set algorithm.old_logprobs=recompute and "
-                             "algorithm.tis=token (or sequence)")
+                             "correct for the policy that sampled them: either algorithm.old_logprobs=rollout (the "
+                             "PPO ratio then divides by the sampling policy's own logprobs) or "
+                             "algorithm.old_logprobs=recompute with algorithm.tis=token (or sequence)")
         if self.algorithm.tis != "none" and self.algorithm.old_logprobs != "recompute":
             raise ValueError("algorithm.tis corrects the trainer's old logprobs towards the engine's, so it needs "
                              "algorithm.old_logprobs=recompute (with 'rollout' every weight would be exactly 1)")

@@ -49,22 +49,26 @@ class Variant:
 def variants(baseline_src: str | None, two_gpus: bool) -> list[Variant]:
     """The variants of one run, in the order they are started."""
     tuned = ["train.micro_batch_tokens=32768"]
+    xl = ["train.micro_batch_tokens=65536", "train.logprob_chunk=8192"]
+    ratio = ["train.schedule=asynchronous", "train.max_staleness=1", "algorithm.old_logprobs=rollout"]
+    tis = ["train.schedule=asynchronous", "train.max_staleness=1", "algorithm.tis=token",
+           "algorithm.old_logprobs=recompute"]
+    split = ["model.device=cuda:0", "rollout.device=cuda:1"]
     out = []
     if baseline_src:
         out.append(Variant("baseline sync (before this change)", ["train.compile=false"], src=baseline_src))
     out += [
         Variant("sync", ["train.compile=false"]),
         Variant("sync compile", ["train.compile=true"] + tuned),
+        Variant("sync compile xl", ["train.compile=true"] + xl),
         Variant("sync coloc compile", ["train.compile=true", "cluster.colocate=true"] + tuned),
+        Variant("async shared compile", ["train.compile=true"] + tuned + ratio),
     ]
     if two_gpus:
-        stale = ["train.schedule=asynchronous", "train.max_staleness=1", "algorithm.tis=token",
-                 "algorithm.old_logprobs=recompute"]
         out += [
-            Variant("async disagg compile", ["train.compile=true", "model.device=cuda:0", "rollout.device=cuda:1"]
-                    + tuned + stale, gpus=2),
-            Variant("sync disagg compile", ["train.compile=true", "model.device=cuda:0", "rollout.device=cuda:1"]
-                    + tuned, gpus=2),
+            Variant("async disagg compile", ["train.compile=true"] + split + tuned + ratio, gpus=2),
+            Variant("async disagg compile tis", ["train.compile=true"] + split + tuned + tis, gpus=2),
+            Variant("sync disagg compile", ["train.compile=true"] + split + tuned, gpus=2),
         ]
     return out
 

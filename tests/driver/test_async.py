@@ -81,8 +81,9 @@ def test_a_rollout_failure_reaches_the_trainer(stopping_model_dir, tmp_path):
         rollout.close()
 
 
-def test_an_asynchronous_run_trains_with_bounded_staleness(stopping_model_dir, tmp_path):
-    result = train(_cfg(stopping_model_dir, tmp_path, *ASYNC, "train.max_staleness=1"))
+@pytest.mark.parametrize("correction", [ASYNC[1:], ["algorithm.old_logprobs=rollout"]], ids=["tis", "rollout_ratio"])
+def test_an_asynchronous_run_trains_with_bounded_staleness(stopping_model_dir, tmp_path, correction):
+    result = train(_cfg(stopping_model_dir, tmp_path, ASYNC[0], *correction, "train.max_staleness=1"))
     history = result["history"]
     assert len(history) == 3 and all(math.isfinite(m["loss"]) for m in history)
     for m in history:
@@ -97,5 +98,8 @@ def test_an_asynchronous_run_trains_with_bounded_staleness(stopping_model_dir, t
 
 
 def test_the_asynchronous_schedule_needs_an_importance_correction(stopping_model_dir, tmp_path):
+    # A recomputed denominator is the current policy's: without TIS nothing corrects for the sampling one.
     with pytest.raises(ConfigError, match="algorithm.tis=token"):
-        _cfg(stopping_model_dir, tmp_path, "train.schedule=asynchronous")
+        _cfg(stopping_model_dir, tmp_path, "train.schedule=asynchronous", "algorithm.old_logprobs=recompute")
+    # The engine's own logprobs as the ratio's denominator are the sampling policy's: accepted.
+    assert _cfg(stopping_model_dir, tmp_path, "train.schedule=asynchronous").algorithm.old_logprobs == "rollout"
