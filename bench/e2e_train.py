@@ -62,11 +62,13 @@ def variants(baseline_src: str | None, two_gpus: bool) -> list[Variant]:
         Variant("sync compile", ["train.compile=true"] + tuned),
         Variant("sync compile xl", ["train.compile=true"] + xl),
         Variant("sync coloc compile", ["train.compile=true", "cluster.colocate=true"] + tuned),
+        Variant("sync coloc compile xl", ["train.compile=true", "cluster.colocate=true"] + xl),
         Variant("async shared compile", ["train.compile=true"] + tuned + ratio),
     ]
     if two_gpus:
         out += [
             Variant("async disagg compile", ["train.compile=true"] + split + tuned + ratio, gpus=2),
+            Variant("async disagg compile xl", ["train.compile=true"] + split + xl + ratio, gpus=2),
             Variant("async disagg compile tis", ["train.compile=true"] + split + tuned + tis, gpus=2),
             Variant("sync disagg compile", ["train.compile=true"] + split + tuned, gpus=2),
         ]
