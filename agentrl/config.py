@@ -284,6 +284,11 @@ class ClusterConfig(_Frozen):
     gpus_per_rollout_worker: float = Field(0.0, ge=0.0, le=64.0, description="GPUs per rollout worker (0 on CPU).")
     cpus_per_trainer_worker: float = Field(1.0, gt=0.0, le=1024.0, description="CPUs reserved per trainer rank.")
     gpus_per_trainer_worker: float = Field(0.0, ge=0.0, le=64.0, description="GPUs per trainer rank (0 on CPU).")
+    calls_per_worker: int = Field(
+        4, ge=1, le=1024, description="A step's groups are cut into rollout_workers x calls_per_worker calls of "
+        "whole groups (fixed by the batch, never by timing); a worker plays one call at a time and the next call "
+        "goes to the first worker that is free, so a slow worker plays fewer groups. 1: one fixed slice per worker "
+        "(the largest engine batches, no balancing).")
     colocate: bool = Field(
         False, description="Rollout and training share devices: the engines sleep (free their KV cache) while the "
         "trainer steps and wake after; with Ray, rollout worker i and trainer rank i share one placement bundle.")

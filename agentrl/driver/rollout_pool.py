@@ -4,13 +4,21 @@
 `tokenizer`, `play`, `update_weights`, `sleep`, `wake`, `abort`, `worker_metrics`, `close`), so they
 run unchanged on one engine in-process or on N engines in Ray actors.
 
-A batch is split into one slice per worker, whole GRPO groups each (a group's shared prompt is
-prefilled once, and every turn of an episode runs on one engine by construction). Each episode keeps
-the sampling seed of its place in the whole batch, and a worker clears its prefix cache before each
-slice, so with lockstep (CPU) a slice's trajectories are a function of the slice, the weights and
-the seed alone: the same whichever worker, fresh or restarted, plays it. (They are not the same as
-one engine playing the whole batch: the forward passes batch other rows, and float results move in
-the last bits.)
+A batch is cut into `cluster.rollout_workers x cluster.calls_per_worker` slices of whole GRPO groups
+(a group's shared prompt is prefilled once, and every turn of an episode runs on one engine by
+construction). The cut depends on the batch and the config only, never on timing or on which workers
+are alive. Slices are handed out as workers free up: each worker plays one slice at a time, and the
+next slice goes to the first free one, so a slow worker (a slower device, slow tools, one that has
+just restarted) plays fewer groups and does not hold the step. Each episode keeps the sampling seed
+of its place in the whole batch, and a worker clears its prefix cache before each slice, so with
+lockstep (CPU) a slice's trajectories are a function of the slice, the weights and the seed alone:
+the same whichever worker, fresh or restarted, plays it. (They are not the same as one engine
+playing the whole batch: the forward passes batch other rows, and float results move in the last
+bits.)
+
+One call in flight per worker is what "the engine with the fewest outstanding episodes" comes to
+here: with lockstep a slice's batches must not mix with another slice's (they would depend on
+timing), and a second slice queued behind a slow worker's would hold the step's tail.
 
 Workers fail, and the batch goes on (`rollout_round.Round`): a worker whose process dies (SIGKILL, OOM, a lost
 node) fails its call; one whose engine stops answering (no health answer, or requests in flight and
@@ -128,8 +136,8 @@ class RayRolloutSide:
         """Play `specs` on the workers; one trajectory each, in the order of `specs`."""
         # Each episode is seeded by its place in the whole batch, whichever worker plays it.
         specs = [s if s.index is not None else replace(s, index=i) for i, s in enumerate(specs)]
-        live = [s for s in self.slots if not s.dead]
-        slices = [Slice(ix) for ix in split_by_groups(specs, max(len(live), 1))]
+        c = self.cfg.cluster
+        slices = [Slice(ix) for ix in split_by_groups(specs, c.rollout_workers * c.calls_per_worker)]
         return Round(self, specs, self.sampling(temperature, seed), slices).run()
 
     def update_weights(self, state_dict: Mapping[str, Any], version: int) -> None:

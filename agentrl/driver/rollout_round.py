@@ -1,8 +1,9 @@
 """One `play` on the Ray rollout workers: slices handed out, workers watched, a lost worker's slice played again.
 
-`Round` runs a single call of `RayRolloutSide.play`. Each worker gets a slice (whole groups); while
-slices play, each busy worker is probed (`health`, answered from a thread of its own) every quarter
-of `cluster.health_timeout_s`. A worker is killed when a probe goes unanswered for that long (the
+`Round` runs a single call of `RayRolloutSide.play`. Slices (whole groups) wait in a queue; a free
+worker takes the next one, one slice at a time per worker, so each worker drains the queue at its
+own pace. While slices play, each busy worker is probed (`health`, answered from a thread of its
+own) every quarter of `cluster.health_timeout_s`. A worker is killed when a probe goes unanswered for that long (the
 process is stuck or frozen) or when it answers that its engine made no progress for that long
 with requests in flight (the engine hangs). A killed or dead worker's play call fails; its slice
 goes back to the front of the queue for the first free worker (Ray restarts the lost one, and the
@@ -135,6 +136,7 @@ class Round:
         return refs
 
     def _hand_out(self) -> None:
+        """The next slices to the free workers (ready, not restarting), in worker order."""
         for slot in self.side.slots:
             if self.queue and not slot.dead and slot.work is None and slot.starting is None:
                 sl = self.queue.popleft()

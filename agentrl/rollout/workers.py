@@ -1,8 +1,8 @@
 """A rollout worker: one engine, its pool of envs and the chat renderer, in a process of its own.
 
 The driver runs `cluster.rollout_workers` of these as Ray actors (`agentrl.driver.rollout_pool`)
-and hands each a slice of a step's episodes; this module knows nothing of Ray or of the driver, so
-a worker also runs in-process (the tests build one directly).
+and hands each worker a slice of a step's episodes whenever it is free; this module knows nothing of
+Ray or of the driver, so a worker also runs in-process (the tests build one directly).
 
 Threads, not asyncio, answer the driver while episodes play. The actor is threaded with two
 concurrency groups (`CONCURRENCY_GROUPS`): `play` (one thread: play, weight updates, sleep, wake,
@@ -84,6 +84,8 @@ class WorkerHealth:
         stalled_s: Seconds since the engine last made progress (a token, an answer) while requests
             were in flight; 0 when none are.
         asleep: Whether the engine is asleep (its KV cache freed).
+        episodes_played: Episodes this worker process has played since it started (the driver's
+            dispatch shows in it: a slow worker plays fewer).
     """
 
     pid: int
@@ -92,6 +94,7 @@ class WorkerHealth:
     in_flight: int
     stalled_s: float
     asleep: bool
+    episodes_played: int = 0
 
 
 class StaleWeightsError(EngineError):
@@ -161,6 +164,7 @@ class RolloutWorker:
         self.pool.give(probe)
         self.version = 0
         self.asleep = False
+        self.episodes_played = 0
 
     def play(self, specs: Sequence[EpisodeSpec], sampling: SamplingParams,
              version: int) -> tuple[list[Trajectory], EngineUse]:
@@ -187,6 +191,7 @@ class RolloutWorker:
         before = self.engine.engine.use()
         trajectories = run_blocking(run_episodes(self.engine, self.pool, self.renderer, sampling, self.setup.limits,
                                                  list(specs), env_id=self.setup.env_id, lockstep=self.setup.lockstep))
+        self.episodes_played += len(trajectories)
         return trajectories, self.engine.engine.use() - before
 
     def update_weights(self, state_dict: Mapping[str, object], version: int) -> None:
@@ -215,7 +220,8 @@ class RolloutWorker:
     def health(self) -> WorkerHealth:
         """Cheap: reads counters only, never waits for the engine."""
         return WorkerHealth(pid=os.getpid(), node_id=_node_id(), version=self.version,
-                            in_flight=self.engine.in_flight, stalled_s=self.engine.stalled_s(), asleep=self.asleep)
+                            in_flight=self.engine.in_flight, stalled_s=self.engine.stalled_s(), asleep=self.asleep,
+                            episodes_played=self.episodes_played)
 
     def close(self) -> None:
         self.pool.close()

@@ -1,6 +1,8 @@
-"""The Ray rollout side on a real Ray (CPU): slices of whole groups, results in order and equal to one
-engine's, and faults survived: a worker SIGKILLed mid-step, an engine that stops answering, a worker
-lost for good. One Ray session serves the whole module (starting Ray costs seconds)."""
+"""The Ray rollout side on a real Ray (CPU): slices of whole groups handed to workers as they free up
+(a slow worker plays fewer, and the results do not depend on who played what), results in order and
+equal to one engine's, weights put into Ray's object store once per push, and faults survived: a
+worker SIGKILLed mid-step, an engine that stops answering, a worker lost for good. One Ray session
+serves the whole module (starting Ray costs seconds)."""
 
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ from agentrl.rollout.engine import ENGINES
 
 if "test-stalling" not in ENGINES:  # a real registry entry; Ray workers import the module by this name
     ENGINES.register("test-stalling", "tests.driver.ray_parts:StallingEngine")
+if "test-slow" not in ENGINES:
+    ENGINES.register("test-slow", "tests.driver.ray_parts:SlowEngine")
 
 SPECS = [EpisodeSpec(seed=100 + g, split="train", group_id=g) for g in range(3) for _ in range(2)]
 
@@ -110,6 +114,54 @@ def test_two_workers_play_in_order_like_one_engine(ray_session, stopping_model_d
         local.close()
 
 
+def test_a_slow_worker_plays_fewer_groups_and_who_played_what_changes_nothing(ray_session, stopping_model_dir,
+                                                                             fault_dir):
+    cfg = _cfg(stopping_model_dir, "rollout.engine=test-slow", "cluster.calls_per_worker=4")
+    specs = [EpisodeSpec(seed=200 + g, split="train", group_id=g) for g in range(8) for _ in range(2)]
+    slow = fault_dir / "slow"
+    plays, played = [], []
+    with _opened(cfg) as side:
+        pids = [h.pid for h in side.health()]
+        for slow_one in (0, 1):  # worker 0 is the slow one, then worker 1
+            slow.write_text(str(pids[slow_one]))
+            before = [h.episodes_played for h in side.health()]
+            plays.append(side.play(specs, 1.0, seed=7))
+            played.append([h.episodes_played - b for h, b in zip(side.health(), before)])
+    slow.unlink()
+    # 2 workers x 4 calls: 8 slices of one group each. A slice costs the slow worker a second per turn
+    # more than the other, so the other one takes most of them as it frees up.
+    for slow_one, counts in enumerate(played):
+        assert sum(counts) == len(specs) and counts[slow_one] < counts[1 - slow_one], played
+    # Mostly worker 1 played the first batch, mostly worker 0 the second: the trajectories are the same
+    # (each episode's seed is its place in the batch, and a slice's batches do not depend on the worker).
+    assert _same(plays[0], plays[1])
+
+
+def _spy_on_weights(monkeypatch) -> tuple[list, list]:
+    """(every ObjectRef `ray.put` returned, the weights argument of every `update_weights` call sent to
+    a worker), recorded as the pool makes the real calls."""
+    import ray
+
+    from agentrl.driver import rollout_pool, rollout_round
+
+    puts, sent = [], []
+    real_put, real_call = ray.put, rollout_round.call
+
+    def put(value, **kwargs):
+        puts.append(real_put(value, **kwargs))
+        return puts[-1]
+
+    def call(actor, method, *args, **kwargs):
+        if method == "update_weights":
+            sent.append(args[0])
+        return real_call(actor, method, *args, **kwargs)
+
+    monkeypatch.setattr(ray, "put", put)
+    for module in (rollout_pool, rollout_round):
+        monkeypatch.setattr(module, "call", call)
+    return puts, sent
+
+
 def _stall_then(fault_dir: Path, action) -> threading.Thread:
     """Arm the stalling engine (a worker claims it when it starts, so call this before opening the side);
     once that worker stalls on its first request, run `action(pid)` in a thread."""
@@ -126,19 +178,24 @@ def _stall_then(fault_dir: Path, action) -> threading.Thread:
     return threading.Thread(target=watch, daemon=True)
 
 
-def test_sigkilled_worker_restarts_and_its_episodes_are_played_again(ray_session, stopping_model_dir, fault_dir):
+def test_sigkilled_worker_restarts_and_its_episodes_are_played_again(ray_session, stopping_model_dir, fault_dir,
+                                                                     monkeypatch):
     cfg = _cfg(stopping_model_dir, "rollout.engine=test-stalling", "cluster.health_timeout_s=600")
     killer = _stall_then(fault_dir, lambda pid: os.kill(pid, signal.SIGKILL))
     with _opened(cfg) as side:  # one of the two workers claims the fault
+        puts, sent = _spy_on_weights(monkeypatch)
         side.update_weights(_perturbed(stopping_model_dir), 1)
+        assert len(puts) == 1 and len(sent) == 2 and all(ref is puts[0] for ref in sent)  # one object, both workers
         victim = int((fault_dir / "claimed").read_text())
         killer.start()
         got = side.play(SPECS, 1.0, seed=7)  # step completes
         killer.join()
         counts = side.worker_metrics()
         assert counts["workers/lost"] == 1 and counts["workers/restarted"] == 1
-        assert counts["episodes/rerun"] in {2, 4} and "episodes/lost" not in counts  # the slices: groups 0 | 1, 2
+        assert counts["episodes/rerun"] == 2 and "episodes/lost" not in counts  # the slices: one group each
         assert all(t.error is None for t in got)
+        # The restarted worker was pushed the step's weights: the same object again, nothing put anew.
+        assert len(puts) == 1 and len(sent) == 3 and all(ref is puts[0] for ref in sent)
         health = side.health()  # the restarted worker is back, a new process, with the current weights
         assert victim not in {h.pid for h in health} and {h.version for h in health} == {1}
         assert _same(got, side.play(SPECS, 1.0, seed=7))  # the re-run slice equals a run without the fault
@@ -197,7 +254,7 @@ def test_worker_lost_for_good_fails_its_episodes_as_data(ray_session, stopping_m
         got = side.play(SPECS, 1.0, seed=7)
         killer.join()
         failed = [i for i, t in enumerate(got) if t.error is not None]
-        assert failed in ([0, 1], [2, 3, 4, 5])  # one whole slice: groups 0 | 1, 2
+        assert failed in ([0, 1], [2, 3])  # the victim's first slice: group 0 or group 1
         for i in failed:
             t = got[i]
             assert t.failure == "worker_lost" and t.error.startswith("worker process lost")

@@ -29,12 +29,14 @@ def worker(stopping_model_dir) -> RolloutWorker:
 
 def test_episodes_are_seeded_by_their_place_in_the_batch(worker):
     sampling = SamplingParams(temperature=1.0, max_tokens=24, seed=5)
+    played_before = worker.health().episodes_played
     first, _ = worker.play(SPECS, sampling, version=0)
     again, use = worker.play(SPECS, sampling, version=0)
     shifted, _ = worker.play([replace(s, index=s.index + 4) for s in SPECS], sampling, version=0)
     assert [t.token_ids for t in first] == [t.token_ids for t in again]
     assert [t.token_ids for t in first] != [t.token_ids for t in shifted]  # other places, other seeds
     assert use.generated_tokens == sum(t.num_model_tokens for t in again) and use.busy_s > 0
+    assert worker.health().episodes_played == played_before + 3 * len(SPECS)
 
 
 def _play_in_thread(worker, max_tokens: int) -> tuple[threading.Thread, list]:
@@ -81,8 +83,10 @@ def test_asleep_it_refuses_requests_and_awake_it_plays(worker):
 
 
 def test_it_refuses_to_play_with_weights_it_does_not_hold(worker):
+    played_before = worker.health().episodes_played
     with pytest.raises(StaleWeightsError, match="holds weights version 0, the driver expects 3"):
         worker.play(SPECS, SamplingParams(), version=3)
+    assert worker.health().episodes_played == played_before  # refused: nothing played
     state = {k: v.clone() for k, v in worker.engine.engine.engine.model.state_dict().items()}
     worker.update_weights(state, 3)
     assert worker.health().version == 3
