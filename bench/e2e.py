@@ -134,15 +134,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     stops = tuple(range(3, vocab, 24)) + (renderer.end_of_turn_id,)
     play(engine, renderer, argparse.Namespace(**{**vars(args), "episodes": min(args.episodes, 4)}), False, stops)  # warm-up
     rows = []
-    for mode, lockstep in (("turn-synchronous", True), ("per-episode async", False)):
+    default_wait = engine.admit_wait_steps
+    modes = [("turn-synchronous", True, default_wait), ("per-episode async", False, default_wait)]
+    if default_wait:  # the same with every request admitted at once (each trickling turn its own eager step)
+        modes.append(("per-episode async, admit at once", False, 0))
+    for mode, lockstep, wait in modes:
+        engine.admit_wait_steps = engine._sched.admit_wait_steps = wait  # the knob of the engine's scheduler
+        before = dict(engine._steps.counts)  # engine step counters (all repeats of this mode)
         best = min((play(engine, renderer, args, lockstep, stops) for _ in range(args.repeats)), key=lambda r: r[0])
-        rows.append({"workload": "turns", "mode": mode, "seconds": round(best[0], 3), "tokens": best[1],
-                     "tok_per_s": round(best[1] / best[0], 1)})
+        steps = {k: (v - before[k]) // args.repeats for k, v in engine._steps.counts.items()}
+        rows.append({"workload": "turns", "mode": mode, "admit_wait_steps": wait, "seconds": round(best[0], 3),
+                     "tokens": best[1], "tok_per_s": round(best[1] / best[0], 1),
+                     "engine_steps": steps["steps"], "graph_steps": steps["graph_steps"]})
     base = rows[0]["seconds"]
     for r in rows:
         r["speedup"] = round(base / r["seconds"], 2)
-        print(f"{r['workload']:6s} {r['mode']:18s} {r['tokens']:7d} tok {r['seconds']:8.2f} s "
-              f"{r['tok_per_s']:10.1f} tok/s {r['speedup']:5.2f}x")
+        print(f"{r['workload']:6s} {r['mode']:34s} {r['tokens']:7d} tok {r['seconds']:8.2f} s "
+              f"{r['tok_per_s']:10.1f} tok/s {r['speedup']:5.2f}x  steps {r['engine_steps']} (graph {r['graph_steps']})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
