@@ -106,12 +106,15 @@ def train(
             last = latest_checkpoint(cfg.run_dir)
             progress.update(task, completed=checkpoint_step(last) if last else 0)
 
-        from agentrl.driver.console import ConsoleSink
+        from agentrl.driver.console import LEGEND, ConsoleSink
 
         lines = ConsoleSink(lambda line: progress.console.print(rich_escape(line), highlight=False, soft_wrap=True),
                             cfg.metrics.console_keys)
+        legend = [LEGEND]
 
         def on_step(step: int, m: dict) -> None:
+            while legend:  # once, above the first step's lines
+                progress.console.print(f"[dim]{rich_escape(legend.pop())}[/]", soft_wrap=True)
             lines.write(m)  # the step's metrics, its time split, failure counts when non-zero
             _print_episode_errors(m, progress.console.print)
             progress.update(task, advance=1)
@@ -126,8 +129,9 @@ def train(
         if key in result:
             _print_episode_errors(result[key], console.print)
     _print_before_after(result, cfg.eval.split)
-    (Path(cfg.run_dir) / "summary.json").write_text(json.dumps(
-        {k: v for k, v in result.items() if k != "history" and v is not None}, indent=2))
+    from agentrl.driver.metrics import run_summary
+
+    (Path(cfg.run_dir) / "summary.json").write_text(json.dumps(run_summary(result), indent=2))
 
 
 def _print_before_after(result: dict, split: str) -> None:
@@ -135,8 +139,8 @@ def _print_before_after(result: dict, split: str) -> None:
         return
     table = Table(title=f"held-out success ({split} split)")
     table.add_column("")
-    table.add_column("success rate", justify="right")
-    table.add_column("tool calls / episode", justify="right")
+    table.add_column("success rate (share of episodes)", justify="right")
+    table.add_column("tool calls (mean per episode)", justify="right")
     for key in ("before", "after"):
         if key in result:
             m = result[key]

@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.table import Table
 
 from agentrl.config import Config, load_config
-from agentrl.driver.evaluation import EvalSettings
+from agentrl.driver.evaluation import EvalSettings, file_name
 from agentrl.driver.policy_source import PolicySource, resolve_policy
 from agentrl.errors import ConfigError
 from agentrl.eval.markdown import interval, label, metric_order, number
@@ -63,7 +63,7 @@ def default_prefix(sources: Sequence[PolicySource], s: EvalSettings) -> Path:
     """Where results go unless --out says: RUN/eval/ for a run's policy, else ./eval-results/."""
     first = sources[0]
     where = first.run_dir / "eval" if first.run_dir is not None else Path("eval-results")
-    names = [src.name.replace("/", "-") for src in sources]
+    names = [file_name(src.name) for src in sources]
     stem = f"compare-{names[0]}-vs-{names[1]}" if len(names) == 2 else names[0]
     return where / f"{stem}-{s.split}-k{s.k}"
 

@@ -253,7 +253,7 @@ ROWS = [
         "cannot load the model in --model"),
     Row("eval-no-tasks", evaluate("eval.num_tasks=0"), "eval.num_tasks=0: there is nothing to evaluate"),
     Row("eval-episodes-fail", evaluate("env.id=hostile-late-v0", "eval.num_tasks=12"),
-        "evaluation on split 'test': 8 of 12 episodes failed"),
+        "evaluation of hostile-late-v0 on split 'test': 8 of 12 episodes failed"),
     # The other commands.
     Row("check-env-unknown", lambda w: ["check-env", "calculater-v0"], "Did you mean 'calculator-v0'"),
     Row("check-env-huge-seed", lambda w: ["check-env", "calculator-v0", "--seed", str(2**70)], "Invalid value",

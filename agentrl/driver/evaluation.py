@@ -213,13 +213,18 @@ def scalar_records(doc: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
     return out
 
 
+def file_name(name: str) -> str:
+    """A policy's name as one path component (`run/final` -> `run-final`)."""
+    return name.replace("/", "-").replace("\\", "-")
+
+
 def log_scalars(cfg: Config, doc: dict[str, Any], out_dir: Path) -> None:
     """The means and totals to TensorBoard (`OUT/tensorboard/<model>`) and wandb, as `cfg.metrics` asks."""
     check_sinks(cfg.metrics)
     for name, record in scalar_records(doc):
         sinks = []
         if cfg.metrics.tensorboard:
-            sinks.append(TensorBoardSink(out_dir / "tensorboard" / name))
+            sinks.append(TensorBoardSink(out_dir / "tensorboard" / file_name(name)))
         if cfg.metrics.wandb_project is not None:
             sinks.append(WandbSink(cfg, out_dir))
         with contextlib.closing(Sinks(sinks)) as all_sinks:

@@ -46,6 +46,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
         raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
     if n - c < k:  # every draw of k contains a correct sample
         return 1.0
+    if k == 1:  # the same number as 1 - (n-c)/n, rounded once: equal to the success rate bit for bit
+        return c / n
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)  # exact integers, one rounding
 
 
