@@ -1,9 +1,11 @@
-"""The `agentrl` command: train, eval, envs, tools, check-env, check-model, tiny-model.
+"""The `agentrl` command: train, eval, report, envs, tools, check-env, check-model, tiny-model.
 
 Example:
     agentrl tiny-model --out models/tiny-calculator
     agentrl train examples/calculator.yaml train.steps=30
-    agentrl eval examples/calculator.yaml --model runs/calculator/final
+    agentrl eval runs/calculator --k 4
+    agentrl eval examples/calculator.yaml --compare runs/calculator models/tiny-calculator
+    agentrl report runs/calculator
     agentrl check-env gym-frozenlake-v0 --episodes 20
     agentrl check-model models/tiny-calculator --env calculator-v0
 
@@ -208,6 +210,19 @@ def _eval_errors(doc: dict, model: int) -> dict:
 
     failed = [EpisodeOutcome.from_json(e) for e in doc["episodes"] if e["model"] == model and e["failure"]]
     return {"episode_errors": len(failed), "error_samples": error_samples(failed)}
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A run directory (the run_dir of `agentrl train`)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write the page (default: RUN_DIR/report.html)."),
+) -> None:
+    """Write one self-contained HTML page of a run: curves, evaluations and a trajectory viewer."""
+    from agentrl.eval.report import write_report
+
+    with _errors_reported():
+        path = write_report(run_dir, out)
+    console.print(f"wrote {path} (self-contained: open it in any browser, offline)", soft_wrap=True)
 
 
 def _registry_table(registry, title: str) -> Table:
