@@ -45,6 +45,10 @@ def test_train_and_eval_end_to_end(tiny_model_dir, tmp_path):
                    "eval.num_tasks=4", f"run_dir={run}")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "step    1" in out.stdout and "held-out success" in out.stdout
+    assert "how to read a step: *_mean = mean per episode" in out.stdout  # the legend, once
+    assert out.stdout.count("how to read a step") == 1
+    # The barely trained model earns no reward: the step is flagged, with what the model wrote.
+    assert "no learning signal: all 2 task group(s) had equal rewards" in out.stdout.replace("\n", " ")
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary) == {"before", "after", "last_step", "meaning"}
     assert summary["meaning"]["reward_mean"] == "mean per sound episode"
