@@ -254,6 +254,17 @@ ROWS = [
     Row("eval-no-tasks", evaluate("eval.num_tasks=0"), "eval.num_tasks=0: there is nothing to evaluate"),
     Row("eval-episodes-fail", evaluate("env.id=hostile-late-v0", "eval.num_tasks=12"),
         "evaluation of hostile-late-v0 on split 'test': 8 of 12 episodes failed"),
+    Row("eval-model-and-compare", lambda w: ["eval", w.base, "--model", w.tiny, "--compare", w.tiny, w.tiny],
+        "pass --compare A B alone"),
+    Row("eval-compare-missing", lambda w: ["eval", w.base, "--compare", "/nonexistent/a", w.tiny],
+        "--compare '/nonexistent/a' does not exist"),
+    Row("eval-model-dir-without-env", lambda w: ["eval", w.tiny], "pass --env ENV_ID"),
+    Row("eval-policy-not-a-model", lambda w: ["eval", w.model("empty")], "is not a model directory"),
+    Row("eval-unknown-extra-env", evaluate("--env", "calculater-v0"), "Did you mean 'calculator-v0'"),
+    Row("eval-k-zero", evaluate("--k", "0"), "Invalid value", usage=True),
+    # agentrl report.
+    Row("report-missing-run", lambda w: ["report", w.root / "nope"], "does not exist or is not a directory"),
+    Row("report-not-a-run", lambda w: ["report", w.root / "models"], "is not a run directory"),
     # The other commands.
     Row("check-env-unknown", lambda w: ["check-env", "calculater-v0"], "Did you mean 'calculator-v0'"),
     Row("check-env-huge-seed", lambda w: ["check-env", "calculator-v0", "--seed", str(2**70)], "Invalid value",

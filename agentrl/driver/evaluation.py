@@ -201,15 +201,19 @@ def write_results(doc: dict[str, Any], prefix: Path) -> tuple[Path, Path]:
 
 
 def scalar_records(doc: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
-    """(model name, a step record of its numbers) per model: `eval/<env>/<metric>` at the policy's step."""
+    """(model name, a step record of its numbers) per model: `eval/<env>/<metric>` at the policy's step.
+
+    Two compared models are named `A-<name>` and `B-<name>` (a model compared with itself stays two runs).
+    """
     out = []
-    for model in doc["models"]:
+    pair = len(doc["models"]) == 2
+    for i, model in enumerate(doc["models"]):
         record: dict[str, float] = {"step": float(model["step"] or 0)}
         for env_id, summary in model["envs"].items():
             record |= {f"eval/{env_id}/{name}": m["value"] for name, m in summary["means"].items()
                        if m["value"] is not None and math.isfinite(m["value"])}
             record |= {f"eval/{env_id}/totals/{name}": v for name, v in summary["totals"].items()}
-        out.append((model["name"], record))
+        out.append((f"{'AB'[i]}-{model['name']}" if pair else model["name"], record))
     return out
 
 

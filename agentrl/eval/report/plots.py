@@ -102,11 +102,12 @@ def line_chart(chart_id: str, title: str, series: Sequence[Series], unit: str = 
 
 
 def _series(steps: list[dict[str, Any]], key: str, name: str | None = None,
-            per: str | None = None) -> Series:
-    """The values of `key` over the steps (divided by the step's `per` key, when given)."""
+            per: str | None = None, counter: bool = False) -> Series:
+    """The values of `key` over the steps (divided by the step's `per` key, when given). A `counter`
+    (`tool_errors/<kind>`, written only at steps where the kind occurred) is 0 at the other steps."""
     pts = []
     for r in steps:
-        v, d = r.get(key), (r.get(per) if per else 1.0)
+        v, d = r.get(key, 0.0 if counter else None), (r.get(per) if per else 1.0)
         if isinstance(v, (int, float)) and isinstance(d, (int, float)) and d and math.isfinite(v):
             pts.append((float(r["step"]), float(v) / float(d)))
     return Series(name or key, tuple(pts))
@@ -135,9 +136,9 @@ CHARTS: tuple[Chart, ...] = (
         _series(st, "response_tokens_mean", "model tokens"), _series(st, "turns_mean", "turns"),
         _series(st, "tool_calls_mean", "tool calls")]),
     ("tool-errors", "Tool errors per episode, by kind", "per episode", lambda st: _nonzero([
-        _series(st, k, k.removeprefix("tool_errors/"), per="episodes") for k in _keys(st, "tool_errors/")])),
+        _series(st, k, k.removeprefix("tool_errors/"), per="episodes", counter=True) for k in _keys(st, "tool_errors/")])),
     ("failures", "Failed episodes by class (totals per step)", "episodes", lambda st: _nonzero([
-        _series(st, k, k.removeprefix("failures/")) for k in _keys(st, "failures/")])),
+        _series(st, k, k.removeprefix("failures/"), counter=True) for k in _keys(st, "failures/")])),
     ("signal", "Task groups with all rewards equal (no learning signal)", "groups", lambda st: [
         _series(st, "uniform_reward_groups", "uniform"), _series(st, "reward_groups", "all groups")]),
     ("throughput", "Tokens per second", "tokens/s", lambda st: [

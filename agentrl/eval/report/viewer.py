@@ -68,7 +68,8 @@ def _facts(ep: dict[str, Any]) -> str:
             ("turn rewards", ep.get("turn_rewards"))]
     if ep.get("failure"):
         rows.append(("failure", f"{ep['failure']}: {ep.get('error')}"))
-    cells = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows)
+    cells = "".join(f"<tr><th>{_e(k)}</th><td>{_e(f'{v:.4g}' if isinstance(v, float) else v)}</td></tr>"
+                    for k, v in rows)
     return f'<table class="facts">{cells}</table>'
 
 
