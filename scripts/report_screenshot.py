@@ -23,7 +23,7 @@ def main(report: str, out: str) -> None:
         sys.exit("no Chromium found: apt-get install chromium, or set AGENTRL_CHROMIUM")
     url = Path(report).resolve().as_uri()
     with sync_playwright() as pw:
-        browser = browser_path and pw.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        browser = pw.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1200, "height": 900})
         refused: list[str] = []
         page.route("**/*", lambda r: r.continue_() if r.request.url == url else (refused.append(r.request.url),
