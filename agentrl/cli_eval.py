@@ -7,6 +7,7 @@ built here too (`result_tables`), so `cli.py` stays a list of commands.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,7 +30,9 @@ def _config_for(target: str | None, source: PolicySource | None, overrides: Sequ
         raise ConfigError(f"{target!r} is a model directory without a run config, so the env is unknown; pass "
                           "--env ENV_ID (e.g. --env calculator-v0) or a YAML config")
     assert source is not None
-    return load_config(None, [f"model.path={source.model_dir}", f"env.id={envs[0]}", *overrides])
+    # JSON strings are YAML strings: a path or id holding ':' or '#' stays one plain value.
+    return load_config(None, [f"model.path={json.dumps(source.model_dir)}", f"env.id={json.dumps(envs[0])}",
+                              *overrides])
 
 
 def eval_inputs(target: str | None, overrides: Sequence[str], model: str | None, compare: Sequence[str | None],
