@@ -69,6 +69,13 @@ def test_hostile_episode_text_stays_text(tmp_path):
     assert "<img" not in page and "alert(1)</script>" not in page and page.count("<script>") == 1
     assert "&lt;/script&gt;&lt;script&gt;alert(1)" in page
     assert "metrics.jsonl line 2 is not JSON" in page  # a broken line is named, not fatal
+    # Lines of the right outline but the wrong insides are named too, and the rest still renders.
+    (run / "trajectories" / "step-000002.jsonl").write_text(json.dumps({"reward": "high", "segments": [1]}) + "\n")
+    (run / "eval").mkdir()
+    (run / "eval" / "odd.json").write_text(json.dumps({"models": [{"envs": 3}], "settings": {}}))
+    page = write_report(run).read_text()
+    assert "this saved episode could not be shown" in page and "eval/odd.json could not be shown" in page
+    assert page.count('<section class="episode"') == 2
 
 
 def test_report_refuses_what_is_not_a_run(tmp_path):

@@ -100,6 +100,14 @@ def _eval_doc(name: str, doc: dict[str, Any]) -> str:
     return "".join(out)
 
 
+def _guarded(render, name: str, doc: dict[str, Any]) -> str:
+    """`render(name, doc)`, or a note naming the file when it is not shaped as `agentrl eval` writes it."""
+    try:
+        return render(name, doc)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        return f'<p class="problems">eval/{_e(name)} could not be shown ({_e(type(exc).__name__)}: {_e(exc)})</p>'
+
+
 def _problems(run: RunFiles) -> str:
     items = [_e(p) for p in run.problems]
     items += [f"run stopped with an error: {_e(ev.get('message'))}" for ev in run.events if ev.get("event") == "error"]
@@ -115,7 +123,7 @@ def render_page(run: RunFiles) -> str:
     figures = charts(run.steps)
     curves = (f'<div class="plots">{"".join(figures)}</div>' if figures else
               '<p class="note">No training steps recorded in metrics.jsonl.</p>')
-    evals = "".join(_eval_doc(name, doc) for name, doc in run.evals) or (
+    evals = "".join(_guarded(_eval_doc, name, doc) for name, doc in run.evals) or (
         '<p class="note">No `agentrl eval` results in this run (run <code>agentrl eval RUN_DIR --k 4</code> to add '
         "them; they go to RUN_DIR/eval/).</p>")
     config = json.dumps(cfg, indent=2)

@@ -28,6 +28,13 @@ def episode_label(i: int, ep: dict[str, Any]) -> str:
             f"{adv_text}{fail}")
 
 
+def _label_or_index(i: int, ep: dict[str, Any]) -> str:
+    try:
+        return episode_label(i, ep)
+    except (TypeError, ValueError):
+        return f"#{i + 1}"
+
+
 def _token(tok: list[Any]) -> str:
     text, logprob, mask = (tok + [None, None, 0])[:3]
     shown = _e(text).replace("\n", "↵\n") or "∅"
@@ -94,10 +101,19 @@ def viewer(episodes: list[dict[str, Any]], saved: int) -> str:
     if not episodes:
         return ('<p class="note">This run saved no trajectories (metrics.save_trajectories was 0, or the run '
                 'predates it).</p>')
-    options = "".join(f'<option value="{i}">{_e(episode_label(i, ep))}</option>' for i, ep in enumerate(episodes))
+    options = "".join(f'<option value="{i}">{_e(_label_or_index(i, ep))}</option>' for i, ep in enumerate(episodes))
     capped = (f" ({len(episodes)} of the {saved} saved, spread over the run)" if saved > len(episodes) else "")
     key = ('<p class="note">Model tokens: <span class="tok trained" style="background:hsl(120,70%,86%)">trained'
            '</span> (loss mask 1), tinted from red (improbable) to green (probable) by the sampling probability; '
            'hover a token for its logprob. <span class="tok untrained">greyed</span> tokens were not trained.</p>')
     return (f'<label for="episode-select">Episode{capped}: </label><select id="episode-select">{options}</select>'
-            f'{key}<div id="episodes">{"".join(render_episode(i, ep) for i, ep in enumerate(episodes))}</div>')
+            f'{key}<div id="episodes">{"".join(_guarded(i, ep) for i, ep in enumerate(episodes))}</div>')
+
+
+def _guarded(i: int, ep: dict[str, Any]) -> str:
+    """An episode's section, or one saying why it cannot be shown (a hand-edited or foreign line)."""
+    try:
+        return render_episode(i, ep)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        return (f'<section class="episode" data-index="{i}" hidden><p class="problems">this saved episode could '
+                f'not be shown ({_e(type(exc).__name__)}: {_e(exc)})</p></section>')
