@@ -106,11 +106,12 @@ def bootstrap_ci(values: Sequence[float], seed: int, resamples: int = RESAMPLES,
     v = np.asarray(values, dtype=np.float64)  # [T]
     if v.size == 0:
         return (math.nan, math.nan)
+    if v.min() == v.max():  # every resample's mean is that value (summing would round it in the last bit)
+        return (float(v[0]), float(v[0]))
     means = v[resample_indices(v.size, seed, resamples)].mean(axis=1)  # [B]
     alpha = (1.0 - level) / 2
     lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
-    # The mean of equal numbers can differ from them in the last bit; report the bounds as they are.
-    return (float(min(lo, v.max())), float(max(hi, v.min())))
+    return (float(lo), float(hi))
 
 
 def paired_bootstrap_ci(a: Sequence[float], b: Sequence[float], seed: int, resamples: int = RESAMPLES,
