@@ -127,3 +127,13 @@ def test_several_envs_share_one_engine(stopping_model_dir):
     assert played["calculator-v0"] == alone["calculator-v0"]
     # Same tasks and seeds in both envs: the episodes play alike, but only ANY scores any number.
     assert sum(o.success for o in played[ANY]) >= sum(o.success for o in played["calculator-v0"])
+
+
+def test_a_bare_model_directory_with_an_env(tiny_model_dir, tmp_path):
+    out = tmp_path / "bare"
+    text = _eval(tiny_model_dir, "--env", "calculator-v0", "--tasks", "3", "--k", "2", "rollout.max_total_tokens=256",
+                 "--out", str(out))
+    doc = _doc(out)
+    assert doc["models"][0]["model_dir"] == tiny_model_dir and doc["models"][0]["step"] is None
+    assert doc["settings"]["envs"] == ["calculator-v0"] and len(doc["episodes"]) == 6
+    assert "on calculator-v0/test (3 tasks, k=2)" in text
