@@ -341,6 +341,9 @@ class MetricsConfig(_Frozen):
         "'agentrl[wandb]'` and `wandb login`); unset, wandb is never imported.")
     wandb_entity: str | None = Field(None, min_length=1, description="wandb user or team of the project "
                                      "(unset: your default entity).")
+    save_trajectories: int = Field(
+        4, ge=0, le=100_000, description="Episodes of each step saved to run_dir/trajectories/step-N.jsonl (tokens, "
+        "logprobs, mask, tool calls and results) for the trajectory viewer of `agentrl report`; 0 saves none.")
     console_keys: tuple[str, ...] = Field(
         ("reward_mean", "success_rate", "loss", "approx_kl", "entropy", "grad_norm", "nonfinite_steps"),
         description="Metrics on each step's first console line (any key of metrics.jsonl; absent ones are skipped).")

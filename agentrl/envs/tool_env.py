@@ -43,7 +43,8 @@ class ToolEnv(Env):
         max_observation_chars: Total characters of one turn's tool messages; what passes it is
             cut or withheld with a marker saying so.
 
-    Subclasses implement `sample_task(split, seed) -> Task` and `score(task, answer_text) -> float`.
+    Subclasses implement `sample_task(split, seed) -> Task` and `score(task, answer_text) -> float`,
+    and may implement `answer_key(task, answer_text)` so that `agentrl eval` can report maj@k.
     """
 
     def __init__(
@@ -70,6 +71,15 @@ class ToolEnv(Env):
 
     def score(self, task: Task, answer: str) -> float:
         raise NotImplementedError(f"{type(self).__name__} must implement score(task, answer)")
+
+    def answer_key(self, task: Task, answer: str) -> str | None:
+        """The final answer in a canonical form, or None when it states none (optional; default None).
+
+        Two answers with equal keys are the same answer: `agentrl eval` votes on keys for maj@k, so
+        equal keys must score alike (e.g. the last number of the text, when the scorer checks it).
+        The key goes out as `info["answer_key"]` of the final step.
+        """
+        return None
 
     # -- the Gymnasium contract ------------------------------------------------------------
     def tool_schemas(self) -> list[dict[str, Any]]:
@@ -114,7 +124,11 @@ class ToolEnv(Env):
         if not parsed.calls and not parsed.issues:
             self._done = True
             reward = float(self.score(self.task, action))
-            return (), reward, True, False, {"tool_errors": {}, "answer": parsed.content}
+            info: dict[str, Any] = {"tool_errors": {}, "answer": parsed.content}
+            key = self.answer_key(self.task, action)
+            if key is not None:
+                info["answer_key"] = key
+            return (), reward, True, False, info
         before = Counter(self.executor.error_counts)
         calls = [replace(c, id=self._next_call_id()) for c in parsed.calls]
         results = await self.executor.execute(calls, parsed.issues)
