@@ -63,10 +63,10 @@ def train_step(rollout: RolloutSide, trainer: TrainerSide, step: int, clock: Ste
         if ahead is None:
             trajectories, metrics = collect(rollout, step)  # times its episodes: time/rollout/{episodes,engine,env}
             clock.add("episodes", metrics["time/rollout/episodes"], "rollout")
-        else:  # played on the collector's thread, overlapping earlier updates
+            metrics |= rollout.worker_metrics()  # workers lost, hung or restarted, episodes played again (Ray)
+        else:  # played on the collector's thread, overlapping earlier updates (worker counts included)
             trajectories, metrics = ahead.get(step)
             clock.add("wait_rollout", metrics.pop("time/trainer/wait_rollout"), "trainer")
-    metrics |= rollout.worker_metrics()  # workers lost, hung or restarted, episodes played again (Ray)
     with engines_asleep(rollout, clock, rollout.cfg.cluster.colocate):
         with clock.phase("score", "trainer"):
             batch, kl_in_loss = score(to_batch(trajectories), trainer, rollout.cfg.algorithm)
