@@ -402,9 +402,6 @@ class Config(_Frozen):
             if "cpu" in (self.rollout.device, self.model.device):
                 raise ValueError(f"rollout.device={self.rollout.device} with model.device={self.model.device}: split "
                                  "across two GPUs (cuda:N), or leave rollout.device unset")
-        if self.train.schedule == "asynchronous" and self.cluster.mode == "ray":
-            raise ValueError("train.schedule=asynchronous with cluster.mode=ray is not built (it runs with "
-                             "cluster.mode=local); use the synchronous schedule on Ray workers")
         if self.cluster.mode == "ray":
             _check_ray_devices(self)
         return self

@@ -66,10 +66,10 @@ def train_step(rollout: RolloutSide, trainer: TrainerSide, step: int, clock: Ste
         if ahead is None:
             trajectories, metrics = collect(rollout, step)  # times its episodes: time/rollout/{episodes,engine,env}
             clock.add("episodes", metrics["time/rollout/episodes"], "rollout")
-        else:  # played on the collector's thread, overlapping earlier updates
+            metrics |= rollout.worker_metrics()  # workers lost, hung or restarted, episodes played again (Ray)
+        else:  # played on the collector's thread, overlapping earlier updates (worker counts included)
             trajectories, metrics = ahead.get(step)
             clock.add("wait_rollout", metrics.pop("time/trainer/wait_rollout"), "trainer")
-    metrics |= rollout.worker_metrics()  # workers lost, hung or restarted, episodes played again (Ray)
     metrics |= learning_signal(trajectories, rollout.tokenizer)  # groups whose rewards were all equal
     with engines_asleep(rollout, clock, rollout.cfg.cluster.colocate):
         with clock.phase("score", "trainer"):

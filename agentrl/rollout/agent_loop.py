@@ -117,12 +117,12 @@ class _Builder:
         self.versions = [-1] * len(prompt)
         self.spans: list[tuple[int, int]] = []
 
-    def add_model(self, ids: Sequence[int], logprobs: Sequence[float], version: int) -> None:
+    def add_model(self, ids: Sequence[int], logprobs: Sequence[float], versions: Sequence[int]) -> None:
         start = len(self.ids)
         self.ids += ids
         self.mask += [1] * len(ids)
         self.logprobs += logprobs
-        self.versions += [version] * len(ids)
+        self.versions += versions  # per token: weights pushed mid-turn change it
         self.spans.append((start, len(self.ids)))
 
     def add_observation(self, ids: Sequence[int]) -> None:
@@ -281,7 +281,7 @@ async def _play(engine: Engine, env: Env, renderer: ChatRenderer, sampling: Samp
         ep.phase = "engine"
         gen = await _generate(engine, b.ids, replace(sampling, max_tokens=min(sampling.max_tokens, room), seed=seed),
                               limits.request_timeout_s)
-        b.add_model(gen.token_ids, gen.logprobs, gen.weight_version)
+        b.add_model(gen.token_ids, gen.logprobs, gen.versions())
         text = renderer.decode(renderer.strip_end_of_turn(gen.token_ids))
         ep.messages.append(Message("assistant", text))
         if gen.finish_reason != "stop":  # a turn cut short cannot be handed to the env as an action

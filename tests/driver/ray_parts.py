@@ -12,6 +12,12 @@ that engine writes its pid to `claimed` and never answers its first request: it 
 and waits forever, as an engine whose scheduler deadlocked would. A restarted worker finds no
 `arm` file and works normally.
 
+`LateStallingEngine` (registered as `test-late-stalling`): the embedded engine, except that the
+first request of all the workers' made with weight version 1 or later, while
+`$AGENTRL_FAULT_DIR/arm-late` exists, claims that file (an atomic rename), writes its pid to
+`claimed` and `stalled`, and is never answered: a fault that strikes in a training run's second or
+later step, when (asynchronous schedule) weights are pushed while episodes play.
+
 `SlowEngine` (registered as `test-slow`): the embedded engine, except that while
 `$AGENTRL_FAULT_DIR/slow` holds its worker's pid each request waits a second first (a slower device,
 or a busier node); a test moves the slowness from one worker to another by rewriting the file.
@@ -71,6 +77,25 @@ class StallingEngine(EmbeddedEngine):
             (Path(os.environ["AGENTRL_FAULT_DIR"]) / "stalled").write_text(str(os.getpid()))
             await asyncio.Event().wait()  # never set: the request is never answered
         return await super().generate(prompt_ids, sampling)
+
+
+class LateStallingEngine(EmbeddedEngine):
+    async def generate(self, prompt_ids, sampling):
+        folder = Path(os.environ.get("AGENTRL_FAULT_DIR", "/nonexistent"))
+        if self.weight_version >= 1 and _claim(folder / "arm-late"):
+            (folder / "claimed").write_text(str(os.getpid()))
+            (folder / "stalled").write_text(str(os.getpid()))
+            await asyncio.Event().wait()  # never set: the request is never answered
+        return await super().generate(prompt_ids, sampling)
+
+
+def _claim(path: Path) -> bool:
+    """Whether this call took `path` (renamed away, so one caller of all the processes gets it)."""
+    try:
+        os.rename(path, f"{path}-{os.getpid()}")
+    except FileNotFoundError:
+        return False
+    return True
 
 
 class SlowEngine(EmbeddedEngine):

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 
 from agentrl.config import load_config
 from agentrl.driver.batch import score, to_batch
@@ -30,44 +29,10 @@ from agentrl.driver.collect import collect, task_seeds
 from agentrl.driver.sides import open_sides
 from agentrl.driver.weight_sync import push_weights
 from agentrl.envs.registration import ENVS
+from tests.driver.ray_processes import ours, tag  # noqa: F401 (`tag` is a fixture)
 
 if "ray-sandbox-v0" not in ENVS:  # the workers get the entry from the driver and import the class by name
     ENVS.register("ray-sandbox-v0", "tests.driver.ray_parts:SandboxEnv")
-
-TAG = "AGENTRL_RAY_FAULT_TEST"
-
-
-def _ours(tag: str) -> list[psutil.Process]:
-    """Live processes other than this one that carry `tag` in their environment: Ray's GCS, raylet and
-    agents, the workers, and whatever those started (all inherit it from this process)."""
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.pid != os.getpid() and proc.environ().get(TAG) == tag and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
-
-
-@pytest.fixture()
-def tag(monkeypatch, tmp_path):
-    """A tag every process the test starts inherits; after the test, none of them may be left."""
-    import ray
-
-    assert not ray.is_initialized()  # the run starts its own Ray, so closing it must end every process
-    value = f"{os.getpid()}-{tmp_path.name}"
-    monkeypatch.setenv(TAG, value)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two engines and the trainer on a few cores
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
-    yield value
-    deadline = time.monotonic() + 15  # a moment for Ray's processes to end and be reaped
-    while _ours(value) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    left = _ours(value) + [p for p in psutil.Process().children(recursive=True) if p.pid not in before
-                           and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert not left, f"processes left behind: {[(p.pid, p.name()) for p in left]}"
-
 
 def _cfg(model_dir: str, run_dir: Path, *extra: str):
     return load_config(None, [
@@ -95,7 +60,7 @@ def _watch_sandboxes(tag: str, seen: set[int], done: threading.Event) -> threadi
     """A thread that notes the pid of every hung sandbox (`sleep 60`) among the test's processes until `done`."""
     def watch():
         while not done.is_set():
-            for proc in _ours(tag):
+            for proc in ours(tag):
                 try:
                     if proc.cmdline()[:2] == ["sleep", "60"]:
                         seen.add(proc.pid)
@@ -122,7 +87,7 @@ def test_a_tool_that_hangs_in_one_episode_of_64_on_a_ray_worker_does_not_hold_th
         seconds = time.perf_counter() - t0
         done.set()
         watcher.join()
-        running = _ours(tag)
+        running = ours(tag)
         workers = {h.pid for h in rollout.health()}
         # One sandbox, in a worker, claimed the hang; it ended with its env when the episode failed.
         [claimed] = tmp_path.glob("hang-*")

@@ -1,8 +1,9 @@
 """The Ray rollout side on a real Ray (CPU): slices of whole groups handed to workers as they free up
 (a slow worker plays fewer, and the results do not depend on who played what), results in order and
-equal to one engine's, weights put into Ray's object store once per push, and faults survived: a
-worker SIGKILLed mid-step, an engine that stops answering, a worker lost for good. One Ray session
-serves the whole module (starting Ray costs seconds)."""
+equal to one engine's, weights put into Ray's object store once per push, weights pushed while a
+play runs (the asynchronous schedule), and faults survived: a worker SIGKILLed mid-step, an engine
+that stops answering, a worker lost for good. One Ray session serves the whole module (starting Ray
+costs seconds)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from ray import get as ray_get
 
 from agentrl.config import load_config
 from agentrl.driver.cluster import RaySession
 from agentrl.driver.rollout_pool import RayRolloutSide
-from agentrl.driver.rollout_round import split_by_groups
+from agentrl.driver.rollout_round import PlayAborted, call, split_by_groups
 from agentrl.driver.rollout_side import RolloutSide
 from agentrl.rollout.agent_loop import EpisodeSpec
 from agentrl.rollout.engine import ENGINES
@@ -199,6 +201,78 @@ def test_sigkilled_worker_restarts_and_its_episodes_are_played_again(ray_session
         health = side.health()  # the restarted worker is back, a new process, with the current weights
         assert victim not in {h.pid for h in health} and {h.version for h in health} == {1}
         assert _same(got, side.play(SPECS, 1.0, seed=7))  # the re-run slice equals a run without the fault
+
+
+def _sampled_versions(trajectory) -> list[int]:
+    return [v for v, m in zip(trajectory.weight_versions, trajectory.loss_mask) if m]
+
+
+def test_weights_pushed_while_a_play_runs_reach_it_and_a_worker_restarted_mid_play(ray_session, tiny_model_dir,
+                                                                                  fault_dir, monkeypatch):
+    """The asynchronous schedule pushes weights from the trainer's thread while the producer's thread
+    plays. One worker's engine never answers its first request (its slice holds the play open); the
+    other is mid-turn when the weights are pushed, then the stuck worker is SIGKILLed. Last, `abort()`
+    ends a play (the producer's, when the run stops) and leaves the pool ready for the next one. (The
+    tiny model here barely ever ends a turn early, so its 160-token turns outlast the push.)"""
+    cfg = _cfg(tiny_model_dir, "rollout.engine=test-stalling", "cluster.health_timeout_s=600", "rollout.max_turns=1",
+               "rollout.max_tokens_per_turn=160", "rollout.max_total_tokens=1024")
+    stalled = _stall_then(fault_dir, lambda pid: None)
+    with _opened(cfg) as side:  # one of the two workers claims the fault
+        puts, sent = _spy_on_weights(monkeypatch)
+        victim = int((fault_dir / "claimed").read_text())
+        bad = [h.pid for h in side.health()].index(victim)
+        healthy = side.slots[1 - bad].actor
+        weights = _perturbed(tiny_model_dir)
+        out: list = []
+        player = threading.Thread(target=lambda: out.append(side.play(SPECS, 1.0, seed=7)))
+        stalled.start()
+        player.start()
+        stalled.join()
+        deadline = time.monotonic() + 120
+        while ray_get(call(healthy, "health")).generated_tokens < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        side.update_weights(weights, 1)  # from this thread, while the play runs
+        assert player.is_alive()  # the stuck slice holds the play: the push did not wait for it
+        os.kill(victim, signal.SIGKILL)
+        player.join(timeout=300)
+        got = out[0]
+        counts = side.worker_metrics()
+        assert counts["workers/lost"] == 1 and counts["workers/restarted"] == 1 and counts["episodes/rerun"] == 2
+        assert all(t.error is None for t in got)
+        # One object put; both workers, then the restarted one, were sent it.
+        assert len(puts) == 1 and len(sent) == 3 and all(ref is puts[0] for ref in sent)
+        health = side.health()
+        assert victim not in {h.pid for h in health} and {h.version for h in health} == {1}
+        _abort_a_play(side)
+    versions = [_sampled_versions(t) for t in got]
+    assert all(vs and vs == sorted(vs) and set(vs) <= {0, 1} for vs in versions)  # each token keeps its version
+    # Worker `bad` took slice `bad` (one group) first: played again after the kill, with the new weights
+    # only. The healthy worker's first slice went on across the push: old tokens, then new ones.
+    assert all(set(vs) == {1} for vs in versions[2 * bad:2 * bad + 2])
+    assert any(set(vs) == {0, 1} for vs in versions[2 * (1 - bad):2 * (1 - bad) + 2])
+
+
+def _abort_a_play(side: RayRolloutSide) -> None:
+    """`abort()` mid-play: the play raises PlayAborted within seconds, and the next play runs normally."""
+    errors: list[BaseException] = []
+
+    def play():
+        try:
+            side.play(SPECS, 1.0, seed=8)
+        except PlayAborted as exc:
+            errors.append(exc)
+
+    player = threading.Thread(target=play)
+    player.start()
+    deadline = time.monotonic() + 120
+    while not any(ray_get(call(s.actor, "health")).in_flight for s in side.slots) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    side.abort()
+    player.join(timeout=60)
+    assert not player.is_alive() and time.monotonic() - t0 < 15 and len(errors) == 1
+    assert "aborted with 1 of its slices not handed out" in str(errors[0])  # 3 slices, 2 workers
+    assert all(t.error is None for t in side.play(SPECS[:2], 1.0, seed=8))
 
 
 def test_hung_engine_is_detected_within_seconds_and_restarted(ray_session, stopping_model_dir, fault_dir):

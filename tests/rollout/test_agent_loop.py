@@ -38,6 +38,28 @@ class ScriptedEngine:
     def abort(self): ...
 
 
+class SwappingEngine(ScriptedEngine):
+    """Reports the weights changing from version 4 to 5 after the first 3 tokens of each turn, as an
+    engine updated between two decode steps does (tests/rollout/test_workers.py plays it for real)."""
+
+    async def generate(self, prompt_ids, sampling):
+        gen = await super().generate(prompt_ids, sampling)
+        n = len(gen.token_ids)
+        return Generation(gen.token_ids, gen.logprobs, "stop", weight_version=4,
+                          token_weight_versions=(4,) * 3 + (5,) * (n - 3))
+
+
+def test_each_sampled_token_keeps_the_version_that_sampled_it(env_and_renderer):
+    env, renderer = env_and_renderer
+    engine = SwappingEngine(renderer, ["The answer is 12."])
+    traj, _ = asyncio.run(run_episode(engine, env, renderer, SamplingParams(), EpisodeLimits(1, 2048),
+                                      EpisodeSpec(seed=3, split="test")))
+    [(start, end)] = traj.turn_spans
+    assert end - start > 3
+    assert traj.weight_versions[start:end] == (4, 4, 4) + (5,) * (end - start - 3)
+    assert set(traj.weight_versions[:start]) == {-1}
+
+
 def _call(expr) -> str:
     return "<tool_call>" + json.dumps({"name": "calculator", "arguments": {"expression": expr}}) + "</tool_call>"
 

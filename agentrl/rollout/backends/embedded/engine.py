@@ -73,9 +73,7 @@ _GPU_KV_FRACTION = 0.5  # default share of free accelerator memory for the KV ca
 
 @dataclass(frozen=True)
 class EmbeddedGeneration(Generation):
-    """A `Generation` with the weight version that sampled each token (they differ across an update)."""
-
-    token_weight_versions: tuple[int, ...] = ()
+    """A `Generation` of this engine: `token_weight_versions` is always filled (they differ across an update)."""
 
 
 @dataclass(eq=False)
