@@ -111,8 +111,12 @@ class RaySession:
         options: dict[str, Any] = {"include_dashboard": False}
         if c.address is not None:
             options["address"] = c.address
-        elif c.num_cpus is not None:
-            options["num_cpus"] = c.num_cpus
+        else:
+            # "local" starts a private Ray even where another one runs on this machine (plain ray.init()
+            # would join the newest cluster started here, e.g. by `ray start` or another run).
+            options["address"] = "local"
+            if c.num_cpus is not None:
+                options["num_cpus"] = c.num_cpus
         try:
             ray.init(**options)
         except (ConnectionError, ValueError, RuntimeError) as exc:

@@ -45,7 +45,7 @@ def fault_dir(tmp_path_factory) -> Path:
 def ray_session(fault_dir):
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"AGENTRL_FAULT_DIR": str(fault_dir), "OMP_NUM_THREADS": "1"}})
     yield
     ray.shutdown()

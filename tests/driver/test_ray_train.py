@@ -28,7 +28,7 @@ if "ray-digits-v0" not in ENVS:  # registered here only: the workers get the ent
 def ray_session():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     yield
     ray.shutdown()

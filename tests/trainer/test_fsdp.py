@@ -60,7 +60,7 @@ def test_ray_trainer_workers_match_single_process(tiny_model_dir):
     settings = LossSettings(entropy_coef=0.01)
     ref = policy_update(model, torch.optim.SGD(model.parameters(), lr=0.5), batch, settings,
                         micro_batch_tokens=96, grad_clip=1e9, logprob_chunk=32)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     try:
         workers = TrainerWorker.group(tiny_model_dir, 2, optimizer="sgd", lr=0.5, micro_batch_tokens=96,
