@@ -75,6 +75,11 @@ def _print_episode_errors(metrics: dict, printer) -> None:
             printer(f"            {rich_escape(text)}")
 
 
+def _env_names(metrics: dict) -> list[str]:
+    """The envs of a multi-task run's metrics (`env/<name>/success_rate` keys), in order."""
+    return [k.split("/")[1] for k in metrics if k.startswith("env/") and k.endswith("/success_rate")]
+
+
 def _fmt(metrics: dict[str, float], keys: list[str]) -> str:
     return "  ".join(f"{k}={metrics[k]:.3g}" for k in keys if k in metrics)
 
@@ -94,7 +99,7 @@ def train(
     _quiet_loaders()
     with _errors_reported():
         cfg = load_config(config, overrides or [])
-    console.print(f"[bold]agentrl train[/] env={cfg.env.id} model={cfg.model.path} steps={cfg.train.steps} "
+    console.print(f"[bold]agentrl train[/] env={','.join(e.key for e in cfg.envs) or cfg.env.id} model={cfg.model.path} steps={cfg.train.steps} "
                   f"run_dir={cfg.run_dir}")
     bar = Progress(TextColumn("[bold blue]RL"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
@@ -141,6 +146,9 @@ def _print_before_after(result: dict, split: str) -> None:
         if key in result:
             m = result[key]
             table.add_row(key, f"{m['success_rate']:.1%}", f"{m['tool_calls_mean']:.2f}")
+            for name in _env_names(m):  # a multi-task run: each env's held-out split too
+                table.add_row(f"  {name}", f"{m[f'env/{name}/success_rate']:.1%}",
+                              f"{m[f'env/{name}/tool_calls_mean']:.2f}")
     console.print(table)
     if "before" in result and "after" in result:
         gain = result["after"]["success_rate"] - result["before"]["success_rate"]
@@ -176,6 +184,9 @@ def evaluate_cmd(
     console.print(f"{model or cfg.model.path} on {cfg.env.id}/{chosen[0]} ({ev.num_tasks} tasks): "
                   f"success {m['success_rate']:.1%}  "
                   f"{_fmt(m, ['reward_mean', 'tool_calls_mean', 'turns_mean', 'tool_errors'])}")
+    for name in _env_names(m):
+        console.print(f"  {name}: success {m[f'env/{name}/success_rate']:.1%}  "
+                      f"reward_mean={m[f'env/{name}/reward_mean']:.3g}")
     _print_episode_errors(m, console.print)
     print(json.dumps(m, sort_keys=True))
 
