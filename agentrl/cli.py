@@ -304,6 +304,8 @@ def tiny_model(
                                                   help="How often the demonstrator calls the tool."),
     sft_steps: Optional[int] = typer.Option(None, min=0, max=10_000_000, help="Supervised warm-start steps."),
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed."),
+    corpus_episodes: Optional[int] = typer.Option(None, min=1, max=10_000_000,
+                                                  help="Scripted episodes the tokenizer is trained on (default 3000)."),
 ) -> None:
     """Build a tiny tool-calling model from scratch (tokenizer, transformer, warm start).
 
@@ -313,7 +315,7 @@ def tiny_model(
 
     from agentrl.errors import ConfigError
 
-    given = {"demos": demos, "tool_use_prob": tool_use_prob, "sft_steps": sft_steps}
+    given = {"demos": demos, "tool_use_prob": tool_use_prob, "sft_steps": sft_steps, "corpus_episodes": corpus_episodes}
     _quiet_loaders()
     with _errors_reported():
         if out.exists() and not out.is_dir():
