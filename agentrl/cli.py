@@ -30,7 +30,8 @@ from rich.table import Table
 
 from agentrl.errors import AgentRLError, ConfigError, RunInterrupted
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reinforcement learning for tool-using LLM agents.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reinforcement learning for tool-using LLM agents. "
+                  "Every config key, default and bound: docs/configuration.md.")
 console = Console()
 
 
@@ -86,7 +87,8 @@ def _fmt(metrics: dict[str, float], keys: list[str]) -> str:
 
 @app.command()
 def train(
-    config: Path = typer.Argument(..., help="YAML file of overrides of agentrl.config.Config."),
+    config: Path = typer.Argument(..., help="YAML file of overrides of agentrl.config.Config "
+                                  "(every key: docs/configuration.md)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="dotted.key=value overrides, e.g. train.steps=5"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in run_dir from its latest checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in run_dir (its files are deleted "
