@@ -180,3 +180,20 @@ def test_streamable_http_server_with_hang_huge_and_crash(http_url):
     finally:
         env.close()
     assert running_servers() == []
+
+
+def test_results_are_rendered_as_text_and_other_blocks_are_described():
+    import mcp_types as t
+
+    from agentrl.errors import ToolError
+    from agentrl.tools.mcp import render_result
+
+    result = t.CallToolResult(content=[
+        t.TextContent(type="text", text="first"), t.ImageContent(type="image", data="aGk=", mime_type="image/png"),
+        t.EmbeddedResource(type="resource", resource=t.TextResourceContents(uri="file:///a.txt", text="inside")),
+        t.ResourceLink(type="resource_link", name="b", uri="file:///b.bin")])
+    assert render_result(result) == ("first\n[image image/png, 4 base64 characters, not shown]\ninside\n"
+                                     "[resource file:///b.bin]")
+    assert render_result(t.CallToolResult(content=[], structured_content={"n": 3})) == '{"n": 3}'
+    with pytest.raises(ToolError, match="bad input"):
+        render_result(t.CallToolResult(content=[t.TextContent(type="text", text="bad input")], is_error=True))
