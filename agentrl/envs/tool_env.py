@@ -67,10 +67,15 @@ class ToolEnv(Env):
         tool_error_reward: float = 0.0,
     ):
         self.toolsets = tuple(t for t in tools if not isinstance(t, Tool) and isinstance(t, Toolset))
-        self.tools = _unique_tools([t for item in tools for t in ((item,) if isinstance(item, Tool) else
-                                                                 _toolset_tools(item))] + bound_env_tools(self))
-        if not math.isfinite(tool_error_reward):
-            raise EnvError(f"tool_error_reward must be a finite number, got {tool_error_reward!r}")
+        try:  # a toolset holds a resource (a server): a refused env must not keep it
+            self.tools = _unique_tools([t for item in tools for t in ((item,) if isinstance(item, Tool) else
+                                                                     _toolset_tools(item))] + bound_env_tools(self))
+            if not math.isfinite(tool_error_reward):
+                raise EnvError(f"tool_error_reward must be a finite number, got {tool_error_reward!r}")
+        except BaseException:
+            for toolset in self.toolsets:
+                toolset.close()
+            raise
         self.tool_error_reward = float(tool_error_reward)
         self.context: ToolContext | None = None
         self.parser_name = parser
