@@ -174,7 +174,7 @@ def test_toolsets_are_offered_and_closed_once():
     env.close()
     env.close()
     assert closed == [1]
-    with pytest.raises(EnvError, match="named \['push'\]"):  # refused: the toolset is closed, not leaked
+    with pytest.raises(EnvError, match=r"named \['push'\]"):  # refused: the toolset is closed, not leaked
         ToolEnv.__init__(Counter.__new__(Counter), [Box(), push])
     assert closed == [1, 1]
     with pytest.raises(EnvError, match="Tools .* or Toolsets"):
