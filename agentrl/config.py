@@ -395,11 +395,13 @@ class Config(_Frozen):
         if self.algorithm.advantage in ("grpo", "rloo", "dr_grpo") and self.rollout.samples_per_prompt < 2:
             raise ValueError(f"advantage {self.algorithm.advantage!r} compares samples of one task, so "
                              "rollout.samples_per_prompt must be at least 2")
-        for e in self.envs or (self.env,):
+        several = len(self.envs) > 1
+        for k, e in enumerate(self.envs or (self.env,)):
             if e.train_split == self.eval.split and not e.allow_train_on_eval_split:
-                raise ValueError(f"env.train_split and eval.split are both {self.eval.split!r} (env {e.id}): training "
-                                 "on the held-out split makes its score meaningless; pick another split, or set "
-                                 "allow_train_on_eval_split=true if you mean it")
+                where = f"envs[{k}]" if several else "env"
+                raise ValueError(f"{where}.train_split and eval.split are both {self.eval.split!r}: training on the "
+                                 "held-out split makes its score meaningless; pick another split, or set "
+                                 f"{where}.allow_train_on_eval_split=true if you mean it")
         if self.train.schedule == "asynchronous" and self.algorithm.tis == "none":
             raise ValueError("train.schedule=asynchronous trains on tokens sampled by older policies, so the loss must "
                              "correct for the policy that sampled them: set algorithm.old_logprobs=recompute and "
