@@ -183,7 +183,8 @@ def evaluate_cmd(
             m = evaluate(rollout, chosen[0], ev.num_tasks, ev.temperature, ev.seed)
         finally:
             rollout.close()
-    console.print(f"{model or cfg.model.path} on {','.join(e.key for e in cfg.envs) or cfg.env.id}/{chosen[0]} ({ev.num_tasks} tasks): "
+    envs = ",".join(e.key for e in cfg.envs) or cfg.env.id
+    console.print(f"{model or cfg.model.path} on {envs}/{chosen[0]} ({ev.num_tasks} tasks): "
                   f"success {m['success_rate']:.1%}  "
                   f"{_fmt(m, ['reward_mean', 'tool_calls_mean', 'turns_mean', 'tool_errors'])}")
     for name in _env_names(m):
