@@ -101,7 +101,8 @@ def train(
     _quiet_loaders()
     with _errors_reported():
         cfg = load_config(config, overrides or [])
-    console.print(f"[bold]agentrl train[/] env={','.join(e.key for e in cfg.envs) or cfg.env.id} model={cfg.model.path} steps={cfg.train.steps} "
+    envs = ",".join(e.key for e in cfg.envs) or cfg.env.id
+    console.print(f"[bold]agentrl train[/] env={envs} model={cfg.model.path} steps={cfg.train.steps} "
                   f"run_dir={cfg.run_dir}")
     bar = Progress(TextColumn("[bold blue]RL"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)

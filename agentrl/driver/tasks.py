@@ -120,7 +120,8 @@ class MixedRolloutSide:
     sides: Mapping[str, Any]  # name -> RolloutSide
 
     @classmethod
-    def open(cls, cfg: Config, model_path: str | None = None, splits: Sequence[tuple[str, str]] = ()) -> MixedRolloutSide:
+    def open(cls, cfg: Config, model_path: str | None = None,
+             splits: Sequence[tuple[str, str]] = ()) -> MixedRolloutSide:
         """Check every env (its failure policy, that it builds, its splits' prompts), then load the model once."""
         from agentrl.driver.rollout_side import RolloutSide, load_renderer
 

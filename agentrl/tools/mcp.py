@@ -101,7 +101,8 @@ def _import_mcp() -> Any:
         from mcp.client.stdio import StdioServerParameters, stdio_client
         from mcp.client.streamable_http import streamable_http_client
     except ImportError as exc:
-        raise ConfigError(f"MCP tools need the mcp package ({exc}); install it with pip install 'agentrl[mcp]'") from None
+        raise ConfigError(f"MCP tools need the mcp package ({exc}); install it with "
+                          "pip install 'agentrl[mcp]'") from None
     return ClientSession, StdioServerParameters, stdio_client, streamable_http_client
 
 

@@ -81,8 +81,8 @@ def test_per_env_scaling_by_hand():
     """
     adv = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [10.0, 10.0], [-20.0, 5.0]])
     mask = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
-    batch = TrainBatch(token_ids=torch.zeros(4, 2, dtype=torch.long), lengths=torch.full((4,), 2),
-                       mask=mask, rollout_logprobs=torch.zeros(4, 2), weight_versions=torch.zeros(4, 2, dtype=torch.long),
+    batch = TrainBatch(token_ids=torch.zeros(4, 2, dtype=torch.long), lengths=torch.full((4,), 2), mask=mask,
+                       rollout_logprobs=torch.zeros(4, 2), weight_versions=torch.zeros(4, 2, dtype=torch.long),
                        scores=torch.zeros(4), group_ids=torch.arange(4), advantages=adv)
     cfg = _cfg("envs=[{id: calculator-v0, name: a}, {id: countdown-v0, name: b}]")
     trajs = [_traj("a", 0), _traj("a", 0), _traj("b", 1), _traj("b", 1)]

@@ -30,8 +30,9 @@ def push(item: str, ctx: ToolContext) -> str:
 
 def test_the_context_parameter_is_not_in_the_schema():
     assert push.context_arg == "ctx"
-    assert push.parameters == {"type": "object", "properties": {"item": {"type": "string", "description": "What to push."}},
-                               "required": ["item"], "additionalProperties": False}
+    item = {"type": "string", "description": "What to push."}
+    assert push.parameters == {"type": "object", "properties": {"item": item}, "required": ["item"],
+                               "additionalProperties": False}
 
 
 def test_context_calls_run_in_the_order_written_and_the_model_cannot_pass_the_context():

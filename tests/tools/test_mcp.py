@@ -89,7 +89,8 @@ def test_a_hostile_stdio_server_never_crashes_the_episode(stdio_env):
     t0 = time.monotonic()
     text, errors = _step(env, "hang")
     assert errors == {"timeout": 1} and 1.9 < time.monotonic() - t0 < 5
-    patient = MCPEnv(stdio_server(sys.executable, SERVERS, "stdio"), policy=ToolPolicy(timeout_s=60, max_output_chars=1000))
+    patient = MCPEnv(stdio_server(sys.executable, SERVERS, "stdio"),
+                     policy=ToolPolicy(timeout_s=60, max_output_chars=1000))
     patient.reset(seed=0)  # the same server (shared), with time to move 10 MB through a pipe on a busy machine
     text, errors = _step(patient, "huge", megabytes=10)  # cut to the tool's output cap
     patient.close()

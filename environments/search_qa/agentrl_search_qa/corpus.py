@@ -70,7 +70,8 @@ def build() -> tuple[tuple[Document, ...], tuple[Question, ...]]:
                      f"founded in {v['founded']} and has about {v['people']} inhabitants.")
             for t, v in towns.items()]
     docs += [Document(f"person-{_slug(p)}", p,
-                      f"{p} is {'an' if v['profession'][0] in 'aeiou' else 'a'} {v['profession']}. {p.split()[0]} was born in {v['born']} in the town of {v['town']}.")
+                      f"{p} is {'an' if v['profession'][0] in 'aeiou' else 'a'} {v['profession']}. "
+                      f"{p.split()[0]} was born in {v['born']} in the town of {v['town']}.")
              for p, v in people.items()]
     questions = []
     for p, v in people.items():

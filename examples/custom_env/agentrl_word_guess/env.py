@@ -37,7 +37,8 @@ def _is_test(word: str) -> bool:
 
 def feedback(guess: str, secret: str) -> str:
     """One mark per letter of `guess`: G (right place), Y (elsewhere in the word), . (absent)."""
-    return "".join("G" if i < len(secret) and c == secret[i] else "Y" if c in secret else "." for i, c in enumerate(guess))
+    return "".join("G" if i < len(secret) and c == secret[i] else "Y" if c in secret else "."
+                   for i, c in enumerate(guess))
 
 
 class WordGuessEnv(ToolEnv):
