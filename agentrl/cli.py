@@ -1,9 +1,11 @@
-"""The `agentrl` command: train, eval, envs, tools, check-env, check-model, tiny-model.
+"""The `agentrl` command: train, eval, report, envs, tools, check-env, check-model, tiny-model.
 
 Example:
     agentrl tiny-model --out models/tiny-calculator
     agentrl train examples/calculator.yaml train.steps=30
-    agentrl eval examples/calculator.yaml --model runs/calculator/final
+    agentrl eval runs/calculator --k 4
+    agentrl eval examples/calculator.yaml --compare runs/calculator models/tiny-calculator
+    agentrl report runs/calculator
     agentrl check-env gym-frozenlake-v0 --episodes 20
     agentrl check-model models/tiny-calculator --env calculator-v0
 
@@ -67,11 +69,11 @@ def _quiet_loaders() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _print_episode_errors(metrics: dict, printer) -> None:
+def _print_episode_errors(metrics: dict, printer, what: str = "not trained on") -> None:
     """The first distinct episode-error texts of a batch, one per line (they are not trained on)."""
     samples = metrics.get("error_samples") or []
     if samples:
-        printer(f"          [yellow]{int(metrics.get('episode_errors', 0))} episode(s) failed[/] (not trained on):")
+        printer(f"          [yellow]{int(metrics.get('episode_errors', 0))} episode(s) failed[/] ({what}):")
         for text in samples:
             printer(f"            {rich_escape(text)}")
 
@@ -114,12 +116,15 @@ def train(
             last = latest_checkpoint(cfg.run_dir)
             progress.update(task, completed=checkpoint_step(last) if last else 0)
 
-        from agentrl.driver.console import ConsoleSink
+        from agentrl.driver.console import LEGEND, ConsoleSink
 
         lines = ConsoleSink(lambda line: progress.console.print(rich_escape(line), highlight=False, soft_wrap=True),
                             cfg.metrics.console_keys)
+        legend = [LEGEND]
 
         def on_step(step: int, m: dict) -> None:
+            while legend:  # once, above the first step's lines
+                progress.console.print(f"[dim]{rich_escape(legend.pop())}[/]", soft_wrap=True)
             lines.write(m)  # the step's metrics, its time split, failure counts when non-zero
             _print_episode_errors(m, progress.console.print)
             progress.update(task, advance=1)
@@ -134,8 +139,9 @@ def train(
         if key in result:
             _print_episode_errors(result[key], console.print)
     _print_before_after(result, cfg.eval.split)
-    (Path(cfg.run_dir) / "summary.json").write_text(json.dumps(
-        {k: v for k, v in result.items() if k != "history" and v is not None}, indent=2))
+    from agentrl.driver.metrics import run_summary
+
+    (Path(cfg.run_dir) / "summary.json").write_text(json.dumps(run_summary(result), indent=2))
 
 
 def _print_before_after(result: dict, split: str) -> None:
@@ -143,8 +149,8 @@ def _print_before_after(result: dict, split: str) -> None:
         return
     table = Table(title=f"held-out success ({split} split)")
     table.add_column("")
-    table.add_column("success rate", justify="right")
-    table.add_column("tool calls / episode", justify="right")
+    table.add_column("success rate (share of episodes)", justify="right")
+    table.add_column("tool calls (mean per episode)", justify="right")
     for key in ("before", "after"):
         if key in result:
             m = result[key]
@@ -160,39 +166,74 @@ def _print_before_after(result: dict, split: str) -> None:
 
 @app.command("eval")
 def evaluate_cmd(
-    config: Path = typer.Argument(..., help="YAML config (its model, env and eval sections are used)."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="dotted.key=value overrides"),
-    model: Optional[str] = typer.Option(None, help="Model directory to evaluate (default: model.path)."),
+    target: Optional[str] = typer.Argument(None, help="A YAML config, or the policy to evaluate: a run directory "
+                                           "(its final policy), a checkpoint (RUN/checkpoints/step-N) or a model "
+                                           "directory (then --env is needed)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="dotted.key=value overrides of the config"),
+    model: Optional[str] = typer.Option(None, help="Policy to evaluate (run, checkpoint or model directory; "
+                                        "default: TARGET, or model.path of the config)."),
+    compare: Optional[tuple[str, str]] = typer.Option(None, "--compare", metavar="A B", show_default=False,
+                                            help="Evaluate two policies on the same tasks and sampling seeds and "
+                                            "report paired differences with a paired bootstrap CI."),
+    env: Optional[list[str]] = typer.Option(None, "--env", help="Env id to evaluate on; repeat for several "
+                                            "(default: env.id of the config)."),
     split: Optional[str] = typer.Option(None, help="Split to evaluate (default: eval.split)."),
+    k: int = typer.Option(1, "--k", min=1, max=1024, help="Samples per task (pass@1..pass@k, maj@k)."),
+    tasks: Optional[int] = typer.Option(None, "--tasks", min=1, max=10_000_000,
+                                        help="Tasks per env, seeds 0..N-1 (default: eval.num_tasks)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Path prefix of the results: PREFIX.json (every "
+                                       "episode) and PREFIX.md (default: RUN/eval/NAME for a run's policy, "
+                                       "else eval-results/NAME)."),
 ) -> None:
-    """Success rate of a model on a held-out split."""
-    from agentrl.config import load_config
-    from agentrl.driver.collect import evaluate
-    from agentrl.driver.rollout_side import RolloutSide
-
-    from agentrl.errors import ConfigError
+    """Score policies on held-out tasks: success, pass@k, maj@k, tool use, with bootstrap CIs over tasks."""
+    from agentrl.cli_eval import default_prefix, eval_inputs, result_tables
+    from agentrl.driver.evaluation import evaluate_policy, log_scalars, results_document, write_results
+    from agentrl.driver.sinks import check_sinks
 
     _quiet_loaders()
     with _errors_reported():
-        cfg = load_config(config, overrides or [])
-        ev = cfg.eval
-        if ev.num_tasks == 0:
-            raise ConfigError("eval.num_tasks=0: there is nothing to evaluate; set eval.num_tasks=N")
-        chosen = (split, "--split") if split is not None else (ev.split, "eval.split")
-        rollout = RolloutSide.open(cfg, model_path=model, splits=[chosen])  # no trainable copy of the model
-        try:
-            m = evaluate(rollout, chosen[0], ev.num_tasks, ev.temperature, ev.seed)
-        finally:
-            rollout.close()
-    envs = ",".join(e.key for e in cfg.envs) or cfg.env.id
-    console.print(f"{model or cfg.model.path} on {envs}/{chosen[0]} ({ev.num_tasks} tasks): "
-                  f"success {m['success_rate']:.1%}  "
-                  f"{_fmt(m, ['reward_mean', 'tool_calls_mean', 'turns_mean', 'tool_errors'])}")
-    for name in _env_names(m):
-        console.print(f"  {name}: success {m[f'env/{name}/success_rate']:.1%}  "
-                      f"reward_mean={m[f'env/{name}/reward_mean']:.3g}")
-    _print_episode_errors(m, console.print)
-    print(json.dumps(m, sort_keys=True))
+        cfg, sources, settings = eval_inputs(target, overrides or [], model, compare or (), env or [], split, k, tasks)
+        check_sinks(cfg.metrics)
+    bar = Progress(TextColumn("[bold blue]eval"), BarColumn(), TextColumn("{task.completed}/{task.total} episodes"),
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
+    played = []
+    with _errors_reported(), bar as progress:
+        task = progress.add_task("eval", total=settings.episodes * len(sources))
+        for source in sources:
+            played.append(evaluate_policy(cfg, source, settings, lambda n: progress.update(task, advance=n)))
+    with _errors_reported():
+        doc = results_document(sources, played, settings)
+        prefix = out if out is not None else default_prefix(sources, settings)
+        json_path, md_path = write_results(doc, prefix)
+        log_scalars(cfg, doc, json_path.parent)
+    for table in result_tables(doc):
+        console.print(table)
+    for i in range(len(sources)):
+        _print_episode_errors(_eval_errors(doc, i), console.print, "not scored")
+    console.print(f"means are over tasks (per-task pass@k, or the mean over a task's samples); totals count "
+                  f"episodes. Every episode: {json_path}  summary: {md_path}", soft_wrap=True)
+
+
+def _eval_errors(doc: dict, model: int) -> dict:
+    """`error_samples` of a policy's failed episodes, in the shape `_print_episode_errors` reads."""
+    from agentrl.driver.metrics import error_samples
+    from agentrl.eval.results import EpisodeOutcome
+
+    failed = [EpisodeOutcome.from_json(e) for e in doc["episodes"] if e["model"] == model and e["failure"]]
+    return {"episode_errors": len(failed), "error_samples": error_samples(failed)}
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A run directory (the run_dir of `agentrl train`)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write the page (default: RUN_DIR/report.html)."),
+) -> None:
+    """Write one self-contained HTML page of a run: curves, evaluations and a trajectory viewer."""
+    from agentrl.eval.report import write_report
+
+    with _errors_reported():
+        path = write_report(run_dir, out)
+    console.print(f"wrote {path} (self-contained: open it in any browser, offline)", soft_wrap=True)
 
 
 def _registry_table(registry, title: str) -> Table:

@@ -96,6 +96,11 @@ class RolloutConfig(_Frozen):
     max_turns: int = Field(4, ge=1, le=1000, description="Most model turns per episode.")
     max_total_tokens: int = Field(512, ge=8, le=MAX_TOKENS,
                                   description="Most tokens per episode, prompt and observations included.")
+    device: str | None = Field(
+        None, description="Device of the built-in engine when everything runs in one process; null: model.device. "
+        "Another GPU than the trainer's disaggregates rollout from training in one process (model.device=cuda:0, "
+        "rollout.device=cuda:1): weights cross by a device-to-device copy, and train.schedule=asynchronous lets "
+        "both GPUs work at once.")
     lockstep: Literal["auto", "on", "off"] = Field(
         "auto", description="Submit each turn of all episodes together so batches, and results, are reproducible "
         "bit for bit (exact --resume); auto: on for CPU, off elsewhere (where tool time overlaps generation).")
@@ -105,6 +110,13 @@ class RolloutConfig(_Frozen):
     def _lockstep(cls, v: Any) -> Any:
         # YAML 1.1 reads a bare `on` / `off` as a boolean: `rollout.lockstep=on` means the word.
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"cpu|cuda(:\d{1,3})?", v):
+            raise ValueError(f"unsupported device {v!r}; use cpu, cuda or cuda:N (or leave it unset: model.device)")
+        return v
 
     @field_validator("engine")
     @classmethod
@@ -290,6 +302,11 @@ class ClusterConfig(_Frozen):
     gpus_per_rollout_worker: float = Field(0.0, ge=0.0, le=64.0, description="GPUs per rollout worker (0 on CPU).")
     cpus_per_trainer_worker: float = Field(1.0, gt=0.0, le=1024.0, description="CPUs reserved per trainer rank.")
     gpus_per_trainer_worker: float = Field(0.0, ge=0.0, le=64.0, description="GPUs per trainer rank (0 on CPU).")
+    calls_per_worker: int = Field(
+        4, ge=1, le=1024, description="A step's groups are cut into rollout_workers x calls_per_worker calls of "
+        "whole groups (fixed by the batch, never by timing); a worker plays one call at a time and the next call "
+        "goes to the first worker that is free, so a slow worker plays fewer groups. 1: one fixed slice per worker "
+        "(the largest engine batches, no balancing).")
     colocate: bool = Field(
         False, description="Rollout and training share devices: the engines sleep (free their KV cache) while the "
         "trainer steps and wake after; with Ray, rollout worker i and trainer rank i share one placement bundle.")
@@ -342,6 +359,9 @@ class MetricsConfig(_Frozen):
         "'agentrl[wandb]'` and `wandb login`); unset, wandb is never imported.")
     wandb_entity: str | None = Field(None, min_length=1, description="wandb user or team of the project "
                                      "(unset: your default entity).")
+    save_trajectories: int = Field(
+        4, ge=0, le=100_000, description="Episodes of each step saved to run_dir/trajectories/step-N.jsonl (tokens, "
+        "logprobs, mask, tool calls and results) for the trajectory viewer of `agentrl report`; 0 saves none.")
     console_keys: tuple[str, ...] = Field(
         ("reward_mean", "success_rate", "loss", "approx_kl", "entropy", "grad_norm", "nonfinite_steps"),
         description="Metrics on each step's first console line (any key of metrics.jsonl; absent ones are skipped).")
@@ -402,19 +422,28 @@ class Config(_Frozen):
                 raise ValueError(f"{where}.train_split and eval.split are both {self.eval.split!r}: training on the "
                                  "held-out split makes its score meaningless; pick another split, or set "
                                  f"{where}.allow_train_on_eval_split=true if you mean it")
-        if self.train.schedule == "asynchronous" and self.algorithm.tis == "none":
+        if (self.train.schedule == "asynchronous" and self.algorithm.tis == "none"
+                and self.algorithm.old_logprobs == "recompute"):
             raise ValueError("train.schedule=asynchronous trains on tokens sampled by older policies, so the loss must "
-                             "correct for the policy that sampled them: set algorithm.old_logprobs=recompute and "
-                             "algorithm.tis=token (or sequence)")
+                             "correct for the policy that sampled them: either algorithm.old_logprobs=rollout (the "
+                             "PPO ratio then divides by the sampling policy's own logprobs) or "
+                             "algorithm.old_logprobs=recompute with algorithm.tis=token (or sequence)")
         if self.algorithm.tis != "none" and self.algorithm.old_logprobs != "recompute":
             raise ValueError("algorithm.tis corrects the trainer's old logprobs towards the engine's, so it needs "
                              "algorithm.old_logprobs=recompute (with 'rollout' every weight would be exactly 1)")
         if self.train.schedule == "asynchronous" and self.cluster.colocate:
             raise ValueError("cluster.colocate puts the engines to sleep during the update, which is when "
                              "train.schedule=asynchronous plays the next step's episodes; use one or the other")
-        if self.train.schedule == "asynchronous" and self.cluster.mode == "ray":
-            raise ValueError("train.schedule=asynchronous with cluster.mode=ray is not built (it runs with "
-                             "cluster.mode=local); use the synchronous schedule on Ray workers")
+        if self.rollout.device not in (None, self.model.device):
+            if self.cluster.mode == "ray":
+                raise ValueError("rollout.device places the engine of a one-process run; Ray rollout workers use the "
+                                 "GPUs Ray assigns (cluster.gpus_per_rollout_worker): leave rollout.device unset")
+            if self.cluster.colocate:
+                raise ValueError(f"cluster.colocate shares one device between engine and trainer, but rollout.device="
+                                 f"{self.rollout.device} differs from model.device={self.model.device}: drop one")
+            if "cpu" in (self.rollout.device, self.model.device):
+                raise ValueError(f"rollout.device={self.rollout.device} with model.device={self.model.device}: split "
+                                 "across two GPUs (cuda:N), or leave rollout.device unset")
         if self.cluster.mode == "ray":
             _check_ray_devices(self)
         return self

@@ -13,12 +13,16 @@ ratio of wall times is the gain of asynchronous turns. Turn lengths come from th
 ends on one of a fixed set of token ids (about 1 in 24 of the vocabulary), so a random model ends
 its turns after ~24 tokens, as a trained one ends them with its end-of-turn token.
 
-The synchronous-colocated vs asynchronous-disaggregated training comparison of the driver issue
-is not here yet: the asynchronous trainer mode is not built.
+Workload `train` (GPUs; bench/e2e_train.py): whole `agentrl train` steps of one GRPO job in
+several layouts: synchronous on one GPU (plain, compiled, colocated with the engine asleep during
+the update), and on two GPUs the engine on its own GPU, synchronous or asynchronous (bounded
+staleness 1); tokens/s per GPU, the time split per role, the weight-sync time and the staleness
+histogram of each, with ratios in one run.
 
 Example:
     PYTHONPATH=. python bench/e2e.py --random tiny --tokenizer models/tiny-calculator            # CPU
     PYTHONPATH=. python bench/e2e.py --random qwen2-0.5b --tokenizer models/tiny-calculator --device cuda
+    PYTHONPATH=. python bench/e2e.py --workload train --tokenizer models/tiny-calculator --json train.json
 """
 
 from __future__ import annotations
@@ -113,7 +117,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--max-latency-ms", type=float, default=200.0)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--workload", choices=["turns", "train"], default="turns")
+    ap.add_argument("--baseline-src", help="train: also run the plain variant from this source tree (a baseline)")
+    ap.add_argument("--work-dir", default="bench_runs", help="train: model and run directories go here")
+    ap.add_argument("--steps", type=int, default=7, help="train: steps per variant")
+    ap.add_argument("--warmup", type=int, default=2, help="train: first steps left out of the means")
+    ap.add_argument("--only", help="train: comma-separated variant names to run")
     args = ap.parse_args(argv)
+    if args.workload == "train":
+        return train_workload(args)
     if not (args.model or (args.random and args.tokenizer)):
         ap.error("give --model, or --random SHAPE with --tokenizer")
     tok, engine = build(args)
@@ -122,15 +134,44 @@ def main(argv: list[str] | None = None) -> list[dict]:
     stops = tuple(range(3, vocab, 24)) + (renderer.end_of_turn_id,)
     play(engine, renderer, argparse.Namespace(**{**vars(args), "episodes": min(args.episodes, 4)}), False, stops)  # warm-up
     rows = []
-    for mode, lockstep in (("turn-synchronous", True), ("per-episode async", False)):
+    default_wait = engine.admit_wait_steps
+    modes = [("turn-synchronous", True, default_wait), ("per-episode async", False, default_wait)]
+    if default_wait:  # the same with every request admitted at once (each trickling turn its own eager step)
+        modes.append(("per-episode async, admit at once", False, 0))
+    for mode, lockstep, wait in modes:
+        engine.admit_wait_steps = engine._sched.admit_wait_steps = wait  # the knob of the engine's scheduler
+        before = dict(engine._steps.counts)  # engine step counters (all repeats of this mode)
         best = min((play(engine, renderer, args, lockstep, stops) for _ in range(args.repeats)), key=lambda r: r[0])
-        rows.append({"workload": "turns", "mode": mode, "seconds": round(best[0], 3), "tokens": best[1],
-                     "tok_per_s": round(best[1] / best[0], 1)})
+        steps = {k: (v - before[k]) // args.repeats for k, v in engine._steps.counts.items()}
+        rows.append({"workload": "turns", "mode": mode, "admit_wait_steps": wait, "seconds": round(best[0], 3),
+                     "tokens": best[1], "tok_per_s": round(best[1] / best[0], 1),
+                     "engine_steps": steps["steps"], "graph_steps": steps["graph_steps"]})
     base = rows[0]["seconds"]
     for r in rows:
         r["speedup"] = round(base / r["seconds"], 2)
-        print(f"{r['workload']:6s} {r['mode']:18s} {r['tokens']:7d} tok {r['seconds']:8.2f} s "
-              f"{r['tok_per_s']:10.1f} tok/s {r['speedup']:5.2f}x")
+        print(f"{r['workload']:6s} {r['mode']:34s} {r['tokens']:7d} tok {r['seconds']:8.2f} s "
+              f"{r['tok_per_s']:10.1f} tok/s {r['speedup']:5.2f}x  steps {r['engine_steps']} (graph {r['graph_steps']})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+def train_workload(args) -> list[dict]:
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import e2e_train
+
+    if not args.tokenizer:
+        raise SystemExit("--workload train needs --tokenizer (a directory with tokenizer files)")
+    args.work_dir = os.path.abspath(args.work_dir)
+    args.tokenizer = os.path.abspath(args.tokenizer)
+    if args.baseline_src:
+        args.baseline_src = os.path.abspath(args.baseline_src)
+    rows = e2e_train.run_all(args)
+    e2e_train.report(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The quickstart: install, build the tiny model if missing, train it with GRPO on calculator-v0,
-# and print held-out success before and after RL. About 10 minutes on two CPU cores.
+# print held-out success before and after RL, and write the run's report (runs/calculator/report.html).
+# About 10 minutes on two CPU cores.
 # Running it again replaces the previous quickstart run in runs/calculator (--overwrite); pass
 # --resume to continue that run instead.
 set -euo pipefail
@@ -14,3 +15,4 @@ case " $* " in
   *) set -- --overwrite "$@" ;;
 esac
 agentrl train examples/calculator.yaml "$@"
+agentrl report runs/calculator

@@ -45,13 +45,22 @@ def test_train_and_eval_end_to_end(tiny_model_dir, tmp_path):
                    "eval.num_tasks=4", f"run_dir={run}")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "step    1" in out.stdout and "held-out success" in out.stdout
+    assert "how to read a step: *_mean = mean per episode" in out.stdout  # the legend, once
+    assert out.stdout.count("how to read a step") == 1
+    # The barely trained model earns no reward: the step is flagged, with what the model wrote.
+    assert "no learning signal: all 2 task group(s) had equal rewards" in out.stdout.replace("\n", " ")
     summary = json.loads((run / "summary.json").read_text())
-    assert set(summary) == {"before", "after"}
+    assert set(summary) == {"before", "after", "last_step", "meaning"}
+    assert summary["meaning"]["reward_mean"] == "mean per sound episode"
+    assert summary["meaning"]["episodes"] == "total over the step (or the evaluation)"
     assert (run / "final" / "config.json").is_file()
-    out = _agentrl("eval", str(ROOT / "examples/calculator.yaml"), "eval.num_tasks=4", "--model", str(run / "final"))
+    out = _agentrl("eval", str(ROOT / "examples/calculator.yaml"), "eval.num_tasks=4", "--model", str(run / "final"),
+                   "--k", "2")
     assert out.returncode == 0, out.stdout + out.stderr
-    metrics = json.loads(out.stdout.strip().splitlines()[-1])
-    assert 0.0 <= metrics["success_rate"] <= 1.0
+    results = run / "eval" / "run-final-test-k2.json"  # a run's policy: its results go into the run
+    assert str(results) in out.stdout.replace("\n", "") and results.with_suffix(".md").is_file()
+    summary = json.loads(results.read_text())["models"][0]["envs"]["calculator-v0"]
+    assert 0.0 <= summary["means"]["success_rate"]["value"] <= 1.0 and summary["totals"]["episodes"] == 8
 
 
 def test_unknown_env_suggests_the_right_id(tiny_model_dir, tmp_path):

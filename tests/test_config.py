@@ -102,3 +102,22 @@ def test_lockstep_on_and_off_are_words_not_yaml_booleans():
     base = ["model.path=m", "env.id=calculator-v0"]
     assert load_config(None, base + ["rollout.lockstep=on"]).rollout.lockstep == "on"
     assert load_config(None, base + ["rollout.lockstep=off"]).rollout.lockstep == "off"
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["rollout.device=tpu"], "rollout.device: unsupported device"),
+    (["model.device=cuda:0", "rollout.device=cpu"], "split across two GPUs"),
+    (["model.device=cuda:0", "rollout.device=cuda:1", "cluster.colocate=true"], "cluster.colocate shares one device"),
+    (["model.device=cuda", "rollout.device=cuda:1", "cluster.mode=ray"], "leave rollout.device unset"),
+])
+def test_a_separate_engine_device_is_checked(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(None, BASE + overrides)
+
+
+def test_the_engine_device_defaults_to_the_trainers():
+    from agentrl.driver.rollout_side import engine_device
+
+    assert engine_device(load_config(None, BASE + ["model.device=cuda:0"])) == "cuda:0"
+    split = load_config(None, BASE + ["model.device=cuda:0", "rollout.device=cuda:1"])
+    assert engine_device(split) == "cuda:1" and split.model.device == "cuda:0"

@@ -16,6 +16,13 @@ decode steps, so an episode's turn goes on with the new policy and records per t
 sampled it (`weight_versions`); nothing is aborted or replayed. The loss corrects for the sampling
 policy with the recorded rollout logprobs (truncated importance sampling, `algorithm.tis`).
 
+The same holds on Ray rollout workers (`RayRolloutSide`): the producer's `play` hands slices to the
+workers while the trainer's thread pushes each step's weights (one `ray.put`, the same object to
+every worker, copied into each engine from a thread of the worker's own between two engine steps).
+A push returns once every live worker holds the version, and a worker that restarts is given the
+newest weights before it plays again, so the gate holds for every engine. Worker losses, hangs and
+re-runs are counted in the metrics of the step whose play met them.
+
 What the asynchronous schedule does not give: bit-exact reproducibility (which version samples a
 token depends on timing), so `--resume` restarts the producer at the checkpoint's step and the
 continued run differs from an uninterrupted one.
@@ -59,7 +66,8 @@ class AsyncCollector:
                 if self._closed:
                     return
             try:
-                result: Any = collect(self.rollout, step)
+                trajectories, metrics = collect(self.rollout, step)
+                result: Any = (trajectories, metrics | self.rollout.worker_metrics())  # workers lost, rerun (Ray)
             except BaseException as exc:  # noqa: BLE001 - handed to the trainer's thread, which raises it
                 result = exc
             with self._cv:
@@ -96,7 +104,7 @@ class AsyncCollector:
             self._closed = True
             self._cv.notify_all()
         if self._thread.is_alive():
-            self.rollout.engine.abort()
+            self.rollout.abort()
             self._thread.join()
 
 

@@ -1,14 +1,16 @@
-"""A training step on the console: two lines, a third when something failed.
+"""A training step on the console: two lines, a third when something failed, a fourth when it taught nothing.
 
     step    3  reward_mean=0.417  success_rate=0.5  loss=0.0123  grad_norm=0.81  nonfinite_steps=0
                time 2.31s: rollout 1.20s (engine 0.90 env 0.30) score 0.05s update 0.40s sync 0.01s ckpt 0.00s
                | idle: rollout 1.10s trainer 1.85s | tok/s: generated 850 trained 2400 | staleness max 0 mean 0.00
                failures: engine_timeout=2 | tool errors: parse=3
+               no learning signal: all 16 task groups had equal rewards ...; task train-17 ended with: '...'
 
 (the time line is one line on the console). The first line's keys are `metrics.console_keys`; the
 time line reads the `time/*` keys of whatever roles are present, so workers reporting roles of their
 own show up without changes here; the failure line shows every non-zero `failures/<class>` and
-`tool_errors/<kind>`, whatever the class.
+`tool_errors/<kind>` (totals over the step), whatever the class. `LEGEND` is printed once before
+the first step: it says which numbers are means per episode and which are totals.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from __future__ import annotations
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+LEGEND = ("how to read a step: *_mean = mean per episode and success_rate = share of episodes (both over the "
+          "step's sound episodes); counts (episodes, tool errors, failures) = totals over the step; time in wall "
+          "seconds; tok/s = tokens per second of the role's busy time")
 
 # Phases on the time line, in step order: (metrics key, label).
 _PHASES = (("time/trainer/score", "score"), ("time/trainer/update", "update"),
@@ -36,6 +42,10 @@ def step_lines(step: int, m: Mapping[str, Any], keys: Sequence[str]) -> list[str
     problems = problem_line(m)
     if problems:
         lines.append(f"           {problems}")
+    if isinstance(m.get("no_signal_sample"), str):
+        groups = int(m.get("reward_groups", 0))
+        lines.append(f"           no learning signal: all {groups} task group(s) had equal rewards, so every "
+                     f"advantage is 0 and this update learns nothing; {m['no_signal_sample']}")
     return lines
 
 

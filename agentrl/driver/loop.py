@@ -11,7 +11,7 @@ This is the algorithm in one place; each stage is a named call:
             metrics |= trainer.update(batch, settings)      # packed micro-batches, one step per mini-batch
         push_weights(trainer, rollout, step + 1)            # rollouts of the next step use them
         guard(metrics); maybe trainer.save(step)            # stop on repeated non-finite steps
-        sinks.write(metrics)                                # metrics.jsonl, TensorBoard, wandb
+        sinks.write(metrics); log.write(step, trajectories) # metrics.jsonl, TensorBoard, wandb; episodes for the report
 
 The rollout side and the trainer side never meet except here: trajectories become a `TrainBatch`
 (`batch.py`) and weights go back through `weight_sync.py`. Each step's wall time is split by role
@@ -51,23 +51,27 @@ from agentrl.driver.tasks import scale_advantages_per_env
 from agentrl.driver.sinks import check_sinks, open_sinks
 from agentrl.driver.timing import StepClock
 from agentrl.driver.trainer_side import TrainerSide
+from agentrl.driver.trajectory_log import TrajectoryLog, learning_signal
 from agentrl.driver.weight_sync import push_weights
 from agentrl.errors import RunInterrupted
 
 
 def train_step(rollout: RolloutSide, trainer: TrainerSide, step: int, clock: StepClock,
-               ahead: AsyncCollector | None = None, stop: StopSignals | None = None) -> dict[str, Any]:
+               ahead: AsyncCollector | None = None, stop: StopSignals | None = None,
+               log: TrajectoryLog | None = None) -> dict[str, Any]:
     """Collect (or take what `ahead` played), score, update, push the weights; returns the step's
     metrics (its phase times go on `clock`). `rollout` and `trainer` may as well be their Ray
-    versions (`RayRolloutSide`, `RayTrainerSide`); a signal in `stop` ends the step while it plays."""
+    versions (`RayRolloutSide`, `RayTrainerSide`); a signal in `stop` ends the step while it plays;
+    `log` saves a sample of the step's episodes for `agentrl report`."""
     with stop.interruptible() if stop else contextlib.nullcontext():  # playing changes no state: stop at once
         if ahead is None:
             trajectories, metrics = collect(rollout, step)  # times its episodes: time/rollout/{episodes,engine,env}
             clock.add("episodes", metrics["time/rollout/episodes"], "rollout")
-        else:  # played on the collector's thread, overlapping earlier updates
+            metrics |= rollout.worker_metrics()  # workers lost, hung or restarted, episodes played again (Ray)
+        else:  # played on the collector's thread, overlapping earlier updates (worker counts included)
             trajectories, metrics = ahead.get(step)
             clock.add("wait_rollout", metrics.pop("time/trainer/wait_rollout"), "trainer")
-    metrics |= rollout.worker_metrics()  # workers lost, hung or restarted, episodes played again (Ray)
+    metrics |= learning_signal(trajectories, rollout.tokenizer)  # groups whose rewards were all equal
     with engines_asleep(rollout, clock, rollout.cfg.cluster.colocate):
         with clock.phase("score", "trainer"):
             batch, kl_in_loss = score(to_batch(trajectories), trainer, rollout.cfg.algorithm)
@@ -77,6 +81,8 @@ def train_step(rollout: RolloutSide, trainer: TrainerSide, step: int, clock: Ste
     clock.add("weight_sync", push_weights(trainer, rollout, version=step + 1), "trainer", "rollout")
     if ahead is not None:
         ahead.weights_pushed(step + 1)
+    if log is not None:
+        log.write(step + 1, trajectories, batch)
     metrics |= trainer_metrics(batch, clock.seconds("trainer", "update"))
     metrics |= staleness_metrics(batch.weight_versions, batch.mask, policy_version=step)
     check_staleness(metrics, rollout.cfg.train.max_staleness if ahead else 0, step)
@@ -127,8 +133,9 @@ def _run(rollout: RolloutSide, trainer: TrainerSide, run: RunDir, on_step, resum
                     sinks.write({"event": "eval_before", **result["before"]})
             ahead = (AsyncCollector(rollout, start, cfg.train.steps, cfg.train.max_staleness)
                      if cfg.train.schedule == "asynchronous" else None)
+            log = TrajectoryLog.open(cfg, run.path, rollout.tokenizer)
             with contextlib.closing(ahead) if ahead else contextlib.nullcontext():
-                _train_steps(rollout, trainer, run, sinks, result, on_step, start, ahead, stop, saved)
+                _train_steps(rollout, trainer, run, sinks, result, on_step, start, ahead, stop, saved, log)
             trainer.export(run.path / "final", rollout.tokenizer)
             if ev.after and ev.num_tasks:
                 with stop.interruptible():
@@ -140,13 +147,13 @@ def _run(rollout: RolloutSide, trainer: TrainerSide, run: RunDir, on_step, resum
 
 
 def _train_steps(rollout: RolloutSide, trainer: TrainerSide, run: RunDir, sinks, result: dict, on_step, start: int,
-                 ahead: AsyncCollector | None, stop: StopSignals, saved: list[int]) -> None:
+                 ahead: AsyncCollector | None, stop: StopSignals, saved: list[int], log: TrajectoryLog | None) -> None:
     """Steps `start`.. of the run: train, record, checkpoint when due (noting it in `saved`), stop a
     run gone bad, or one that was sent a signal once its step is whole."""
     t = rollout.cfg.train
     for step in range(start, t.steps):
         clock = StepClock()
-        metrics = train_step(rollout, trainer, step, clock, ahead, stop)
+        metrics = train_step(rollout, trainer, step, clock, ahead, stop, log)
         metrics["nonfinite_steps"] = trainer.guard.observe(bool(metrics.get("nonfinite", 0.0)))
         run.step_done()
         try:

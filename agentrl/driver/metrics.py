@@ -121,6 +121,39 @@ def staleness_metrics(weight_versions: torch.Tensor, mask: torch.Tensor, policy_
     return out | {"staleness/mean": float(stale.double().mean()), "staleness/max": float(stale.max())}
 
 
+# What a key of a step or evaluation record is, by name (the first rule that matches).
+_MEANING = (
+    (lambda k: k == "success_rate", "share of the sound episodes with reward > 0"),
+    (lambda k: k.endswith("_mean") and "/" not in k, "mean per sound episode"),
+    (lambda k: k.startswith("time/"), "wall seconds"),
+    (lambda k: k.startswith("tokens_per_s/"), "tokens per second of the role's busy time"),
+    (lambda k: k.startswith("tokens/"), "total tokens over the step"),
+    (lambda k: k in ("staleness/mean", "staleness/max"), "over the step's trained tokens"),
+    (lambda k: k in ("loss", "grad_norm", "entropy", "approx_kl", "clip_frac", "ratio_mean", "kl_ref")
+     or k.startswith("tis_"), "per-token mean over the trained tokens of the step's last optimizer step"),
+    (lambda k: k == "nonfinite_steps", "total over the run so far"),
+    (lambda k: k == "step", "steps done"),
+    (lambda k: k.startswith(("failures/", "tool_errors", "truncated/", "staleness/")) or k in (
+        "episodes", "episode_errors", "scored_tasks", "reward_groups", "uniform_reward_groups", "trained_episodes",
+        "kept_groups", "sampling_rounds", "trained_tokens"), "total over the step (or the evaluation)"),
+)
+
+
+def key_meaning(key: str) -> str | None:
+    """Whether a metrics key is a mean per episode, a share, a total, seconds, ... (None when no rule knows it)."""
+    return next((text for rule, text in _MEANING if rule(key)), None)
+
+
+def run_summary(result: dict) -> dict:
+    """`summary.json`: the evaluations before and after training, the last step's metrics, and what each key means."""
+    out = {k: v for k, v in result.items() if k not in ("history",) and v is not None}
+    if result.get("history"):
+        out["last_step"] = result["history"][-1]
+    keys = sorted({k for part in ("before", "after", "last_step") for k in out.get(part, {})})
+    out["meaning"] = {k: m for k in keys if (m := key_meaning(k)) is not None}
+    return out
+
+
 def _rate(count: float, seconds: float) -> float:
     return count / seconds if seconds > 0 else 0.0
 

@@ -47,17 +47,18 @@ def reported(what: str, fix: str) -> Iterator[None]:
         raise ConfigError(f"{what}: {first_line(exc)}; {fix}") from None
 
 
-def check_device(device: str) -> None:
-    """Refuse a device this machine does not have (`cuda` without a visible GPU, `cuda:3` of 2)."""
+def check_device(device: str, field: str = "model.device") -> None:
+    """Refuse a device this machine does not have (`cuda` without a visible GPU, `cuda:3` of 2); `field` names
+    the config field that asked for it."""
     kind = torch.device(device)
     if kind.type != "cuda":
         return
     if not torch.cuda.is_available():
-        raise ConfigError(f"model.device={device} but PyTorch sees no CUDA GPU on this machine (torch "
-                          f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); use model.device=cpu")
+        raise ConfigError(f"{field}={device} but PyTorch sees no CUDA GPU on this machine (torch "
+                          f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); use {field}=cpu")
     count = torch.cuda.device_count()
     if kind.index is not None and kind.index >= count:
-        raise ConfigError(f"model.device={device} but this machine has {count} CUDA device(s) "
+        raise ConfigError(f"{field}={device} but this machine has {count} CUDA device(s) "
                           f"(cuda:0..cuda:{count - 1}); pick one of those")
 
 

@@ -4,13 +4,21 @@
 `tokenizer`, `play`, `update_weights`, `sleep`, `wake`, `abort`, `worker_metrics`, `close`), so they
 run unchanged on one engine in-process or on N engines in Ray actors.
 
-A batch is split into one slice per worker, whole GRPO groups each (a group's shared prompt is
-prefilled once, and every turn of an episode runs on one engine by construction). Each episode keeps
-the sampling seed of its place in the whole batch, and a worker clears its prefix cache before each
-slice, so with lockstep (CPU) a slice's trajectories are a function of the slice, the weights and
-the seed alone: the same whichever worker, fresh or restarted, plays it. (They are not the same as
-one engine playing the whole batch: the forward passes batch other rows, and float results move in
-the last bits.)
+A batch is cut into `cluster.rollout_workers x cluster.calls_per_worker` slices of whole GRPO groups
+(a group's shared prompt is prefilled once, and every turn of an episode runs on one engine by
+construction). The cut depends on the batch and the config only, never on timing or on which workers
+are alive. Slices are handed out as workers free up: each worker plays one slice at a time, and the
+next slice goes to the first free one, so a slow worker (a slower device, slow tools, one that has
+just restarted) plays fewer groups and does not hold the step. Each episode keeps the sampling seed
+of its place in the whole batch, and a worker clears its prefix cache before each slice, so with
+lockstep (CPU) a slice's trajectories are a function of the slice, the weights and the seed alone:
+the same whichever worker, fresh or restarted, plays it. (They are not the same as one engine
+playing the whole batch: the forward passes batch other rows, and float results move in the last
+bits.)
+
+One call in flight per worker is what "the engine with the fewest outstanding episodes" comes to
+here: with lockstep a slice's batches must not mix with another slice's (they would depend on
+timing), and a second slice queued behind a slow worker's would hold the step's tail.
 
 Workers fail, and the batch goes on (`rollout_round.Round`): a worker whose process dies (SIGKILL, OOM, a lost
 node) fails its call; one whose engine stops answering (no health answer, or requests in flight and
@@ -19,11 +27,20 @@ no progress, for `cluster.health_timeout_s`) is killed. Either way Ray restarts 
 again by the first free worker, up to `cluster.max_episode_retries` times; after that the slice's
 episodes are recorded as failed (failure class `worker_lost`) and never trained on. Counts per step come out of
 `worker_metrics()`.
+
+Weights may be pushed while a play runs (the asynchronous schedule: the producer thread plays, the
+trainer's thread pushes). Each push is one `ray.put`; the workers copy it into their engines from a
+thread of their own, between two engine steps of the slice they play. The driver's book of the
+workers (`Slot`s) is shared by the two threads under one lock, held only between Ray calls, never
+while waiting; a worker's loss is handled once, by the play running on it if there is one (`Round`),
+else by whoever was waiting on it, and calls sent to a worker before it restarted (its `generation`)
+are ignored after. A restarted worker is sent the newest weights before it gets work.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -74,6 +91,8 @@ class RayRolloutSide:
         self.weights_ref = None
         self.counts: dict[str, float] = {}
         self.node_ids: list[str] = []  # the Ray node each worker started on
+        self.mutex = threading.RLock()  # over `slots`, `counts`, `version`: plays and pushes run on two threads
+        self.round: Round | None = None  # the play in progress
 
     @classmethod
     def open(cls, cfg: Config, bundles: list[Bundle], splits: Sequence[tuple[str, str]] = ()) -> RayRolloutSide:
@@ -128,20 +147,36 @@ class RayRolloutSide:
         """Play `specs` on the workers; one trajectory each, in the order of `specs`."""
         # Each episode is seeded by its place in the whole batch, whichever worker plays it.
         specs = [s if s.index is not None else replace(s, index=i) for i, s in enumerate(specs)]
-        live = [s for s in self.slots if not s.dead]
-        slices = [Slice(ix) for ix in split_by_groups(specs, max(len(live), 1))]
+        c = self.cfg.cluster
+        slices = [Slice(ix) for ix in split_by_groups(specs, c.rollout_workers * c.calls_per_worker)]
         return Round(self, specs, self.sampling(temperature, seed), slices).run()
 
     def update_weights(self, state_dict: Mapping[str, Any], version: int) -> None:
-        """Put the weights into Ray's object store once; every worker copies the same object into its engine."""
+        """Put the weights into Ray's object store once; every worker copies the same object into its engine.
+
+        Returns once every live worker holds `version` (one restarting is sent it, and gets no work before
+        it holds it). May run while `play` runs on another thread: a worker playing a slice swaps the
+        weights in between two engine steps, and the slice's later tokens record the new version.
+        """
         import ray
 
-        self.weights_ref, self.version = ray.put(dict(state_dict)), version
-        for index in self._on_all("update_weights", self.weights_ref, version):
-            self.slots[index].version = version
-        for slot in self.slots:
-            if slot.starting is not None:  # restarting: it takes these weights once it is back
-                slot.starting = call(slot.actor, "update_weights", self.weights_ref, version, after_restart=True)
+        ref = ray.put(dict(state_dict))
+        with self.mutex:
+            self.weights_ref, self.version = ref, version
+            calls = {}
+            for slot in self.slots:
+                if slot.dead:
+                    continue
+                if slot.starting is not None:  # restarting: it takes these weights once it is back
+                    self.restart_push(slot)
+                else:
+                    calls[slot.index] = (call(slot.actor, "update_weights", ref, version), slot.generation)
+        done = self._await_calls("update_weights", calls)
+        with self.mutex:
+            for index in done:
+                slot = self.slots[index]
+                if slot.starting is None:
+                    slot.version = max(slot.version, version)
 
     def sleep(self) -> float:
         """Every live worker frees its engine's KV cache; returns the seconds it took (all of them, in parallel)."""
@@ -151,27 +186,35 @@ class RayRolloutSide:
         return self._all("wake")
 
     def abort(self) -> None:
-        for slot in self.slots:
-            if not slot.dead:
-                call(slot.actor, "abort")
+        """End the workers' requests in flight (their episodes end truncated, `abort`); the play in progress,
+        if any, hands out no more slices and raises `PlayAborted` once the workers' calls are back."""
+        with self.mutex:
+            if self.round is not None:
+                self.round.aborted = True
+            live = [slot for slot in self.slots if not slot.dead]
+        for slot in live:
+            call(slot.actor, "abort")
 
     def health(self) -> list[WorkerHealth | None]:
-        """Each worker's health, waiting up to cluster.start_timeout_s for restarting ones (None: gone for good)."""
+        """Each worker's health, waiting up to cluster.start_timeout_s for restarting ones (None: gone for good).
+        For tests and between steps: it holds the pool's lock while it waits, so a play in progress pauses."""
         import ray
 
-        for slot in self.slots:
-            if slot.starting is not None:
-                try:
-                    ray.get(slot.starting, timeout=self.cfg.cluster.start_timeout_s)
-                    slot.starting, slot.version = None, self.version
-                except ray.exceptions.RayError as exc:
-                    self._lost(slot, f"restart failed: {first_line(exc)}")
-        return [None if s.dead else ray.get(call(s.actor, "health", after_restart=True),
-                                            timeout=self.cfg.cluster.start_timeout_s) for s in self.slots]
+        with self.mutex:
+            for slot in self.slots:
+                if slot.starting is not None:
+                    try:
+                        ray.get(slot.starting, timeout=self.cfg.cluster.start_timeout_s)
+                        slot.starting, slot.version = None, slot.starting_version
+                    except ray.exceptions.RayError as exc:
+                        self._lost(slot, f"restart failed: {first_line(exc)}")
+            return [None if s.dead else ray.get(call(s.actor, "health", after_restart=True),
+                                                timeout=self.cfg.cluster.start_timeout_s) for s in self.slots]
 
     def worker_metrics(self) -> dict[str, float]:
         """Worker losses, hangs and restarts, and episodes played again or lost, since the last call."""
-        out, self.counts = self.counts, {}
+        with self.mutex:
+            out, self.counts = self.counts, {}
         return out
 
     def close(self) -> None:
@@ -192,46 +235,81 @@ class RayRolloutSide:
         return time.perf_counter() - t0
 
     def _on_all(self, method: str, *args) -> dict[int, Any]:
-        """`method(*args)` on every ready worker, by worker index. No long barrier: a call still pending
-        after cluster.health_timeout_s has its worker probed, and one that answers no health check
-        within that time either is killed; a lost worker is restarted (it is not in the result)."""
+        """`method(*args)` on every ready worker; the answers by worker index (see `_await_calls`)."""
+        with self.mutex:
+            calls = {s.index: (call(s.actor, method, *args), s.generation) for s in self.slots
+                     if not s.dead and s.starting is None}
+        return self._await_calls(method, calls)
+
+    def _await_calls(self, method: str, calls: dict[int, tuple[Any, int]]) -> dict[int, Any]:
+        """The answers to `calls` (worker index -> (the call, the worker's generation when it was sent)).
+
+        No long barrier: a call still pending after cluster.health_timeout_s has its worker probed, and
+        one that answers no health check within that time either (or has not answered the call within
+        cluster.start_timeout_s) is killed. A worker lost meanwhile is restarted and left out of the
+        result; one that is playing a slice (weights pushed during a play) is left to that play's `Round`,
+        which watches it and handles its loss.
+        """
         import ray
 
         c = self.cfg.cluster
-        calls = {s.index: call(s.actor, method, *args) for s in self.slots if not s.dead and s.starting is None}
         out: dict[int, Any] = {}
         deadline = time.monotonic() + c.start_timeout_s
         while calls:
-            done, _ = ray.wait(list(calls.values()), num_returns=len(calls), timeout=c.health_timeout_s)
-            for index in [i for i, ref in calls.items() if ref in done]:
-                try:
-                    out[index] = ray.get(calls.pop(index))
-                except ray.exceptions.RayActorError as exc:
-                    self._lost(self.slots[index], f"{method} failed: {first_line(exc)}")
-            if not calls:
-                break
-            probes = {i: call(self.slots[i].actor, "health") for i in calls}
+            done, _ = ray.wait([ref for ref, _ in calls.values()], num_returns=len(calls), timeout=c.health_timeout_s)
+            with self.mutex:
+                for index, (ref, generation) in list(calls.items()):
+                    slot = self.slots[index]
+                    if ref in done:
+                        del calls[index]
+                        try:
+                            value = ray.get(ref)
+                        except ray.exceptions.RayActorError as exc:
+                            if self._unwatched(slot, generation):
+                                self._lost(slot, f"{method} failed: {first_line(exc)}")
+                            continue
+                        except ray.exceptions.RayTaskError as exc:  # a bug or a setup error in the worker
+                            raise cause(exc) from None
+                        if slot.generation == generation:
+                            out[index] = value
+                    elif slot.generation != generation:  # lost and restarted since (with the newest weights)
+                        del calls[index]
+                probes = {i: call(self.slots[i].actor, "health") for i, (_, generation) in calls.items()
+                          if self._unwatched(self.slots[i], generation)}
+            if not probes:  # each pending call's worker is playing: its Round watches it
+                continue
             answered, _ = ray.wait(list(probes.values()), num_returns=len(probes), timeout=c.health_timeout_s)
-            for i, probe in probes.items():
-                late = time.monotonic() > deadline
-                if probe not in answered or late:
-                    calls.pop(i)
-                    self._count("workers/hung")
-                    ray.kill(self.slots[i].actor, no_restart=False)
-                    why = "answered no health check" if probe not in answered else "did not finish"
-                    self._lost(self.slots[i], f"{why} during {method} (cluster.health_timeout_s="
-                                              f"{c.health_timeout_s:g}, start_timeout_s={c.start_timeout_s:g})")
+            with self.mutex:
+                for i, probe in probes.items():
+                    slot = self.slots[i]
+                    if i not in calls or not self._unwatched(slot, calls[i][1]):
+                        continue
+                    if probe not in answered or time.monotonic() > deadline:
+                        del calls[i]
+                        self._count("workers/hung")
+                        ray.kill(slot.actor, no_restart=False)
+                        why = "answered no health check" if probe not in answered else "did not finish"
+                        self._lost(slot, f"{why} during {method} (cluster.health_timeout_s="
+                                         f"{c.health_timeout_s:g}, start_timeout_s={c.start_timeout_s:g})")
         return out
+
+    @staticmethod
+    def _unwatched(slot: Slot, generation: int) -> bool:
+        """Whether a call sent to `slot`'s worker in `generation` is this caller's to watch: the worker has
+        not restarted since, and no play runs on it (a play's `Round` handles the loss of its worker)."""
+        return slot.generation == generation and slot.work is None
 
     def _count(self, key: str, n: float = 1.0) -> None:
         self.counts[key] = self.counts.get(key, 0.0) + n
 
     def _lost(self, slot: Slot, reason: str) -> None:
-        """The worker died or was killed: Ray restarts it (while restarts remain) and it gets the current weights."""
+        """The worker died or was killed: Ray restarts it (while restarts remain) and it gets the newest
+        weights. Calls sent to it before are ignored from now on (its generation moves on). Holds the mutex."""
         self._count("workers/lost")
         slot.work = slot.ref = slot.probe = None
         slot.kill_reason = None
         slot.restarts += 1
+        slot.generation += 1
         limit = self.cfg.cluster.max_worker_restarts
         if slot.restarts > limit:
             slot.dead = True
@@ -242,6 +320,12 @@ class RayRolloutSide:
         self._count("workers/restarted")
         slot.version = None
         slot.started_at = time.monotonic()
+        self.restart_push(slot)
+
+    def restart_push(self, slot: Slot) -> None:
+        """Send a (re)starting worker the newest weights; Ray delivers the call once the worker is back, and
+        the worker gets no work before it answered. Holds the mutex."""
+        slot.starting_version = self.version
         slot.starting = (call(slot.actor, "update_weights", self.weights_ref, self.version, after_restart=True)
                          if self.weights_ref is not None else call(slot.actor, "health", after_restart=True))
 

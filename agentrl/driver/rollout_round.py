@@ -1,13 +1,20 @@
 """One `play` on the Ray rollout workers: slices handed out, workers watched, a lost worker's slice played again.
 
-`Round` runs a single call of `RayRolloutSide.play`. Each worker gets a slice (whole groups); while
-slices play, each busy worker is probed (`health`, answered from a thread of its own) every quarter
-of `cluster.health_timeout_s`. A worker is killed when a probe goes unanswered for that long (the
+`Round` runs a single call of `RayRolloutSide.play`. Slices (whole groups) wait in a queue; a free
+worker takes the next one, one slice at a time per worker, so each worker drains the queue at its
+own pace. While slices play, each busy worker is probed (`health`, answered from a thread of its
+own) every quarter of `cluster.health_timeout_s`. A worker is killed when a probe goes unanswered for that long (the
 process is stuck or frozen) or when it answers that its engine made no progress for that long
 with requests in flight (the engine hangs). A killed or dead worker's play call fails; its slice
 goes back to the front of the queue for the first free worker (Ray restarts the lost one, and the
-driver pushes it the current weights before it gets work), up to `cluster.max_episode_retries`
+driver pushes it the newest weights before it gets work), up to `cluster.max_episode_retries`
 times; after that the slice's episodes are recorded as failed (`lost_episode`).
+
+The trainer's thread may push weights while a round runs (the asynchronous schedule), so the round
+touches the pool's book (`Slot`s) only under `RayRolloutSide.mutex`, which it lets go while it waits
+on Ray; a slice is sent with the version its worker is known to hold, and the worker accepts a newer
+one. `RayRolloutSide.abort()` stops the round: no more slices go out, and once the workers' calls
+are back `run` raises `PlayAborted`.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from agentrl.driver.preflight import first_line
+from agentrl.errors import RolloutError
 from agentrl.rollout.agent_loop import EpisodeSpec, failed_trajectory
 from agentrl.rollout.engine import SamplingParams
 from agentrl.rollout.engine_meter import EngineUse
@@ -27,6 +35,11 @@ from agentrl.rollout.workers import METHOD_GROUPS, StaleWeightsError
 
 if TYPE_CHECKING:
     from agentrl.driver.rollout_pool import RayRolloutSide
+
+
+class PlayAborted(RolloutError):
+    """`RayRolloutSide.abort()` ended a play before all of its episodes were played."""
+
 
 def lost_episode(spec: EpisodeSpec, env_id: str, reason: str) -> Trajectory:
     """The record of an episode no worker could play (its workers were lost): failure class
@@ -75,10 +88,12 @@ class Slot:
 
     index: int
     actor: Any
-    version: int | None = 0  # weights it holds; None while a restart's push is in flight
+    version: int | None = 0  # weights it is known to hold (it may hold newer ones); None while restarting
     work: Slice | None = None
     ref: Any = None  # its play call in flight
     starting: Any = None  # a restarted worker's weight push in flight
+    starting_version: int = 0  # the version that push carries
+    generation: int = 0  # its restarts so far: calls sent to an earlier generation are stale
     started_at: float = 0.0
     probe: Any = None
     probe_sent: float = 0.0
@@ -104,20 +119,34 @@ class Round:
         self.timeout, self.start_timeout = c.health_timeout_s, c.start_timeout_s
         self.tick = min(1.0, self.timeout / 4)
         self.use: dict[int, EngineUse] = {}  # per worker, over the slices it finished
+        self.aborted = False  # set by RayRolloutSide.abort()
 
     def run(self) -> list[Trajectory]:
         import ray
 
-        while self.queue or any(slot.ref is not None for slot in self.side.slots):
-            self._hand_out()
-            refs = self._refs()
-            if not refs:
-                break
-            ray.wait(list(refs), num_returns=1, timeout=self.tick)
-            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
-            for ref in ready:
-                self._finished(*refs[ref], ref)
-            self._check_health()
+        mutex = self.side.mutex
+        with mutex:
+            self.side.round = self
+        try:
+            while True:
+                with mutex:  # let go while waiting: the trainer's thread may push weights meanwhile
+                    if not ((self.queue and not self.aborted) or any(s.ref is not None for s in self.side.slots)):
+                        break
+                    self._hand_out()
+                    refs = self._refs()
+                if not refs:
+                    break
+                ray.wait(list(refs), num_returns=1, timeout=self.tick)
+                ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+                with mutex:
+                    for ref in ready:
+                        self._finished(*refs[ref], ref)
+                    self._check_health()
+        finally:
+            with mutex:
+                self.side.round = None
+        if self.aborted:
+            raise PlayAborted(f"the play was aborted with {len(self.queue)} of its slices not handed out")
         for sl in self.queue:  # every worker is gone for good
             self._give_up(sl, "no rollout worker is left (each used up cluster.max_worker_restarts)")
         self.side.engine.add_round(self.use)
@@ -135,15 +164,18 @@ class Round:
         return refs
 
     def _hand_out(self) -> None:
+        """The next slices to the free workers (ready, not restarting), in worker order."""
         for slot in self.side.slots:
-            if self.queue and not slot.dead and slot.work is None and slot.starting is None:
+            if self.queue and not self.aborted and not slot.dead and slot.work is None and slot.starting is None:
                 sl = self.queue.popleft()
                 slot.work, slot.probe, slot.probe_done = sl, None, time.monotonic()
-                slot.ref = call(slot.actor, "play", [self.specs[i] for i in sl.indices], self.sampling, self.side.version)
+                slot.ref = call(slot.actor, "play", [self.specs[i] for i in sl.indices], self.sampling, slot.version)
 
     def _finished(self, kind: str, slot: Slot, ref) -> None:
         import ray
 
+        if ref != {"play": slot.ref, "start": slot.starting, "probe": slot.probe}[kind]:
+            return  # superseded: a newer push to a restarting worker, or a call from before a restart
         try:
             value = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
@@ -156,8 +188,7 @@ class Round:
             self.queue.appendleft(slot.work)
             slot.work = slot.ref = None
             slot.version, slot.started_at = None, time.monotonic()
-            slot.starting = call(slot.actor, "update_weights", self.side.weights_ref, self.side.version,
-                                  after_restart=True)
+            self.side.restart_push(slot)
             return
         except ray.exceptions.RayTaskError as exc:  # a bug or a setup error in the worker: stop the run with it
             raise cause(exc) from None
@@ -167,7 +198,7 @@ class Round:
                 self._kill(slot, f"engine hung: {value.in_flight} request(s) in flight and no progress for "
                                  f"{value.stalled_s:.1f} s (cluster.health_timeout_s={self.timeout:g})")
         elif kind == "start":
-            slot.starting, slot.version = None, self.side.version
+            slot.starting, slot.version = None, slot.starting_version
         else:
             trajectories, use = value
             for i, traj in zip(slot.work.indices, trajectories):

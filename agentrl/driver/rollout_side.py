@@ -55,7 +55,7 @@ class RolloutSide:
             return MixedRolloutSide.open(cfg, model_path, splits)  # type: ignore[return-value]
         path = model_path or cfg.model.path
         field = "--model" if model_path else "model.path"
-        check_device(cfg.model.device)
+        check_device(engine_device(cfg), "rollout.device" if cfg.rollout.device else "model.device")
         check_model_dir(path, field, cfg.rollout.max_total_tokens)
         FailurePolicy.for_env(cfg.failures, cfg.env.id)  # an env's bad failure_policy is refused before any load
         probe = build_env(cfg.env.id, cfg.env.kwargs)
@@ -71,7 +71,7 @@ class RolloutSide:
         r = cfg.rollout
         fix = f"check that {field} holds a complete Hugging Face causal LM, saved with save_pretrained"
         with reported(f"cannot load the model in {field} {path!r} into the {r.engine} engine", fix):
-            engine = MeteredEngine(ENGINES.get(r.engine)(path, device=cfg.model.device, dtype=DTYPES[cfg.model.dtype],
+            engine = MeteredEngine(ENGINES.get(r.engine)(path, device=engine_device(cfg), dtype=DTYPES[cfg.model.dtype],
                                                          max_model_len=r.max_total_tokens + 1))
         pool = EnvPool(lambda: make(cfg.env.id, **cfg.env.kwargs))
         pool.give(probe)
@@ -122,10 +122,15 @@ class RolloutSide:
             close()
 
 
+def engine_device(cfg: Config) -> str:
+    """Where the engine of a one-process run lives: rollout.device, else model.device (the trainer's)."""
+    return cfg.rollout.device or cfg.model.device
+
+
 def lockstep_on(cfg: Config) -> bool:
     """rollout.lockstep resolved: `auto` is on for CPU engines, off elsewhere."""
     lock = cfg.rollout.lockstep
-    return lock == "on" or (lock == "auto" and torch.device(cfg.model.device).type == "cpu")
+    return lock == "on" or (lock == "auto" and torch.device(engine_device(cfg)).type == "cpu")
 
 
 def load_renderer(cfg: Config, path: str, field: str, probe: Env,

@@ -22,8 +22,10 @@ from pathlib import Path
 from agentrl.errors import AgentRLError, ConfigError
 from agentrl.trainer.checkpoint import latest_checkpoint
 
-# Everything a run writes into its directory (the CLI adds summary.json; the metrics sinks tensorboard/ and wandb/).
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "final", "tensorboard", "wandb")
+# Everything a run writes into its directory (the CLI adds summary.json; the metrics sinks tensorboard/ and wandb/;
+# the trajectory log trajectories/; `agentrl eval` of the run eval/; `agentrl report` report.html).
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "final", "tensorboard", "wandb",
+             "trajectories", "eval", "report.html")
 
 
 def _names(paths: list[Path], limit: int = 4) -> str:

@@ -54,7 +54,8 @@ class ToolEnv(Env):
             penalise malformed or invalid calls); 0 by default.
 
     Subclasses implement `sample_task(split, seed) -> Task` and `score(task, answer_text) -> float`,
-    and may override `new_state(task)` for the state their tools share within an episode.
+    may override `new_state(task)` for the state their tools share within an episode, and may
+    implement `answer_key(task, answer_text)` so that `agentrl eval` can report maj@k.
     """
 
     def __init__(
@@ -97,6 +98,15 @@ class ToolEnv(Env):
     def new_state(self, task: Task) -> Any:
         """The state this episode's tools share (`ToolContext.state`); a fresh dict by default."""
         return {}
+
+    def answer_key(self, task: Task, answer: str) -> str | None:
+        """The final answer in a canonical form, or None when it states none (optional; default None).
+
+        Two answers with equal keys are the same answer: `agentrl eval` votes on keys for maj@k, so
+        equal keys must score alike (e.g. the last number of the text, when the scorer checks it).
+        The key goes out as `info["answer_key"]` of the final step.
+        """
+        return None
 
     # -- the Gymnasium contract ------------------------------------------------------------
     def tool_schemas(self) -> list[dict[str, Any]]:
@@ -144,13 +154,17 @@ class ToolEnv(Env):
         if not parsed.calls and not parsed.issues:
             self._end_episode()
             reward = float(self.score(self.task, action))
-            return (), reward, True, False, {"tool_errors": {}, "answer": parsed.content}
+            info: dict[str, Any] = {"tool_errors": {}, "answer": parsed.content}
+            key = self.answer_key(self.task, action)
+            if key is not None:
+                info["answer_key"] = key
+            return (), reward, True, False, info
         before = Counter(self.executor.error_counts)
         calls = [replace(c, id=self._next_call_id()) for c in parsed.calls]
         results = await self.executor.execute(calls, parsed.issues, self.context)
         errors = dict(self.executor.error_counts - before)
         obs: Observation = tuple(self._tool_message(r) for r in results)
-        info: dict[str, Any] = {"tool_errors": errors, "tool_calls": len(parsed.calls)}
+        info = {"tool_errors": errors, "tool_calls": len(parsed.calls)}
         reward = self.tool_error_reward * sum(errors.values())
         ctx = self.context
         if ctx is not None:

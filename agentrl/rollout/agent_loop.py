@@ -119,12 +119,12 @@ class _Builder:
         self.versions = [-1] * len(prompt)
         self.spans: list[tuple[int, int]] = []
 
-    def add_model(self, ids: Sequence[int], logprobs: Sequence[float], version: int) -> None:
+    def add_model(self, ids: Sequence[int], logprobs: Sequence[float], versions: Sequence[int]) -> None:
         start = len(self.ids)
         self.ids += ids
         self.mask += [1] * len(ids)
         self.logprobs += logprobs
-        self.versions += [version] * len(ids)
+        self.versions += versions  # per token: weights pushed mid-turn change it
         self.spans.append((start, len(self.ids)))
 
     def add_observation(self, ids: Sequence[int]) -> None:
@@ -156,6 +156,7 @@ class _Episode:
     turn: int = 0  # 0-based model turn the loop is in
     failure: str | None = None
     error: str | None = None
+    answer: str | None = None
 
     def fail(self, failure: str, text: str) -> None:
         self.failure, self.error, self.truncation = failure, text, "error"
@@ -169,7 +170,7 @@ class _Episode:
             reward=0.0 if self.failure else float(sum(self.rewards)), env_id=env_id,
             task_id=f"{spec.split}-{spec.seed}", split=spec.split, seed=spec.seed, group_id=spec.group_id,
             num_turns=len(b.spans), truncation=self.truncation, error=self.error, tool_errors=dict(self.tool_errors),
-            tool_calls=self.tool_calls, failure=self.failure)
+            tool_calls=self.tool_calls, failure=self.failure, answer=None if self.failure else self.answer)
 
 
 def failed_trajectory(spec: EpisodeSpec, failure: str, text: str, env_id: str = "") -> Trajectory:
@@ -282,7 +283,7 @@ async def _play(engine: Engine, env: Env, renderer: ChatRenderer, sampling: Samp
         ep.phase = "engine"
         gen = await _generate(engine, b.ids, replace(sampling, max_tokens=min(sampling.max_tokens, room), seed=seed),
                               limits.request_timeout_s)
-        b.add_model(gen.token_ids, gen.logprobs, gen.weight_version)
+        b.add_model(gen.token_ids, gen.logprobs, gen.versions())
         text = renderer.decode(renderer.strip_end_of_turn(gen.token_ids))
         ep.messages.append(Message("assistant", text))
         if gen.finish_reason != "stop":  # a turn cut short cannot be handed to the env as an action
@@ -300,6 +301,7 @@ async def _play(engine: Engine, env: Env, renderer: ChatRenderer, sampling: Samp
         _check_infrastructure(info, obs)
         if terminated or truncated:
             ep.truncation = "env" if truncated and not terminated else None
+            ep.answer = _answer_key(info, turn)
             return
         ep.messages += obs
         ep.phase = "template"
@@ -308,6 +310,15 @@ async def _play(engine: Engine, env: Env, renderer: ChatRenderer, sampling: Samp
             ep.truncation = "max_total_tokens"
             return
         b.add_observation(obs_ids)
+
+
+def _answer_key(info: dict, turn: int) -> str | None:
+    """The final step's `info["answer_key"]`: answers with equal keys are the same answer (maj@k votes on them)."""
+    key = info.get("answer_key")
+    if key is not None and not isinstance(key, str):
+        raise EnvError(f"env returned info['answer_key']={key!r} at turn {turn + 1}; an answer key must be a str "
+                       "(answers with equal keys count as the same answer) or None")
+    return key
 
 
 def _check_infrastructure(info: dict, obs: Sequence[Message]) -> None:

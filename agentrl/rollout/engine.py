@@ -38,13 +38,25 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class Generation:
-    """One response. `finish_reason` is `stop` (a stop token, included), `length` or `abort`."""
+    """One response. `finish_reason` is `stop` (a stop token, included), `length` or `abort`.
+
+    `weight_version` is the version of the weights that sampled the first token; an engine whose
+    weights can change mid-response (an update between two decode steps) gives each token's version
+    in `token_weight_versions` (empty: every token is `weight_version`'s).
+    """
 
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...]
     finish_reason: str
     weight_version: int = 0
     prompt_cached_tokens: int = 0
+    token_weight_versions: tuple[int, ...] = ()
+
+    def versions(self) -> tuple[int, ...]:
+        """The weight version that sampled each token, one per `token_ids`."""
+        if len(self.token_weight_versions) == len(self.token_ids):
+            return self.token_weight_versions
+        return (self.weight_version,) * len(self.token_ids)
 
 
 @runtime_checkable

@@ -56,6 +56,7 @@ class Trajectory:
     tool_errors: dict[str, int] = field(default_factory=dict)
     tool_calls: int = 0
     failure: str | None = None  # one of FAILURE_CLASSES when the infrastructure, not the policy, ended it
+    answer: str | None = None  # the env's answer key for the final answer (`info["answer_key"]`), for maj@k
 
     def __post_init__(self):
         n = len(self.token_ids)

@@ -1,17 +1,24 @@
 """A rollout worker: one engine, its pool of envs and the chat renderer, in a process of its own.
 
 The driver runs `cluster.rollout_workers` of these as Ray actors (`agentrl.driver.rollout_pool`)
-and hands each a slice of a step's episodes; this module knows nothing of Ray or of the driver, so
-a worker also runs in-process (the tests build one directly).
+and hands each worker a slice of a step's episodes whenever it is free; this module knows nothing of
+Ray or of the driver, so a worker also runs in-process (the tests build one directly).
 
-Threads, not asyncio, answer the driver while episodes play. The actor is threaded with two
-concurrency groups (`CONCURRENCY_GROUPS`): `play` (one thread: play, weight updates, sleep, wake,
-close, in the order they were sent) and `control` (health, abort). `play` runs its episodes on an
-event loop of its own, and the engine computes on its own background thread, so `health` reads the
-engine's progress counters from a third thread and answers in milliseconds even mid-generation, and
-even when an env's code blocks the episode loop. An async actor would answer health from that same
-event loop, and so not at all while a blocking env or tool call holds it: the worker would look hung
-for the wrong reason.
+Threads, not asyncio, answer the driver while episodes play. The actor is threaded with three
+concurrency groups (`CONCURRENCY_GROUPS`): `play` (one thread: play, sleep, wake, close, in the
+order they were sent), `weights` (one thread: weight updates) and `control` (health, abort). `play`
+runs its episodes on an event loop of its own, and the engine computes on its own background thread,
+so `health` reads the engine's progress counters from another thread and answers in milliseconds even
+mid-generation, and even when an env's code blocks the episode loop. An async actor would answer
+health from that same event loop, and so not at all while a blocking env or tool call holds it: the
+worker would look hung for the wrong reason.
+
+Weight updates have a thread of their own so that the asynchronous schedule can push new weights
+while a slice plays: the engine swaps them in between two of its steps (its own lock), the episodes
+in flight go on with them, and each token keeps the version that sampled it. Pushes may be received
+out of order (Ray does not order calls across a threaded actor's threads), so a push older than the
+weights held is skipped, and `play` accepts weights newer than the driver expected (a push that
+landed while the call was on its way).
 
 Letters: none (no tensors cross this boundary except the weights, a name -> tensor mapping).
 """
@@ -35,8 +42,8 @@ from agentrl.rollout.engine_meter import EngineUse, MeteredEngine
 from agentrl.rollout.trajectory import Trajectory
 
 # Ray concurrency groups of the actor, and which group each method runs in.
-CONCURRENCY_GROUPS = {"play": 1, "control": 2}
-METHOD_GROUPS = {"play": "play", "update_weights": "play", "sleep": "play", "wake": "play", "close": "play",
+CONCURRENCY_GROUPS = {"play": 1, "weights": 1, "control": 2}
+METHOD_GROUPS = {"play": "play", "update_weights": "weights", "sleep": "play", "wake": "play", "close": "play",
                  "health": "control", "abort": "control"}
 
 
@@ -84,6 +91,10 @@ class WorkerHealth:
         stalled_s: Seconds since the engine last made progress (a token, an answer) while requests
             were in flight; 0 when none are.
         asleep: Whether the engine is asleep (its KV cache freed).
+        episodes_played: Episodes this worker process has played since it started (the driver's
+            dispatch shows in it: a slow worker plays fewer).
+        generated_tokens: Tokens its engine has sampled since it started, counted per engine step
+            (0 for an engine that keeps no `stats`).
     """
 
     pid: int
@@ -92,6 +103,8 @@ class WorkerHealth:
     in_flight: int
     stalled_s: float
     asleep: bool
+    episodes_played: int = 0
+    generated_tokens: int = 0
 
 
 class StaleWeightsError(EngineError):
@@ -117,9 +130,12 @@ class _Watched:
             self.in_flight -= 1
             self.last_progress = time.monotonic()
 
+    def generated_tokens(self) -> int | None:
+        """The engine's count of sampled tokens (it moves every model step of the embedded engine), if it keeps one."""
+        return getattr(getattr(self.engine, "stats", None), "generated_tokens", None)
+
     def stalled_s(self) -> float:
-        stats = getattr(self.engine, "stats", None)
-        tokens = getattr(stats, "generated_tokens", None)  # moves every model step of the embedded engine
+        tokens = self.generated_tokens()
         if tokens != self._tokens:
             self._tokens = tokens
             self.last_progress = time.monotonic()
@@ -161,6 +177,7 @@ class RolloutWorker:
         self.pool.give(probe)
         self.version = 0
         self.asleep = False
+        self.episodes_played = 0
 
     def play(self, specs: Sequence[EpisodeSpec], sampling: SamplingParams,
              version: int) -> tuple[list[Trajectory], EngineUse]:
@@ -170,15 +187,17 @@ class RolloutWorker:
             specs: The episodes (whole GRPO groups, so a group's shared prompt is prefilled once), each
                 with its `index`, its place in the step's whole batch, which seeds its sampling.
             sampling: Sampling parameters with the step's seed.
-            version: The weight version the driver expects this worker to hold.
+            version: The weight version the driver knows this worker holds (it may hold a newer one:
+                a push that arrived meanwhile).
 
         Raises:
-            StaleWeightsError: The worker holds other weights (it restarted since the last push).
+            StaleWeightsError: The worker holds older weights (it restarted since the last push).
         """
         from agentrl.tools.blocking import run_blocking
 
-        if version != self.version:
-            raise StaleWeightsError(f"worker holds weights version {self.version}, the driver expects {version}")
+        if self.version < version:
+            raise StaleWeightsError(f"worker holds weights version {self.version}, the driver expects {version} "
+                                    "or newer")
         # A slice's trajectories must not depend on what this worker played before: prefixes cached
         # by an earlier batch were computed in another batch shape, equal only to the last bits.
         reset = getattr(self.engine.engine, "reset_prefix_cache", None)
@@ -187,10 +206,15 @@ class RolloutWorker:
         before = self.engine.engine.use()
         trajectories = run_blocking(run_episodes(self.engine, self.pool, self.renderer, sampling, self.setup.limits,
                                                  list(specs), env_id=self.setup.env_id, lockstep=self.setup.lockstep))
+        self.episodes_played += len(trajectories)
         return trajectories, self.engine.engine.use() - before
 
     def update_weights(self, state_dict: Mapping[str, object], version: int) -> None:
-        """Copy the trainer's weights into the engine in place (a worker that sleeps keeps sleeping)."""
+        """Copy the trainer's weights into the engine in place, between two engine steps (a play in
+        flight goes on with them; a worker that sleeps keeps sleeping). A push older than the weights
+        held is skipped: it arrived after a newer one."""
+        if version < self.version:
+            return
         self.engine.update_weights(state_dict, version)
         self.version = version
 
@@ -215,7 +239,8 @@ class RolloutWorker:
     def health(self) -> WorkerHealth:
         """Cheap: reads counters only, never waits for the engine."""
         return WorkerHealth(pid=os.getpid(), node_id=_node_id(), version=self.version,
-                            in_flight=self.engine.in_flight, stalled_s=self.engine.stalled_s(), asleep=self.asleep)
+                            in_flight=self.engine.in_flight, stalled_s=self.engine.stalled_s(), asleep=self.asleep,
+                            episodes_played=self.episodes_played, generated_tokens=self.engine.generated_tokens() or 0)
 
     def close(self) -> None:
         self.pool.close()

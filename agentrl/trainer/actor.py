@@ -133,6 +133,10 @@ class _ChunkLogprobs(torch.autograd.Function):
         lse, logp, entropy = stats(logits, targets, inv_t)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.inv_t, ctx.compiled, ctx.transform = inv_t, compiled, transform
+        # Autocast is not active during backward: remember the dtype the projection ran in (bf16 under
+        # autocast over float32 master weights) so the recomputation and both gradient matmuls run in it
+        # too, instead of three float32 [C, V] x E matmuls per chunk (the largest cost of a bf16 step).
+        ctx.compute_dtype = logits.dtype
         return logp, entropy
 
     @staticmethod
@@ -143,12 +147,15 @@ class _ChunkLogprobs(torch.autograd.Function):
         if g_logp is None:
             g_logp = torch.zeros_like(lse)
         grad = _kernels(True)[1] if ctx.compiled else _grad
-        raw = F.linear(hidden, weight, bias)  # [C, V], recomputed
+        dt = ctx.compute_dtype
+        hidden, weight = hidden.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+        raw = F.linear(hidden, weight, bias)  # [C, V], recomputed as forward computed it
         g = grad(ctx.transform.apply(raw), targets, lse, entropy, g_logp, g_ent, ctx.inv_t)  # [C, V]
         g = ctx.transform.grad(raw, g)
         g_hidden = g @ weight if ctx.needs_input_grad[0] else None
         g_weight = g.t() @ hidden if ctx.needs_input_grad[1] else None
-        g_bias = g.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+        g_bias = g.sum(0, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
         return g_hidden, g_weight, g_bias, None, None, None, None
 
 

@@ -11,16 +11,40 @@ claimed by the first engine that starts after it exists (an atomic rename, so on
 that engine writes its pid to `claimed` and never answers its first request: it writes `stalled`
 and waits forever, as an engine whose scheduler deadlocked would. A restarted worker finds no
 `arm` file and works normally.
+
+`LateStallingEngine` (registered as `test-late-stalling`): the embedded engine, except that the
+first request of all the workers' made with weight version 1 or later, while
+`$AGENTRL_FAULT_DIR/arm-late` exists, claims that file (an atomic rename), writes its pid to
+`claimed` and `stalled`, and is never answered: a fault that strikes in a training run's second or
+later step, when (asynchronous schedule) weights are pushed while episodes play.
+
+`SlowEngine` (registered as `test-slow`): the embedded engine, except that while
+`$AGENTRL_FAULT_DIR/slow` holds its worker's pid each request waits a second first (a slower device,
+or a busier node); a test moves the slowness from one worker to another by rewriting the file.
+
+`SandboxEnv` (registered as `ray-sandbox-v0`): one turn scored by the share of digits in the reply,
+after a "sandbox" is provisioned at every reset through a real tool run by the real executor: the
+tool starts a real subprocess (`sleep`) and waits for it; `close` kills what the env started. Its
+faults travel as env kwargs (the workers are other processes: class attributes would not reach
+them): the first reset that claims `hang_file` (an atomic rename, so one episode of all the
+workers') gets a sandbox that hangs for a minute, and the tasks in `refuse_seeds` open with a
+message that the tests' chat template refuses.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 from pathlib import Path
 
 from agentrl.envs import Env, Message
+from agentrl.errors import InfrastructureFault
 from agentrl.rollout.backends.embedded import EmbeddedEngine
+from agentrl.tools.core import ToolCall, ToolPolicy, tool
+from agentrl.tools.executor import ToolExecutor
+
+HANG_S = 60  # a hung sandbox would run this long if nothing stopped it
 
 
 class DigitsEnv(Env):
@@ -53,3 +77,86 @@ class StallingEngine(EmbeddedEngine):
             (Path(os.environ["AGENTRL_FAULT_DIR"]) / "stalled").write_text(str(os.getpid()))
             await asyncio.Event().wait()  # never set: the request is never answered
         return await super().generate(prompt_ids, sampling)
+
+
+class LateStallingEngine(EmbeddedEngine):
+    async def generate(self, prompt_ids, sampling):
+        folder = Path(os.environ.get("AGENTRL_FAULT_DIR", "/nonexistent"))
+        if self.weight_version >= 1 and _claim(folder / "arm-late"):
+            (folder / "claimed").write_text(str(os.getpid()))
+            (folder / "stalled").write_text(str(os.getpid()))
+            await asyncio.Event().wait()  # never set: the request is never answered
+        return await super().generate(prompt_ids, sampling)
+
+
+def _claim(path: Path) -> bool:
+    """Whether this call took `path` (renamed away, so one caller of all the processes gets it)."""
+    try:
+        os.rename(path, f"{path}-{os.getpid()}")
+    except FileNotFoundError:
+        return False
+    return True
+
+
+class SlowEngine(EmbeddedEngine):
+    async def generate(self, prompt_ids, sampling):
+        slow = Path(os.environ["AGENTRL_FAULT_DIR"]) / "slow"
+        try:
+            if slow.read_text() == str(os.getpid()):
+                await asyncio.sleep(1.0)
+        except FileNotFoundError:
+            pass
+        return await super().generate(prompt_ids, sampling)
+
+
+class SandboxEnv(Env):
+    splits = ("train", "test")
+
+    def __init__(self, hang_file: str = "", refuse_seeds=()):
+        self.procs: list[subprocess.Popen] = []
+        self.hang_file, self.refuse_seeds = hang_file, set(refuse_seeds)
+        procs = self.procs
+
+        @tool(policy=ToolPolicy(timeout_s=2 * HANG_S))
+        def provision(seconds: int) -> str:
+            """Start a sandbox and wait until it is ready.
+
+            Args:
+                seconds: How long the sandbox takes to start.
+            """
+            proc = subprocess.Popen(["sleep", str(seconds)])
+            procs.append(proc)
+            proc.wait()
+            return "ready"
+
+        self.executor = ToolExecutor([provision])
+
+    async def areset(self, *, seed=None, options=None):
+        call = ToolCall("provision", {"seconds": HANG_S if self._claim() else 0}, "c0")
+        [result] = await self.executor.execute([call])
+        if result.error_kind is not None:
+            raise InfrastructureFault(result.content)
+        return self.reset(seed=seed, options=options)
+
+    def _claim(self) -> bool:
+        if not self.hang_file:
+            return False
+        try:
+            os.rename(self.hang_file, f"{self.hang_file}-{os.getpid()}")
+        except FileNotFoundError:
+            return False
+        return True
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        refuse = " REFUSE-ME" if seed in self.refuse_seeds else ""
+        return (Message("user", f"Write digits after {seed}.{refuse}"),), {}
+
+    def step(self, action):
+        share = sum(c.isdigit() for c in action) / max(len(action), 1)
+        return (), share, True, False, {}
+
+    def close(self):
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()

@@ -47,10 +47,13 @@ def test_config_refuses_what_ray_workers_do_not_run():
                            "cluster.colocate=true"], "must equal trainer_workers"),
                          (["cluster.colocate=true", "train.schedule=asynchronous", "algorithm.old_logprobs=recompute",
                            "algorithm.tis=token"], "use one or the other"),
-                         (["cluster.mode=ray", "train.schedule=asynchronous", "algorithm.old_logprobs=recompute",
-                           "algorithm.tis=token"], "not built")]:
+                         (["cluster.mode=ray", "cluster.colocate=true", "train.schedule=asynchronous"],
+                          "use one or the other")]:
         with pytest.raises(ConfigError, match=match):
             load_config(None, base + extra)
+    # The asynchronous schedule on separate rollout workers is built (tests/driver/test_ray_async.py).
+    cfg = load_config(None, base + ["cluster.mode=ray", "cluster.rollout_workers=2", "train.schedule=asynchronous"])
+    assert (cfg.cluster.mode, cfg.train.schedule) == ("ray", "asynchronous")
 
 
 @pytest.fixture()

@@ -43,3 +43,13 @@ def test_console_sink_prints_steps_and_leaves_events_alone():
     sink.write({"step": 2, "loss": 0.25})
     sink.close()
     assert printed == ["step    2  loss=0.25"]
+
+
+def test_a_step_without_learning_signal_says_so_with_what_the_model_wrote():
+    m = {"reward_mean": 0.0, "reward_groups": 16.0, "uniform_reward_groups": 16.0,
+         "no_signal_sample": "every reward was 0 within its group; task train-3 ended (max_turns) with: 'hi'"}
+    lines = step_lines(2, m, ["reward_mean"])
+    assert lines[-1] == ("           no learning signal: all 16 task group(s) had equal rewards, so every advantage "
+                         "is 0 and this update learns nothing; every reward was 0 within its group; task train-3 "
+                         "ended (max_turns) with: 'hi'")
+    assert len(step_lines(2, {**m, "no_signal_sample": None}, ["reward_mean"])) == 1

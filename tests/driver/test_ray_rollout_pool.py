@@ -1,6 +1,9 @@
-"""The Ray rollout side on a real Ray (CPU): slices of whole groups, results in order and equal to one
-engine's, and faults survived: a worker SIGKILLed mid-step, an engine that stops answering, a worker
-lost for good. One Ray session serves the whole module (starting Ray costs seconds)."""
+"""The Ray rollout side on a real Ray (CPU): slices of whole groups handed to workers as they free up
+(a slow worker plays fewer, and the results do not depend on who played what), results in order and
+equal to one engine's, weights put into Ray's object store once per push, weights pushed while a
+play runs (the asynchronous schedule), and faults survived: a worker SIGKILLed mid-step, an engine
+that stops answering, a worker lost for good. One Ray session serves the whole module (starting Ray
+costs seconds)."""
 
 from __future__ import annotations
 
@@ -15,17 +18,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from ray import get as ray_get
 
 from agentrl.config import load_config
 from agentrl.driver.cluster import RaySession
 from agentrl.driver.rollout_pool import RayRolloutSide
-from agentrl.driver.rollout_round import split_by_groups
+from agentrl.driver.rollout_round import PlayAborted, call, split_by_groups
 from agentrl.driver.rollout_side import RolloutSide
 from agentrl.rollout.agent_loop import EpisodeSpec
 from agentrl.rollout.engine import ENGINES
 
 if "test-stalling" not in ENGINES:  # a real registry entry; Ray workers import the module by this name
     ENGINES.register("test-stalling", "tests.driver.ray_parts:StallingEngine")
+if "test-slow" not in ENGINES:
+    ENGINES.register("test-slow", "tests.driver.ray_parts:SlowEngine")
 
 SPECS = [EpisodeSpec(seed=100 + g, split="train", group_id=g) for g in range(3) for _ in range(2)]
 
@@ -110,6 +116,54 @@ def test_two_workers_play_in_order_like_one_engine(ray_session, stopping_model_d
         local.close()
 
 
+def test_a_slow_worker_plays_fewer_groups_and_who_played_what_changes_nothing(ray_session, stopping_model_dir,
+                                                                             fault_dir):
+    cfg = _cfg(stopping_model_dir, "rollout.engine=test-slow", "cluster.calls_per_worker=4")
+    specs = [EpisodeSpec(seed=200 + g, split="train", group_id=g) for g in range(8) for _ in range(2)]
+    slow = fault_dir / "slow"
+    plays, played = [], []
+    with _opened(cfg) as side:
+        pids = [h.pid for h in side.health()]
+        for slow_one in (0, 1):  # worker 0 is the slow one, then worker 1
+            slow.write_text(str(pids[slow_one]))
+            before = [h.episodes_played for h in side.health()]
+            plays.append(side.play(specs, 1.0, seed=7))
+            played.append([h.episodes_played - b for h, b in zip(side.health(), before)])
+    slow.unlink()
+    # 2 workers x 4 calls: 8 slices of one group each. A slice costs the slow worker a second per turn
+    # more than the other, so the other one takes most of them as it frees up.
+    for slow_one, counts in enumerate(played):
+        assert sum(counts) == len(specs) and counts[slow_one] < counts[1 - slow_one], played
+    # Mostly worker 1 played the first batch, mostly worker 0 the second: the trajectories are the same
+    # (each episode's seed is its place in the batch, and a slice's batches do not depend on the worker).
+    assert _same(plays[0], plays[1])
+
+
+def _spy_on_weights(monkeypatch) -> tuple[list, list]:
+    """(every ObjectRef `ray.put` returned, the weights argument of every `update_weights` call sent to
+    a worker), recorded as the pool makes the real calls."""
+    import ray
+
+    from agentrl.driver import rollout_pool, rollout_round
+
+    puts, sent = [], []
+    real_put, real_call = ray.put, rollout_round.call
+
+    def put(value, **kwargs):
+        puts.append(real_put(value, **kwargs))
+        return puts[-1]
+
+    def call(actor, method, *args, **kwargs):
+        if method == "update_weights":
+            sent.append(args[0])
+        return real_call(actor, method, *args, **kwargs)
+
+    monkeypatch.setattr(ray, "put", put)
+    for module in (rollout_pool, rollout_round):
+        monkeypatch.setattr(module, "call", call)
+    return puts, sent
+
+
 def _stall_then(fault_dir: Path, action) -> threading.Thread:
     """Arm the stalling engine (a worker claims it when it starts, so call this before opening the side);
     once that worker stalls on its first request, run `action(pid)` in a thread."""
@@ -126,22 +180,99 @@ def _stall_then(fault_dir: Path, action) -> threading.Thread:
     return threading.Thread(target=watch, daemon=True)
 
 
-def test_sigkilled_worker_restarts_and_its_episodes_are_played_again(ray_session, stopping_model_dir, fault_dir):
+def test_sigkilled_worker_restarts_and_its_episodes_are_played_again(ray_session, stopping_model_dir, fault_dir,
+                                                                     monkeypatch):
     cfg = _cfg(stopping_model_dir, "rollout.engine=test-stalling", "cluster.health_timeout_s=600")
     killer = _stall_then(fault_dir, lambda pid: os.kill(pid, signal.SIGKILL))
     with _opened(cfg) as side:  # one of the two workers claims the fault
+        puts, sent = _spy_on_weights(monkeypatch)
         side.update_weights(_perturbed(stopping_model_dir), 1)
+        assert len(puts) == 1 and len(sent) == 2 and all(ref is puts[0] for ref in sent)  # one object, both workers
         victim = int((fault_dir / "claimed").read_text())
         killer.start()
         got = side.play(SPECS, 1.0, seed=7)  # step completes
         killer.join()
         counts = side.worker_metrics()
         assert counts["workers/lost"] == 1 and counts["workers/restarted"] == 1
-        assert counts["episodes/rerun"] in {2, 4} and "episodes/lost" not in counts  # the slices: groups 0 | 1, 2
+        assert counts["episodes/rerun"] == 2 and "episodes/lost" not in counts  # the slices: one group each
         assert all(t.error is None for t in got)
+        # The restarted worker was pushed the step's weights: the same object again, nothing put anew.
+        assert len(puts) == 1 and len(sent) == 3 and all(ref is puts[0] for ref in sent)
         health = side.health()  # the restarted worker is back, a new process, with the current weights
         assert victim not in {h.pid for h in health} and {h.version for h in health} == {1}
         assert _same(got, side.play(SPECS, 1.0, seed=7))  # the re-run slice equals a run without the fault
+
+
+def _sampled_versions(trajectory) -> list[int]:
+    return [v for v, m in zip(trajectory.weight_versions, trajectory.loss_mask) if m]
+
+
+def test_weights_pushed_while_a_play_runs_reach_it_and_a_worker_restarted_mid_play(ray_session, tiny_model_dir,
+                                                                                  fault_dir, monkeypatch):
+    """The asynchronous schedule pushes weights from the trainer's thread while the producer's thread
+    plays. One worker's engine never answers its first request (its slice holds the play open); the
+    other is mid-turn when the weights are pushed, then the stuck worker is SIGKILLed. Last, `abort()`
+    ends a play (the producer's, when the run stops) and leaves the pool ready for the next one. (The
+    tiny model here barely ever ends a turn early, so its 160-token turns outlast the push.)"""
+    cfg = _cfg(tiny_model_dir, "rollout.engine=test-stalling", "cluster.health_timeout_s=600", "rollout.max_turns=1",
+               "rollout.max_tokens_per_turn=160", "rollout.max_total_tokens=1024")
+    stalled = _stall_then(fault_dir, lambda pid: None)
+    with _opened(cfg) as side:  # one of the two workers claims the fault
+        puts, sent = _spy_on_weights(monkeypatch)
+        victim = int((fault_dir / "claimed").read_text())
+        bad = [h.pid for h in side.health()].index(victim)
+        healthy = side.slots[1 - bad].actor
+        weights = _perturbed(tiny_model_dir)
+        out: list = []
+        player = threading.Thread(target=lambda: out.append(side.play(SPECS, 1.0, seed=7)))
+        stalled.start()
+        player.start()
+        stalled.join()
+        deadline = time.monotonic() + 120
+        while ray_get(call(healthy, "health")).generated_tokens < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        side.update_weights(weights, 1)  # from this thread, while the play runs
+        assert player.is_alive()  # the stuck slice holds the play: the push did not wait for it
+        os.kill(victim, signal.SIGKILL)
+        player.join(timeout=300)
+        got = out[0]
+        counts = side.worker_metrics()
+        assert counts["workers/lost"] == 1 and counts["workers/restarted"] == 1 and counts["episodes/rerun"] == 2
+        assert all(t.error is None for t in got)
+        # One object put; both workers, then the restarted one, were sent it.
+        assert len(puts) == 1 and len(sent) == 3 and all(ref is puts[0] for ref in sent)
+        health = side.health()
+        assert victim not in {h.pid for h in health} and {h.version for h in health} == {1}
+        _abort_a_play(side)
+    versions = [_sampled_versions(t) for t in got]
+    assert all(vs and vs == sorted(vs) and set(vs) <= {0, 1} for vs in versions)  # each token keeps its version
+    # Worker `bad` took slice `bad` (one group) first: played again after the kill, with the new weights
+    # only. The healthy worker's first slice went on across the push: old tokens, then new ones.
+    assert all(set(vs) == {1} for vs in versions[2 * bad:2 * bad + 2])
+    assert any(set(vs) == {0, 1} for vs in versions[2 * (1 - bad):2 * (1 - bad) + 2])
+
+
+def _abort_a_play(side: RayRolloutSide) -> None:
+    """`abort()` mid-play: the play raises PlayAborted within seconds, and the next play runs normally."""
+    errors: list[BaseException] = []
+
+    def play():
+        try:
+            side.play(SPECS, 1.0, seed=8)
+        except PlayAborted as exc:
+            errors.append(exc)
+
+    player = threading.Thread(target=play)
+    player.start()
+    deadline = time.monotonic() + 120
+    while not any(ray_get(call(s.actor, "health")).in_flight for s in side.slots) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    side.abort()
+    player.join(timeout=60)
+    assert not player.is_alive() and time.monotonic() - t0 < 15 and len(errors) == 1
+    assert "aborted with 1 of its slices not handed out" in str(errors[0])  # 3 slices, 2 workers
+    assert all(t.error is None for t in side.play(SPECS[:2], 1.0, seed=8))
 
 
 def test_hung_engine_is_detected_within_seconds_and_restarted(ray_session, stopping_model_dir, fault_dir):
@@ -197,7 +328,7 @@ def test_worker_lost_for_good_fails_its_episodes_as_data(ray_session, stopping_m
         got = side.play(SPECS, 1.0, seed=7)
         killer.join()
         failed = [i for i, t in enumerate(got) if t.error is not None]
-        assert failed in ([0, 1], [2, 3, 4, 5])  # one whole slice: groups 0 | 1, 2
+        assert failed in ([0, 1], [2, 3])  # the victim's first slice: group 0 or group 1
         for i in failed:
             t = got[i]
             assert t.failure == "worker_lost" and t.error.startswith("worker process lost")

@@ -80,24 +80,28 @@ def _stop_mid_run(cmd: list[str], env: dict, run_dir: Path, sig: int, tag: str) 
     return subprocess.CompletedProcess(cmd, proc.returncode, out), running
 
 
-def _config(tmp_path: Path, model_dir: str, cluster: str) -> Path:
+def _config(tmp_path: Path, model_dir: str, cluster: str, schedule: str) -> Path:
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"""
 model: {{path: {model_dir}}}
 env: {{id: calculator-v0}}
 rollout: {{prompts_per_step: 2, samples_per_prompt: 2, max_tokens_per_turn: 16, max_turns: 1, max_total_tokens: 256}}
 algorithm: {{entropy_coef: 0.01}}
-train: {{steps: 200, checkpoint_every: 0, micro_batch_tokens: 256}}
+train: {{steps: 200, checkpoint_every: 0, micro_batch_tokens: 256, schedule: {schedule}}}
 eval: {{num_tasks: 0}}
 cluster: {cluster}
 """)
     return cfg
 
 
-@pytest.mark.parametrize("mode, sig", [("ray", signal.SIGTERM), ("local", signal.SIGINT)])
-def test_a_stopped_run_checkpoints_leaves_no_process_and_resumes(stopping_model_dir, tmp_path, mode, sig):
+@pytest.mark.parametrize("mode, sig, schedule", [("ray", signal.SIGTERM, "synchronous"),
+                                                ("ray", signal.SIGTERM, "asynchronous"),
+                                                ("local", signal.SIGINT, "synchronous")])
+def test_a_stopped_run_checkpoints_leaves_no_process_and_resumes(stopping_model_dir, tmp_path, mode, sig, schedule):
+    """(Asynchronous: the signal lands while the producer plays a later step on the workers; it is
+    stopped and joined before the checkpoint.)"""
     cluster = "{mode: ray, rollout_workers: 2, num_cpus: 3}" if mode == "ray" else "{mode: local}"
-    cfg, run_dir = _config(tmp_path, stopping_model_dir, cluster), tmp_path / "run"
+    cfg, run_dir = _config(tmp_path, stopping_model_dir, cluster, schedule), tmp_path / "run"
     tag = tempfile.mkdtemp(prefix="ar", dir="/tmp")  # Ray's root; short, as Ray's socket paths must stay short
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_TMPDIR": tag}
     cmd = [sys.executable, str(SCRIPT), "train", str(cfg), f"run_dir={run_dir}"]

@@ -38,6 +38,28 @@ class ScriptedEngine:
     def abort(self): ...
 
 
+class SwappingEngine(ScriptedEngine):
+    """Reports the weights changing from version 4 to 5 after the first 3 tokens of each turn, as an
+    engine updated between two decode steps does (tests/rollout/test_workers.py plays it for real)."""
+
+    async def generate(self, prompt_ids, sampling):
+        gen = await super().generate(prompt_ids, sampling)
+        n = len(gen.token_ids)
+        return Generation(gen.token_ids, gen.logprobs, "stop", weight_version=4,
+                          token_weight_versions=(4,) * 3 + (5,) * (n - 3))
+
+
+def test_each_sampled_token_keeps_the_version_that_sampled_it(env_and_renderer):
+    env, renderer = env_and_renderer
+    engine = SwappingEngine(renderer, ["The answer is 12."])
+    traj, _ = asyncio.run(run_episode(engine, env, renderer, SamplingParams(), EpisodeLimits(1, 2048),
+                                      EpisodeSpec(seed=3, split="test")))
+    [(start, end)] = traj.turn_spans
+    assert end - start > 3
+    assert traj.weight_versions[start:end] == (4, 4, 4) + (5,) * (end - start - 3)
+    assert set(traj.weight_versions[:start]) == {-1}
+
+
 def _call(expr) -> str:
     return "<tool_call>" + json.dumps({"name": "calculator", "arguments": {"expression": expr}}) + "</tool_call>"
 
@@ -147,3 +169,24 @@ def test_many_episodes_share_engine_batches(tiny_model_dir, env_and_renderer):
     for t in trajs:
         assert sum(t.loss_mask) == sum(e - s for s, e in t.turn_spans)
         assert t.truncation in (None, "max_turns", "max_tokens_per_turn", "max_total_tokens")
+
+
+def test_the_env_answer_key_is_recorded_and_a_non_string_key_is_an_env_error(env_and_renderer):
+    env, renderer = env_and_renderer
+    env.reset(seed=5, options={"split": "test"})
+    answer = env.task.answer
+    traj, _ = asyncio.run(run_episode(ScriptedEngine(renderer, [f"I think {answer}."]), env, renderer,
+                                      SamplingParams(), EpisodeLimits(4, 2048), EpisodeSpec(seed=5, split="test")))
+    assert traj.answer == answer and traj.reward == 1.0  # calculator-v0's key: the last number
+    no_number, _ = asyncio.run(run_episode(ScriptedEngine(renderer, ["no idea"]), env, renderer, SamplingParams(),
+                                           EpisodeLimits(4, 2048), EpisodeSpec(seed=5, split="test")))
+    assert no_number.answer is None and no_number.failure is None
+
+    class NumericKeyEnv(type(env)):
+        def answer_key(self, task, answer):
+            return 42  # not a str: answers could not be compared reliably
+
+    bad = NumericKeyEnv()
+    traj, _ = asyncio.run(run_episode(ScriptedEngine(renderer, ["42"]), bad, renderer, SamplingParams(),
+                                      EpisodeLimits(4, 2048), EpisodeSpec(seed=5, split="test")))
+    assert traj.failure == "env_error" and "info['answer_key']=42" in traj.error and traj.answer is None

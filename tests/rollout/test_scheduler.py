@@ -144,3 +144,39 @@ def test_abort_and_oversized_sequences():
     out = s.abort_where(lambda x: True)
     assert set(out) == {a, b} and all(x.finish_reason == "abort" for x in out)
     assert a.output == [7] and b.output == [] and not s.has_work and s.alloc.num_used == 0
+
+
+def test_requests_trickling_in_during_decodes_are_held_and_prefilled_together():
+    """admit_wait_steps: a lone request waits while everything running decodes (graph-replayed steps),
+    until admit_wait_steps pass or a quarter of the running count waits; an idle scheduler, or a step
+    that prefills anyway, admits at once."""
+    s = Scheduler(BlockAllocator(65, 4), 16, 64, max_model_len=256, admit_wait_steps=3)
+    first = seq(0, [1, 2, 3], max_new=50)
+    s.add(first)
+    assert [c.seq for c in step(s)[0].chunks] == [first]  # nothing running: admitted at once
+    for i in range(1, 8):  # seven more running: a quarter of eight is two
+        s.add(seq(i, [i, 2, 3], max_new=50))
+    step(s)  # the step still prefilling... next ones decode only
+    assert len(s.running) == 8
+    late = seq(8, [8, 8, 8], max_new=4)
+    s.add(late)
+    held = [step(s)[0] for _ in range(2)]
+    assert all(all(c.n == 1 for c in p.chunks) and late not in [c.seq for c in p.chunks] for p in held)
+    assert s.counters["held_admissions"] == 2
+    plan, _ = step(s)  # third step since it arrived: admitted
+    assert late in [c.seq for c in plan.chunks]
+    # Two waiting of eight running are enough to admit both at once.
+    a, b = seq(9, [9, 9, 1]), seq(10, [9, 9, 2])
+    step(s)
+    s.add(a)
+    s.add(b)
+    assert {a, b} <= {c.seq for c in step(s)[0].chunks}
+
+
+def test_without_admit_wait_steps_every_request_is_admitted_at_once():
+    s = make()
+    s.add(seq(0, [1, 2, 3], max_new=50))
+    step(s)
+    late = seq(1, [4, 5, 6])
+    s.add(late)
+    assert late in [c.seq for c in step(s)[0].chunks] and s.counters["held_admissions"] == 0

@@ -29,12 +29,14 @@ def worker(stopping_model_dir) -> RolloutWorker:
 
 def test_episodes_are_seeded_by_their_place_in_the_batch(worker):
     sampling = SamplingParams(temperature=1.0, max_tokens=24, seed=5)
+    played_before = worker.health().episodes_played
     first, _ = worker.play(SPECS, sampling, version=0)
     again, use = worker.play(SPECS, sampling, version=0)
     shifted, _ = worker.play([replace(s, index=s.index + 4) for s in SPECS], sampling, version=0)
     assert [t.token_ids for t in first] == [t.token_ids for t in again]
     assert [t.token_ids for t in first] != [t.token_ids for t in shifted]  # other places, other seeds
     assert use.generated_tokens == sum(t.num_model_tokens for t in again) and use.busy_s > 0
+    assert worker.health().episodes_played == played_before + 3 * len(SPECS)
 
 
 def _play_in_thread(worker, max_tokens: int) -> tuple[threading.Thread, list]:
@@ -70,6 +72,41 @@ def test_health_answers_mid_generation_and_abort_ends_the_episodes(worker):
     assert worker.health().in_flight == 0 and worker.health().stalled_s == 0.0
 
 
+def _sampled_versions(trajectory) -> list[int]:
+    return [v for v, m in zip(trajectory.weight_versions, trajectory.loss_mask) if m]
+
+
+def test_weights_pushed_from_another_thread_reach_the_episodes_in_flight(worker):
+    """On Ray, `update_weights` runs on a thread of its own (the `weights` concurrency group), so a push
+    lands while a slice plays: the engine swaps the weights between two steps, the episodes go on,
+    and every token keeps the version that sampled it."""
+    held = worker.health().version
+    tokens = worker.health().generated_tokens
+    thread, out = _play_in_thread(worker, max_tokens=1500)  # sent expecting version 0: it holds `held` >= 0
+    deadline = time.monotonic() + 60
+    while worker.health().generated_tokens < tokens + 64 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    same = {k: v.clone() for k, v in worker.engine.engine.engine.model.state_dict().items()}
+    worker.update_weights(same, held + 1)  # from this thread, while the play's thread plays
+    assert thread.is_alive() and worker.health().version == held + 1
+    pushed_at = worker.health().generated_tokens
+    while worker.health().generated_tokens < pushed_at + 64 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    worker.abort()
+    thread.join(timeout=60)
+    trajectories, _ = out[0]
+    versions = [_sampled_versions(t) for t in trajectories]
+    assert {v for vs in versions for v in vs} == {held, held + 1}
+    assert all(vs == sorted(vs) for vs in versions)  # an episode's tokens: the old version, then the new one
+    turns = [set(t.weight_versions[a:b]) for t in trajectories for a, b in t.turn_spans]
+    assert {held, held + 1} in turns  # some turn went on across the swap, each token with its own version
+    # A push that arrives after a newer one is skipped; a play may find newer weights than it was sent for.
+    worker.update_weights(same, held)
+    assert worker.health().version == held + 1
+    again, _ = worker.play(SPECS, SamplingParams(max_tokens=8, seed=1), version=held)
+    assert {v for t in again for v in _sampled_versions(t)} == {held + 1}
+
+
 def test_asleep_it_refuses_requests_and_awake_it_plays(worker):
     sampling = SamplingParams(temperature=1.0, max_tokens=16, seed=2)
     assert worker.sleep() >= 0 and worker.health().asleep
@@ -81,10 +118,12 @@ def test_asleep_it_refuses_requests_and_awake_it_plays(worker):
 
 
 def test_it_refuses_to_play_with_weights_it_does_not_hold(worker):
-    with pytest.raises(StaleWeightsError, match="holds weights version 0, the driver expects 3"):
-        worker.play(SPECS, SamplingParams(), version=3)
+    played_before, held = worker.health().episodes_played, worker.health().version
+    with pytest.raises(StaleWeightsError, match=f"holds weights version {held}, the driver expects {held + 3} or new"):
+        worker.play(SPECS, SamplingParams(), version=held + 3)
+    assert worker.health().episodes_played == played_before  # refused: nothing played
     state = {k: v.clone() for k, v in worker.engine.engine.engine.model.state_dict().items()}
-    worker.update_weights(state, 3)
-    assert worker.health().version == 3
-    trajectories, _ = worker.play(SPECS, SamplingParams(max_tokens=8, seed=1), version=3)
-    assert {v for t in trajectories for v in t.weight_versions} == {-1, 3}
+    worker.update_weights(state, held + 3)
+    assert worker.health().version == held + 3
+    trajectories, _ = worker.play(SPECS, SamplingParams(max_tokens=8, seed=1), version=held + 3)
+    assert {v for t in trajectories for v in t.weight_versions} == {-1, held + 3}

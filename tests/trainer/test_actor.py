@@ -115,3 +115,33 @@ def test_closed_form_backward_matches_autograd(temperature, with_bias):
     ref_only = torch.autograd.grad((ref_lp * g_lp).sum(), inputs)
     for g, r in zip(lp_only, ref_only):
         assert torch.allclose(g, r, atol=1e-5)
+
+
+def test_backward_under_autocast_runs_in_the_forward_dtype():
+    """Float32 master weights under bf16 autocast: the backward's recomputation and gradient matmuls
+    run in bf16 as the forward did (autocast is off during backward), and the gradients come back
+    float32 and close to autograd's through the same bf16 projection."""
+    from torch.profiler import profile
+
+    from agentrl.trainer.actor import _ChunkLogprobs
+
+    torch.manual_seed(0)
+    N, E, V = 24, 16, 40  # noqa: N806 - shape letters
+    hidden = torch.randn(N, E, requires_grad=True)
+    weight = torch.randn(V, E, requires_grad=True)
+    bias = torch.randn(V, requires_grad=True)
+    targets = torch.randint(0, V, (N,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp, ent = _ChunkLogprobs.apply(hidden, weight, bias, targets, 1.0, False)
+        logits = torch.nn.functional.linear(hidden, weight, bias)  # the reference: same bf16 projection
+    logp_all = torch.log_softmax(logits.float(), -1)
+    ref = logp_all.gather(-1, targets[:, None])[:, 0].sum() - (logp_all.exp() * logp_all).sum()
+    ref_grads = torch.autograd.grad(ref, [hidden, weight, bias])
+    with profile(record_shapes=True) as prof:
+        grads = torch.autograd.grad(lp.sum() + ent.sum(), [hidden, weight, bias])
+    matmuls = [tuple(e.input_dtypes[:2]) for e in prof.events() if e.name in ("aten::mm", "aten::addmm")]
+    assert len(matmuls) >= 3, matmuls  # recomputed logits, d hidden, d weight
+    assert all(set(d) == {"c10::BFloat16"} for d in matmuls), matmuls
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.float32
+        assert torch.allclose(g, r, rtol=0.05, atol=0.05 * r.abs().max().item()), (g - r).abs().max()

@@ -95,8 +95,12 @@ class CalculatorEnv(ToolEnv):
                     metadata={"expression": expression, **nums})
 
     def score(self, task: Task, answer: str) -> float:
+        return 1.0 if self.answer_key(task, answer) == task.answer else 0.0
+
+    def answer_key(self, task: Task, answer: str) -> str | None:
+        """The last number of the answer: what `score` checks, so equal keys score alike (maj@k)."""
         numbers = _LAST_NUMBER.findall(answer)
-        return 1.0 if numbers and numbers[-1] == task.answer else 0.0
+        return numbers[-1] if numbers else None
 
     def scripted_action(self, rng: random.Random, tool_use_prob: float = 1.0, last_tool_output: str | None = None) -> str:
         """The demonstrator's next turn.

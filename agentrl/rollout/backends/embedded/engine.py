@@ -73,9 +73,7 @@ _GPU_KV_FRACTION = 0.5  # default share of free accelerator memory for the KV ca
 
 @dataclass(frozen=True)
 class EmbeddedGeneration(Generation):
-    """A `Generation` with the weight version that sampled each token (they differ across an update)."""
-
-    token_weight_versions: tuple[int, ...] = ()
+    """A `Generation` of this engine: `token_weight_versions` is always filled (they differ across an update)."""
 
 
 @dataclass(eq=False)
@@ -115,6 +113,9 @@ class EmbeddedEngine:
         async_steps: Launch decode step t+1 before step t's tokens reach the host, so the host's
             bookkeeping overlaps the device's compute (default: on for CUDA; on CPU the host is
             the device and it gains nothing). Outputs are the same either way for seeded requests.
+        admit_wait_steps: While every running sequence decodes, hold new requests back up to this
+            many steps so they are prefilled together (`Scheduler`); default 8 when decode steps
+            replay CUDA graphs, else 0. Seeded outputs do not depend on it.
 
     Example:
         >>> engine = EmbeddedEngine("runs/tiny-model")                            # doctest: +SKIP
@@ -125,7 +126,7 @@ class EmbeddedEngine:
                  max_batch_size: int = 256, max_model_len: int = 4096, *, block_size: int = 16,
                  kv_cache_tokens: int | None = None, max_step_tokens: int = 4096,
                  enable_prefix_caching: bool = True, tokenizer=None, cuda_graphs: bool = True,
-                 async_steps: bool | None = None):
+                 async_steps: bool | None = None, admit_wait_steps: int | None = None):
         if isinstance(model, str):
             from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -134,6 +135,8 @@ class EmbeddedEngine:
             tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(path)
         resolve_architecture(model, max_model_len)  # refuse before taking any accelerator memory
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # pin "cuda" to the GPU it means now
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -145,6 +148,7 @@ class EmbeddedEngine:
         self.runner = ModelRunner(self.model, max_model_len)
         # Families whose layers need the torch attention path or MoE routing replay no graphs (model_runner.py).
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and self.runner.graph_safe
+        self.admit_wait_steps = (8 if self.cuda_graphs else 0) if admit_wait_steps is None else admit_wait_steps
         self.vocab_size = self.runner.embed.shape[0]
         self.kv_cache_tokens = kv_cache_tokens or self._default_kv_tokens()
         self.weight_version = 0
@@ -306,6 +310,21 @@ class EmbeddedEngine:
         self._join()
 
     def _run(self) -> None:
+        try:
+            if self.device.type == "cuda":
+                # The current device is per thread: Triton kernels and graph captures use it, and a process
+                # may hold the engine on another GPU than its trainer (rollout.device).
+                torch.cuda.set_device(self.device)
+        except Exception as exc:  # this thread cannot serve: fail what waits instead of leaving it waiting
+            with self._cv:
+                new, self._inbox = self._inbox, []
+                self._thread = None
+                self._cv.notify_all()
+            err = EngineError(f"the engine thread cannot use {self.device}: {type(exc).__name__}: {exc}")
+            for req in new:
+                self._post(req, err)
+            self._fail_all(err)
+            return
         while True:
             with self._cv:
                 new, self._inbox = self._inbox, []
@@ -383,7 +402,7 @@ class EmbeddedEngine:
     def _new_scheduler(self) -> Scheduler:
         blocks = -(-self.kv_cache_tokens // self.block_size) + 1  # + the reserved null block
         alloc = BlockAllocator(blocks, self.block_size, self.enable_prefix_caching)
-        return Scheduler(alloc, self.max_batch_size, self.max_step_tokens, self.max_model_len)
+        return Scheduler(alloc, self.max_batch_size, self.max_step_tokens, self.max_model_len, self.admit_wait_steps)
 
     def _update_extra(self) -> None:
         s, graphs = self._sched, self._steps.graphs

@@ -52,6 +52,7 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    queued_at: int = 0  # the scheduler's step count when it last joined the waiting queue
 
     def __post_init__(self) -> None:
         self.prompt_len = self.prompt_len or len(self.tokens)
@@ -95,9 +96,16 @@ class Scheduler:
         max_num_seqs: Most sequences running at once (rows of the block table).
         max_step_tokens: Most tokens computed in one step (decodes count one each).
         max_model_len: Longest sequence; sets the block table's width.
+        admit_wait_steps: While every running sequence is decoding, hold new requests back for up to
+            this many steps (or until a quarter of the running count is waiting) so that they are
+            prefilled together: a step that prefills is eager, a decode-only step replays a CUDA graph
+            several times faster, so admitting each trickling request at once (multi-turn episodes whose
+            tool calls return at different times) would make nearly every step an eager one. 0 admits
+            at once (the CPU default, where no step is replayed).
     """
 
-    def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_step_tokens: int, max_model_len: int):
+    def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_step_tokens: int, max_model_len: int,
+                 admit_wait_steps: int = 0):
         self.alloc = allocator
         self.bs = allocator.block_size
         self.max_num_seqs = max_num_seqs
@@ -107,7 +115,9 @@ class Scheduler:
         self.block_table = np.full((max_num_seqs, -(-max_model_len // self.bs)), NULL_BLOCK, dtype=np.int32)
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
         self._inflight: dict[int, Sequence] = {}  # hash of a block being prefilled -> its owner
-        self.counters = {"preemptions": 0, "forks": 0, "deferrals": 0}
+        self.counters = {"preemptions": 0, "forks": 0, "deferrals": 0, "held_admissions": 0}
+        self.admit_wait_steps = admit_wait_steps
+        self.steps = 0  # schedule() calls
 
     @property
     def has_work(self) -> bool:
@@ -118,12 +128,14 @@ class Scheduler:
         if need > self.alloc.capacity:
             raise EngineError(f"a sequence of {len(seq.tokens)} tokens needs {need} KV blocks; the cache has "
                               f"{self.alloc.capacity}. Raise kv_cache_tokens or shorten the prompt")
+        seq.queued_at = self.steps
         self.waiting.append(seq)
 
     # -- one step ----------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         """Pick this step's chunks: running sequences first (preempting on a full cache), then admissions."""
         plan = StepPlan([])
+        self.steps += 1
         budget = self.max_step_tokens
         preempted = False
         bs, chunks = self.bs, plan.chunks
@@ -155,8 +167,19 @@ class Scheduler:
             self._append_blocks(seq, self.alloc.allocate(need))
         return True
 
+    def _hold_admissions(self, plan: StepPlan) -> bool:
+        """True to leave the waiting requests for a later step (see `admit_wait_steps`)."""
+        if not self.admit_wait_steps or not plan.chunks or any(c.n != 1 for c in plan.chunks):
+            return False  # nothing running, or this step is eager anyway: admit now
+        if len(self.waiting) >= max(1, len(self.running) // 4):
+            return False
+        return self.steps - self.waiting[0].queued_at < self.admit_wait_steps
+
     def _admit(self, plan: StepPlan, budget: int) -> None:
         if not self.waiting:
+            return
+        if self._hold_admissions(plan):
+            self.counters["held_admissions"] += 1
             return
         finishing: dict[int, list[Sequence]] = {}  # sequences whose last token is computed in this step
         for c in plan.chunks:
