@@ -32,7 +32,8 @@ from rich.table import Table
 
 from agentrl.errors import AgentRLError, ConfigError, RunInterrupted
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reinforcement learning for tool-using LLM agents.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reinforcement learning for tool-using LLM agents. "
+                  "Every config key, default and bound: docs/configuration.md.")
 console = Console()
 
 
@@ -77,13 +78,19 @@ def _print_episode_errors(metrics: dict, printer, what: str = "not trained on") 
             printer(f"            {rich_escape(text)}")
 
 
+def _env_names(metrics: dict) -> list[str]:
+    """The envs of a multi-task run's metrics (`env/<name>/success_rate` keys), in order."""
+    return [k.split("/")[1] for k in metrics if k.startswith("env/") and k.endswith("/success_rate")]
+
+
 def _fmt(metrics: dict[str, float], keys: list[str]) -> str:
     return "  ".join(f"{k}={metrics[k]:.3g}" for k in keys if k in metrics)
 
 
 @app.command()
 def train(
-    config: Path = typer.Argument(..., help="YAML file of overrides of agentrl.config.Config."),
+    config: Path = typer.Argument(..., help="YAML file of overrides of agentrl.config.Config "
+                                  "(every key: docs/configuration.md)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="dotted.key=value overrides, e.g. train.steps=5"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in run_dir from its latest checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in run_dir (its files are deleted "
@@ -96,7 +103,8 @@ def train(
     _quiet_loaders()
     with _errors_reported():
         cfg = load_config(config, overrides or [])
-    console.print(f"[bold]agentrl train[/] env={cfg.env.id} model={cfg.model.path} steps={cfg.train.steps} "
+    envs = ",".join(e.key for e in cfg.envs) or cfg.env.id
+    console.print(f"[bold]agentrl train[/] env={envs} model={cfg.model.path} steps={cfg.train.steps} "
                   f"run_dir={cfg.run_dir}")
     bar = Progress(TextColumn("[bold blue]RL"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
@@ -147,6 +155,9 @@ def _print_before_after(result: dict, split: str) -> None:
         if key in result:
             m = result[key]
             table.add_row(key, f"{m['success_rate']:.1%}", f"{m['tool_calls_mean']:.2f}")
+            for name in _env_names(m):  # a multi-task run: each env's held-out split too
+                table.add_row(f"  {name}", f"{m[f'env/{name}/success_rate']:.1%}",
+                              f"{m[f'env/{name}/tool_calls_mean']:.2f}")
     console.print(table)
     if "before" in result and "after" in result:
         gain = result["after"]["success_rate"] - result["before"]["success_rate"]
@@ -338,6 +349,8 @@ def tiny_model(
                                                   help="How often the demonstrator calls the tool."),
     sft_steps: Optional[int] = typer.Option(None, min=0, max=10_000_000, help="Supervised warm-start steps."),
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed."),
+    corpus_episodes: Optional[int] = typer.Option(None, min=1, max=10_000_000,
+                                                  help="Scripted episodes the tokenizer is trained on (default 3000)."),
 ) -> None:
     """Build a tiny tool-calling model from scratch (tokenizer, transformer, warm start).
 
@@ -347,7 +360,7 @@ def tiny_model(
 
     from agentrl.errors import ConfigError
 
-    given = {"demos": demos, "tool_use_prob": tool_use_prob, "sft_steps": sft_steps}
+    given = {"demos": demos, "tool_use_prob": tool_use_prob, "sft_steps": sft_steps, "corpus_episodes": corpus_episodes}
     _quiet_loaders()
     with _errors_reported():
         if out.exists() and not out.is_dir():

@@ -56,7 +56,7 @@ def eval_inputs(target: str | None, overrides: Sequence[str], model: str | None,
     num_tasks = tasks if tasks is not None else ev.num_tasks
     if num_tasks == 0:
         raise ConfigError("eval.num_tasks=0: there is nothing to evaluate; set eval.num_tasks=N or pass --tasks N")
-    env_ids = tuple(dict.fromkeys(envs)) if envs else (cfg.env.id,)
+    env_ids = tuple(dict.fromkeys(envs)) if envs else tuple(dict.fromkeys(e.id for e in cfg.envs or (cfg.env,)))
     settings = EvalSettings(envs=env_ids, split=split if split is not None else ev.split, num_tasks=num_tasks, k=k,
                             temperature=ev.temperature, seed=ev.seed)
     return cfg, sources, settings

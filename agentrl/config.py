@@ -70,6 +70,20 @@ class EnvConfig(_Frozen):
         False, description="Allow env.train_split to equal eval.split (the held-out score then means nothing).")
 
 
+class TaskEnvConfig(EnvConfig):
+    """One environment of a multi-task run (an entry of `envs`)."""
+
+    weight: float = Field(1.0, gt=0.0, le=1e6, description="Sampling weight: each task group of a step is drawn from "
+                          "this env with probability weight / (sum of the weights).")
+    name: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$",
+                             description="Name in metrics (env/<name>/...) and trajectories; defaults to the id. "
+                             "Needed when one id appears twice (with different kwargs).")
+
+    @property
+    def key(self) -> str:
+        return self.name or self.id
+
+
 class RolloutConfig(_Frozen):
     engine: str = Field("embedded", description="Inference backend, by its name in the engine registry "
                         "(agentrl.rollout.engine.ENGINES): embedded (the built-in PyTorch engine).")
@@ -197,6 +211,10 @@ class AlgorithmConfig(_Frozen):
     tis_cap: float = Field(2.0, gt=0.0, description="Truncation of the TIS weight pi_old / pi_rollout.")
     dynamic_sampling: bool = Field(False, description="DAPO dynamic sampling: drop groups whose rewards are all "
                                    "equal and sample more tasks to refill the batch.")
+    normalize_per_env: bool = Field(
+        True, description="With several envs: divide each env's advantages by their std over that env's trained "
+        "tokens (no re-centring, so a group whose rewards are all equal keeps zero advantages), so an env with "
+        "larger rewards does not dominate the gradient. Groups never span two envs either way.")
     max_sampling_rounds: int = Field(3, ge=1, le=100, description="Most rollout rounds per step when refilling.")
 
     @field_validator("advantage")
@@ -360,7 +378,11 @@ class Config(_Frozen):
     """A whole training run."""
 
     model: ModelConfig
-    env: EnvConfig
+    env: EnvConfig = Field(description="The environment (for several, use envs; then env is the first of them).")
+    envs: tuple[TaskEnvConfig, ...] = Field(
+        (), description="Several environments with sampling weights ([{id, weight, kwargs, train_split, name}]): "
+        "each step's batch mixes them, metrics and evaluation are reported per env (env/<name>/...). Give env or "
+        "envs, not both; with env alone, envs is that one env.")
     rollout: RolloutConfig = RolloutConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     optim: OptimConfig = OptimConfig()
@@ -371,15 +393,35 @@ class Config(_Frozen):
     metrics: MetricsConfig = MetricsConfig()
     run_dir: str = Field("runs/default", min_length=1, description="Where metrics, checkpoints and the final model go.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_env_source(cls, data: Any) -> Any:
+        """`env` alone, or `envs` alone (then `env` is the first entry); both is ambiguous."""
+        if not isinstance(data, dict):
+            return data
+        has_env, envs = data.get("env") is not None, data.get("envs")
+        if envs and isinstance(envs, (list, tuple)) and isinstance(envs[0], dict):
+            first = {k: v for k, v in envs[0].items() if k not in ("weight", "name")}
+            if has_env and data["env"] != first:  # a dumped config holds both, and they agree
+                raise ValueError("give env (one environment) or envs (several), not both")
+            return {**data, "env": first}
+        if has_env and not envs and isinstance(data["env"], dict):
+            return {**data, "envs": [data["env"]]}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> Config:
+        _check_envs(self)
         if self.algorithm.advantage in ("grpo", "rloo", "dr_grpo") and self.rollout.samples_per_prompt < 2:
             raise ValueError(f"advantage {self.algorithm.advantage!r} compares samples of one task, so "
                              "rollout.samples_per_prompt must be at least 2")
-        if self.env.train_split == self.eval.split and not self.env.allow_train_on_eval_split:
-            raise ValueError(f"env.train_split and eval.split are both {self.eval.split!r}: training on the held-out "
-                             "split makes its score meaningless; pick another split, or set "
-                             "env.allow_train_on_eval_split=true if you mean it")
+        several = len(self.envs) > 1
+        for k, e in enumerate(self.envs or (self.env,)):
+            if e.train_split == self.eval.split and not e.allow_train_on_eval_split:
+                where = f"envs[{k}]" if several else "env"
+                raise ValueError(f"{where}.train_split and eval.split are both {self.eval.split!r}: training on the "
+                                 "held-out split makes its score meaningless; pick another split, or set "
+                                 f"{where}.allow_train_on_eval_split=true if you mean it")
         if (self.train.schedule == "asynchronous" and self.algorithm.tis == "none"
                 and self.algorithm.old_logprobs == "recompute"):
             raise ValueError("train.schedule=asynchronous trains on tokens sampled by older policies, so the loss must "
@@ -405,6 +447,17 @@ class Config(_Frozen):
         if self.cluster.mode == "ray":
             _check_ray_devices(self)
         return self
+
+
+def _check_envs(cfg: Config) -> None:
+    """Names of a multi-task run's envs are unique, and what is not built for several envs is refused."""
+    keys = [e.key for e in cfg.envs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"envs names {twice} more than once; give the entries distinct `name`s")
+    if len(cfg.envs) > 1 and cfg.cluster.mode == "ray":
+        raise ValueError("several envs with cluster.mode=ray is not built (each Ray worker plays one env); "
+                         "train several envs with cluster.mode=local")
 
 
 def _check_ray_devices(cfg: Config) -> None:

@@ -9,10 +9,16 @@ if [ ! -x .venv/bin/python ]; then
 fi
 extras=${AGENTRL_EXTRAS:-}
 stamp=.venv/.agentrl-installed${extras:+-$extras}
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+# The environments are packages of their own (environments/<name>/pyproject.toml); they are
+# installed beside agentrl, and reinstalled when any of the pyproject files changes.
+newer=$(find pyproject.toml environments/*/pyproject.toml -newer "$stamp" 2>/dev/null | head -1 || true)
+if [ ! -f "$stamp" ] || [ -n "$newer" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q "${AGENTRL_TORCH:-torch==2.13.0}"
   .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
+  envs=()
+  for p in environments/*/pyproject.toml; do envs+=(-e "$(dirname "$p")"); done
+  .venv/bin/python -m pip install -q "${envs[@]}"
   touch "$stamp"
 fi
 export PATH="$PWD/.venv/bin:$PATH"

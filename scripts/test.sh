@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 AGENTRL_EXTRAS=dev source scripts/setup_env.sh
-# A separately installed package that registers an env and a tool through entry points.
-.venv/bin/python -m pip install -q --no-deps -e tests/fixtures/agentrl_plugin_example
+# Separately installed packages that register envs and tools through entry points: the test
+# fixture, and the user-written example package (its README walk-through runs as a test).
+.venv/bin/python -m pip install -q --no-deps -e tests/fixtures/agentrl_plugin_example -e examples/custom_env
 exec .venv/bin/python -m pytest -q -m "not gpu" "$@"

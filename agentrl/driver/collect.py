@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from agentrl.driver.failures import FailureCounts, FailurePolicy, check_arrival, play_with_retries, settle
+from agentrl.driver.failures import FailureCounts, check_arrival, play_with_retries, settle
 from agentrl.driver.metrics import rollout_metrics
 from agentrl.driver.rollout_side import RolloutSide
-from agentrl.rollout.agent_loop import EpisodeSpec
+from agentrl.driver.tasks import eval_specs, per_env_metrics, run_failure_policy, train_specs
 from agentrl.rollout.engine_meter import EngineUse
 from agentrl.rollout.trajectory import Trajectory
 from agentrl.trainer.algos import filter_uniform_groups
@@ -40,16 +40,14 @@ def collect(rollout: RolloutSide, step: int) -> tuple[list[Trajectory], dict[str
     """
     cfg = rollout.cfg
     r, a = cfg.rollout, cfg.algorithm
-    policy = FailurePolicy.for_env(cfg.failures, cfg.env.id)
+    policy = run_failure_policy(cfg)
     counts = FailureCounts()
     t0, used = time.perf_counter(), rollout.engine.use()
     sound: list[Trajectory] = []  # every sound episode played, for the reward metrics
     kept: list[Trajectory] = []
     rounds = a.max_sampling_rounds if a.dynamic_sampling else 1
     for rnd in range(rounds):
-        specs = [EpisodeSpec(seed=seed, split=cfg.env.train_split, group_id=rnd * r.prompts_per_step + g)
-                 for g, seed in enumerate(task_seeds(step, r.prompts_per_step, cfg.train.seed, rnd))
-                 for _ in range(r.samples_per_prompt)]
+        specs = train_specs(cfg, step, rnd, task_seeds(step, r.prompts_per_step, cfg.train.seed, rnd))  # envs mixed
         seed = (cfg.train.seed * 100_003 + step) * 101 + rnd
         final = play_with_retries(lambda s: rollout.play(s, r.temperature, seed=seed), specs, policy, counts)
         batch = settle(final, policy, counts)
@@ -63,6 +61,7 @@ def collect(rollout: RolloutSide, step: int) -> tuple[list[Trajectory], dict[str
             break
     kept = _first_groups(kept, r.prompts_per_step)
     metrics = _played_metrics(sound, counts, time.perf_counter() - t0, rollout.engine.use() - used)
+    metrics |= per_env_metrics(sound, cfg)
     metrics.update(sampling_rounds=float(rnd + 1), kept_groups=float(len({t.group_id for t in kept})),
                    trained_episodes=float(sum(t.failure is None for t in kept)))
     return kept, metrics
@@ -82,23 +81,24 @@ def _first_groups(rows: list[Trajectory], n: int) -> list[Trajectory]:
 
 
 def evaluate(rollout: RolloutSide, split: str, num_tasks: int, temperature: float, seed: int) -> dict[str, Any]:
-    """Success rate on tasks 0..num_tasks-1 of a held-out split (one episode each).
+    """Success rate on tasks 0..num_tasks-1 of a held-out split (one episode each; of every env of a
+    multi-task run, with `env/<name>/*` metrics per env besides the overall ones).
 
     Failed episodes are retried by `failures.policy` like training ones; the rest are not scored
     (`scored_tasks` says how many were, `failures/*` why the others were not), and their first
     distinct texts go under `error_samples`. Raises `RolloutError` when fewer than
     failures.min_group_fraction of the tasks were scored.
     """
-    policy = FailurePolicy.for_env(rollout.cfg.failures, rollout.cfg.env.id)
+    policy = run_failure_policy(rollout.cfg)
     counts = FailureCounts()
     t0, used = time.perf_counter(), rollout.engine.use()
-    specs = [EpisodeSpec(seed=i, split=split, group_id=i) for i in range(num_tasks)]
+    specs = eval_specs(rollout.cfg, split, num_tasks)  # of every env, in a multi-task run
     final = play_with_retries(lambda s: rollout.play(s, temperature, seed), specs, policy, counts)
     check_arrival(final, settle(final, policy, counts), policy.min_group_fraction,
                   f"evaluation on split {split!r}", unit="tasks")
     sound = [t for t in final if t.failure is None]
     metrics = _played_metrics(sound, counts, time.perf_counter() - t0, rollout.engine.use() - used)
-    return {**metrics, "scored_tasks": float(len(sound))}
+    return {**metrics, **per_env_metrics(sound, rollout.cfg), "scored_tasks": float(len(sound))}
 
 
 def _played_metrics(sound: list[Trajectory], counts: FailureCounts, seconds: float, use: EngineUse) -> dict[str, Any]:

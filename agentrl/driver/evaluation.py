@@ -59,11 +59,14 @@ class EvalSettings:
 
 
 def env_config(cfg: Config, env_id: str) -> Config:
-    """`cfg` playing `env_id` (the config's env.kwargs go only with the config's own env)."""
-    if env_id == cfg.env.id:
-        return cfg
-    env = cfg.env.model_copy(update={"id": env_id, "kwargs": {}})
-    return cfg.model_copy(update={"env": env})
+    """`cfg` playing `env_id` alone (the config's kwargs go only with the config's own envs; of a
+    multi-task config's entries with this id, the first)."""
+    from agentrl.driver.tasks import for_env
+
+    own = next((e for e in cfg.envs if e.id == env_id), cfg.env if env_id == cfg.env.id else None)
+    if own is not None:
+        return for_env(cfg, own)
+    return for_env(cfg, cfg.env.model_copy(update={"id": env_id, "kwargs": {}}))
 
 
 @contextlib.contextmanager

@@ -47,6 +47,7 @@ from agentrl.driver.rollout_side import RolloutSide
 from agentrl.driver.run_dir import RunDir
 from agentrl.driver.sides import open_sides
 from agentrl.driver.signals import StopSignals, stopped
+from agentrl.driver.tasks import scale_advantages_per_env
 from agentrl.driver.sinks import check_sinks, open_sinks
 from agentrl.driver.timing import StepClock
 from agentrl.driver.trainer_side import TrainerSide
@@ -74,6 +75,7 @@ def train_step(rollout: RolloutSide, trainer: TrainerSide, step: int, clock: Ste
     with engines_asleep(rollout, clock, rollout.cfg.cluster.colocate):
         with clock.phase("score", "trainer"):
             batch, kl_in_loss = score(to_batch(trajectories), trainer, rollout.cfg.algorithm)
+            batch = scale_advantages_per_env(batch, trajectories, rollout.cfg)  # several envs: one scale each
         with clock.phase("update", "trainer"):
             metrics.update(trainer.update(batch, trainer.loss_settings(kl_in_loss)))
     clock.add("weight_sync", push_weights(trainer, rollout, version=step + 1), "trainer", "rollout")

@@ -49,6 +49,10 @@ class RolloutSide:
             splits: (split, where it was given) pairs that will be played, e.g. ("train",
                 "env.train_split"); each must exist and its prompts must fit rollout.max_total_tokens.
         """
+        if len(cfg.envs) > 1:  # several envs: one side per env on one engine (`agentrl.driver.tasks`)
+            from agentrl.driver.tasks import MixedRolloutSide
+
+            return MixedRolloutSide.open(cfg, model_path, splits)  # type: ignore[return-value]
         path = model_path or cfg.model.path
         field = "--model" if model_path else "model.path"
         check_device(engine_device(cfg), "rollout.device" if cfg.rollout.device else "model.device")

@@ -20,7 +20,7 @@ Splits: a task is the inner env reset with a seed. Each split draws its Gymnasiu
 own range, and a task belongs to `test` iff a hash of its rendered initial state falls in one
 bucket of `test_buckets`; so two splits never share an initial state, even for games whose seeds
 map onto few distinct starts (a Blackjack deal, a small FrozenLake map). Games whose start never
-depends on the seed need a task generator (see `agentrl.envs.gym_games`).
+depends on the seed need a task generator (see the `agentrl-gym-text` package, environments/gym_text).
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ class GymTextEnv(Env):
             if self._split_of(state) == split:
                 return obs, gym_info, gym_seed, state
         raise EnvError(f"{self.gym_id}: no task of split {split!r} in {MAX_TASK_ATTEMPTS} draws; its initial state "
-                       "does not depend on the seed, so give the adapter a task generator (see gym_games.py)")
+                       "does not depend on the seed, so give the adapter a task generator (see environments/gym_text)")
 
     def _split_of(self, state: str) -> str:
         if len(self.splits) == 1:

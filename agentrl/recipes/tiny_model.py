@@ -165,12 +165,13 @@ def supervised_warm_start(model, examples: list[tuple[list[int], list[int]]], *,
 
 def build_tiny_model(out: str | Path, env_id: str = "calculator-v0", *, shape: TinyModelShape = TinyModelShape(),
                      demos: int | None = None, tool_use_prob: float = 0.5, sft_steps: int = 2000, lr: float = 1e-3,
-                     batch_seqs: int = 16, seed: int = 0) -> Path:
+                     batch_seqs: int = 16, seed: int = 0, corpus_episodes: int = 3000) -> Path:
     """Make tokenizer + model + supervised warm start and save them (HF format) under `out`.
 
     `demos` defaults to `sft_steps * batch_seqs`: every step sees fresh demonstrations. With a few
     thousand demonstrations repeated for several epochs the tiny model memorises answers instead of
-    learning to copy numbers, and never succeeds on held-out tasks.
+    learning to copy numbers, and never succeeds on held-out tasks. `corpus_episodes` scripted
+    episodes train the tokenizer (fewer for envs whose tools are slow, e.g. a sandbox per call).
     """
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -180,7 +181,7 @@ def build_tiny_model(out: str | Path, env_id: str = "calculator-v0", *, shape: T
     env = make(env_id)
     if not hasattr(env, "scripted_action"):
         raise ConfigError(f"{env_id!r} has no scripted_action(); the tiny-model recipe imitates it")
-    tokenizer = train_tokenizer(text_corpus(env, 3000, seed), shape.vocab_size)
+    tokenizer = train_tokenizer(text_corpus(env, corpus_episodes, seed), shape.vocab_size)
     renderer = ChatRenderer(tokenizer, env.tool_schemas())
     rng = random.Random(seed)
     demos = demos if demos is not None else sft_steps * batch_seqs

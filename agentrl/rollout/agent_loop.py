@@ -60,7 +60,8 @@ class EpisodeLimits:
 class EpisodeSpec:
     """Which task to play: split + seed pick the task, group_id ties GRPO samples together.
 
-    `index` fixes the episode's sampling seed (the batch seed's stream at this index), so a spec
+    `env` names the env of a multi-task run that plays it (the driver routes it). `index` fixes the
+    episode's sampling seed (the batch seed's stream at this index), so a spec
     replayed alone (a retry, or on another worker) samples as it did in its first batch; None:
     its position in the list given to `run_episodes`.
     """
@@ -69,6 +70,7 @@ class EpisodeSpec:
     split: str = "train"
     group_id: int = 0
     index: int | None = None
+    env: str = ""  # which env of a multi-task run plays it (its name); "" for a run's only env
 
 
 class Lockstep:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from agentrl.errors import ConfigError, ToolErrorKind
 from agentrl.registry import Registry
-from agentrl.tools.schema import function_schema
+from agentrl.tools.schema import context_parameter, function_schema
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,8 @@ class Tool:
     parameters: dict[str, Any]
     fn: Callable[..., Any]
     policy: ToolPolicy = field(default_factory=ToolPolicy)
+    #: The parameter that receives the calling episode's `ToolContext` (not in `parameters`), or None.
+    context_arg: str | None = None
 
     @property
     def is_async(self) -> bool:
@@ -96,9 +98,71 @@ def tool(
 
     def build(f: Callable[..., Any]) -> Tool:
         schema = function_schema(f, name=name, description=description)
-        return Tool(schema["name"], schema["description"], schema["parameters"], f, policy or ToolPolicy())
+        return Tool(schema["name"], schema["description"], schema["parameters"], f, policy or ToolPolicy(),
+                    context_parameter(f))
 
     return build(fn) if fn is not None else build
+
+
+@runtime_checkable
+class Toolset(Protocol):
+    """Tools that share a resource the env must release (an MCP server, a connection pool).
+
+    `ToolEnv` offers `tools()` and calls `close()` when the env is closed.
+    """
+
+    def tools(self) -> Sequence[Tool]: ...
+
+    def close(self) -> None: ...
+
+
+#: The attribute `env_tool` sets on a method: the keyword arguments it passes to `tool()`.
+ENV_TOOL_MARK = "__agentrl_env_tool__"
+
+
+def env_tool(
+    fn: Callable[..., Any] | None = None,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    policy: ToolPolicy | None = None,
+) -> Any:
+    """Mark a method of a `ToolEnv` subclass as one of that env's tools.
+
+    Each env instance offers the method bound to itself (`self` is not in the schema), next to the
+    tools given to `ToolEnv.__init__`. Like any tool it may take a `ToolContext` parameter to read
+    and change the calling episode's state; keep per-episode state there rather than on `self`
+    (`agentrl.tools.context` says why).
+
+    Example:
+        >>> class Game(ToolEnv):                       # doctest: +SKIP
+        ...     @env_tool(policy=ToolPolicy(timeout_s=1))
+        ...     def guess(self, word: str, ctx: ToolContext) -> str:
+        ...         '''Guess the secret word.
+        ...
+        ...         Args:
+        ...             word: Your guess.
+        ...         '''
+        ...         return "correct" if word == ctx.state["secret"] else "wrong"
+    """
+
+    def mark(f: Callable[..., Any]) -> Callable[..., Any]:
+        setattr(f, ENV_TOOL_MARK, {"name": name, "description": description, "policy": policy})
+        return f
+
+    return mark(fn) if fn is not None else mark
+
+
+def bound_env_tools(env: object) -> list[Tool]:
+    """The `env_tool` methods of `env`'s class, bound to `env`, in the order they are defined
+    (base classes first)."""
+    seen: dict[str, Tool] = {}
+    for cls in reversed(type(env).__mro__):
+        for attr, value in vars(cls).items():
+            options = getattr(value, ENV_TOOL_MARK, None)
+            if options is not None and callable(value):
+                seen[attr] = tool(getattr(env, attr), **options)
+    return list(seen.values())
 
 
 #: Tool-call ids are this many alphanumeric characters: the strictest format templates ask for

@@ -41,6 +41,7 @@ import jsonschema
 # InfrastructureFault lives in agentrl.errors (envs raise it too); tools may keep importing it from here.
 from agentrl.errors import ConfigError, InfrastructureFault, ToolError, ToolErrorKind, did_you_mean
 from agentrl.tools.blocking import ctrl_c_raises_here
+from agentrl.tools.context import ToolContext
 from agentrl.tools.core import Tool, ToolCall, ToolResult
 from agentrl.tools.limits import ToolState, tool_state
 from agentrl.tools.parsers import ParseIssue
@@ -163,8 +164,13 @@ class ToolExecutor:
         self.error_counts: Counter[str] = Counter()
         self.calls_total = 0
 
-    async def execute(self, calls: Sequence[ToolCall], issues: Sequence[ParseIssue] = ()) -> list[ToolResult]:
-        """Run `calls` concurrently; return results in order, parse issues first."""
+    async def execute(self, calls: Sequence[ToolCall], issues: Sequence[ParseIssue] = (),
+                      context: ToolContext | None = None) -> list[ToolResult]:
+        """Run `calls`; return results in order, parse issues first.
+
+        Calls run concurrently, except those of tools that take a `ToolContext`: they get
+        `context` and run one after another in the order written, since they change one state.
+        """
         # Unreadable calls have no id to answer, so past the per-turn limit they are summarised in
         # one message (still counted one by one) instead of flooding the context.
         shown = issues[: self.max_calls_per_turn]
@@ -175,10 +181,22 @@ class ToolExecutor:
                 ToolErrorKind.PARSE, f"{extra} more malformed tool calls in this turn were not read")))
             self.error_counts[ToolErrorKind.PARSE.value] += extra - 1
         allowed, over = calls[: self.max_calls_per_turn], calls[self.max_calls_per_turn :]
-        results += await asyncio.gather(*(self._run_one(c) for c in allowed))
+        results += await self._run_allowed(allowed, context)
         if over:
             results.append(self._over_the_limit(over))
         return self._cap_turn(results)
+
+    async def _run_allowed(self, calls: Sequence[ToolCall], context: ToolContext | None) -> list[ToolResult]:
+        in_order = [i for i, c in enumerate(calls) if getattr(self.tools.get(c.name), "context_arg", None)]
+
+        async def one_by_one() -> list[ToolResult]:
+            return [await self._run_one(calls[i], context) for i in in_order]
+
+        ordered = set(in_order)
+        rest = [i for i in range(len(calls)) if i not in ordered]
+        chained, *others = await asyncio.gather(one_by_one(), *(self._run_one(calls[i], context) for i in rest))
+        out: dict[int, ToolResult] = dict(zip(in_order, chained)) | dict(zip(rest, others))
+        return [out[i] for i in range(len(calls))]
 
     def _over_the_limit(self, over: Sequence[ToolCall]) -> ToolResult:
         names = Counter(c.name[:MAX_ECHOED_NAME_CHARS] for c in over)
@@ -227,7 +245,7 @@ class ToolExecutor:
         return ToolResult(name=valid_unicode(name), content=valid_unicode(err.to_model_text()),
                           call_id=call_id, error_kind=err.kind)
 
-    async def _run_one(self, call: ToolCall) -> ToolResult:
+    async def _run_one(self, call: ToolCall, context: ToolContext | None = None) -> ToolResult:
         self.calls_total += 1
         tool = self.tools.get(call.name)
         if tool is None:
@@ -247,6 +265,12 @@ class ToolExecutor:
         except InexactIntegerError as exc:
             return self._error(tool.name, ToolError(
                 ToolErrorKind.INVALID_ARGUMENTS, f"invalid arguments for {tool.name!r} {exc}"), call.id)
+        if tool.context_arg is not None:
+            if context is None:
+                return self._error(tool.name, ToolError(ToolErrorKind.RUNTIME, (
+                    f"{tool.name!r} works on an episode's state but was called outside an episode; offer it "
+                    "through a ToolEnv")), call.id)
+            arguments = {**arguments, tool.context_arg: context}
         state = tool_state(tool, tool.name, tool.policy.max_concurrency)
         await state.slots.acquire()
         try:

@@ -15,6 +15,8 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+from agentrl.tools.context import ToolContext
+
 _PRIMITIVES: dict[Any, dict[str, Any]] = {
     str: {"type": "string"},
     int: {"type": "integer"},
@@ -77,8 +79,30 @@ def parse_google_docstring(doc: str | None) -> tuple[str, dict[str, str]]:
     return summary, descriptions
 
 
+def context_parameter(fn: Callable[..., Any]) -> str | None:
+    """The name of `fn`'s parameter annotated `ToolContext` (left out of its schema), or None.
+
+    Raises:
+        TypeError: more than one parameter asks for the context.
+    """
+    hints = typing.get_type_hints(fn, include_extras=True)
+    names = [p for p in inspect.signature(fn).parameters if _is_context(hints.get(p))]
+    if len(names) > 1:
+        raise TypeError(f"tool {fn.__name__!r}: only one parameter may take the ToolContext, got {names}")
+    return names[0] if names else None
+
+
+def _is_context(tp: Any) -> bool:
+    if typing.get_origin(tp) is typing.Annotated:
+        tp = typing.get_args(tp)[0]
+    return tp is ToolContext
+
+
 def function_schema(fn: Callable[..., Any], name: str | None = None, description: str | None = None) -> dict[str, Any]:
     """Build `{"name", "description", "parameters"}` for `fn`.
+
+    A parameter annotated `ToolContext` is not described: the executor fills it (see
+    `agentrl.tools.context`).
 
     Example:
         >>> def add(a: int, b: int = 0) -> int:
@@ -98,6 +122,8 @@ def function_schema(fn: Callable[..., Any], name: str | None = None, description
     for pname, param in inspect.signature(fn).parameters.items():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             raise TypeError(f"tool {fn.__name__!r}: *args/**kwargs cannot be described to a model")
+        if _is_context(hints.get(pname)):
+            continue
         if pname not in hints:
             raise TypeError(f"tool {fn.__name__!r}: parameter {pname!r} needs a type annotation")
         prop = type_to_schema(hints[pname])

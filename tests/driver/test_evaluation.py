@@ -17,7 +17,7 @@ from agentrl.driver.evaluation import EvalSettings, evaluate_policy
 from agentrl.driver.policy_source import resolve_policy
 from agentrl.envs.core import Task
 from agentrl.envs.registration import ENVS, register
-from environments.calculator.env import CalculatorEnv
+from agentrl_calculator.env import CalculatorEnv
 
 ROOT = Path(__file__).resolve().parents[2]
 ANY = "test-any-number-v0"

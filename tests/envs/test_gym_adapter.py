@@ -10,7 +10,7 @@ from collections import deque
 import pytest
 
 from agentrl.envs import GymTextEnv, make
-from agentrl.envs.gym_games import FrozenLakeTextEnv
+from agentrl_gym_text.games import FrozenLakeTextEnv
 from agentrl.errors import EnvError
 
 FROZEN_HELP = "Valid actions: left (0), down (1), right (2), up (3)."

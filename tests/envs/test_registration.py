@@ -85,7 +85,7 @@ def test_a_code_registration_that_clashes_with_an_installed_package_raises_on_lo
     reg.register("calculator-v0", "my.pkg:MyCalculator")  # before the installed packages are read
     with pytest.raises(RegistryError, match="registered more than once .*my.pkg:MyCalculator.*CalculatorEnv"):
         reg.spec("calculator-v0")
-    assert reg.spec("gym-taxi-v0").entry_point == "agentrl.envs.gym_games:TaxiTextEnv"  # the rest still works
+    assert reg.spec("gym-taxi-v0").entry_point == "agentrl_gym_text.games:TaxiTextEnv"  # the rest still works
     reg.unregister("calculator-v0")
     assert "calculator-v0" not in reg
 
@@ -96,7 +96,7 @@ def test_make_passes_kwargs_over_registered_defaults():
     obs, _ = env.reset(seed=0)
     assert env.max_turns == 7 and obs[-1].content.count("\n") >= 5  # a 5x5 grid
     reg: Registry[type[Env]] = Registry("environment")
-    reg.register("story-v0", "environments.calculator.env:CalculatorEnv", style="story")
+    reg.register("story-v0", "agentrl_calculator.env:CalculatorEnv", style="story")
     assert reg.spec("story-v0").kwargs == {"style": "story"}
     with pytest.raises(EnvError, match="cannot build environment 'calculator-v0' with arguments \\['colour'\\]"):
         make("calculator-v0", colour="red")

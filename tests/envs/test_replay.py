@@ -14,7 +14,7 @@ import pytest
 from gymnasium.envs.toy_text.frozen_lake import FrozenLakeEnv
 from gymnasium.utils.env_checker import data_equivalence
 
-import environments.calculator.env as calculator_module
+import agentrl_calculator.env as calculator_module
 from agentrl.envs import Env, Message, RecordingEnv, ReplayDivergence, ReplayEnv, make
 from agentrl.envs.replay import decode, encode
 from agentrl.errors import EnvError
@@ -52,7 +52,7 @@ def test_frozenlake_episode_replays_bit_for_bit_without_gymnasium(tmp_path, monk
     _forbid(monkeypatch, FrozenLakeEnv, "step")
     _forbid(monkeypatch, FrozenLakeEnv, "reset")
     replay = ReplayEnv(path)
-    assert replay.recorded_env == "agentrl.envs.gym_games:FrozenLakeTextEnv"
+    assert replay.recorded_env == "agentrl_gym_text.games:FrozenLakeTextEnv"
     assert replay.tool_schemas()[0]["function"]["name"] == "move"
     replayed = [replay.reset(seed=11, options={"split": "test"})] + [replay.step(a) for a in actions]
     assert len(replayed) == len(recorded)

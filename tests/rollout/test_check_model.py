@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from agentrl.envs.registration import ENVS, register
 from agentrl.rollout.check_model import check_model
-from environments.calculator.env import CalculatorEnv
+from agentrl_calculator.env import CalculatorEnv
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -201,6 +201,37 @@ def normalize_per_task(advantages: Tensor, response_mask: Tensor, task_ids: Tens
 
 
 @torch.no_grad()
+def scale_per_task(advantages: Tensor, response_mask: Tensor, task_ids: Tensor, *, eps: float = 1e-6) -> Tensor:
+    """Divide each task's advantages by their root mean square over its masked tokens, for batches
+    that mix environments.
+
+    Unlike `normalize_per_task` nothing is re-centred: a zero advantage (a group whose rewards were
+    all equal) stays zero, and signs never flip; only the scale of each task is equalised.
+
+    Args:
+        advantages: [B, T] from any estimator.
+        response_mask: [B, T].
+        task_ids: [B] integer task (environment) of each row.
+        eps: Added to each task's RMS (a task whose advantages are all zero stays zero).
+
+    Returns:
+        [B, T] float32, zero where the mask is 0.
+    """
+    if task_ids.shape != advantages.shape[:1] or response_mask.shape != advantages.shape:
+        raise ValueError(
+            f"expected advantages [B, T], response_mask [B, T], task_ids [B]; got {tuple(advantages.shape)}, "
+            f"{tuple(response_mask.shape)}, {tuple(task_ids.shape)}"
+        )
+    mask = response_mask.bool()
+    values = torch.where(mask, advantages.float(), 0.0)  # [B, T]
+    uniq, inv = torch.unique(task_ids, return_inverse=True)  # inv: [B]
+    zeros = values.new_zeros(uniq.numel())  # [G]
+    count = zeros.index_add(0, inv, mask.sum(-1).float())  # [G] tokens per task
+    rms = (zeros.index_add(0, inv, (values**2).sum(-1)) / count.clamp(min=1)).sqrt()  # [G]
+    return values / (rms[inv][:, None] + eps)
+
+
+@torch.no_grad()
 def gae(
     token_rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float, lam: float
 ) -> tuple[Tensor, Tensor]:

@@ -8,7 +8,7 @@ import pytest
 
 from agentrl.envs import make
 from agentrl.errors import EnvError
-from environments.calculator.arith import ArithmeticError_, evaluate
+from agentrl_calculator.arith import ArithmeticError_, evaluate
 
 
 def test_seeded_reset_is_deterministic_and_splits_are_disjoint():

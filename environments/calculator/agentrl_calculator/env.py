@@ -22,7 +22,7 @@ from agentrl.envs.core import Task
 from agentrl.envs.tool_env import ToolEnv
 from agentrl.errors import EnvError, ToolError, ToolErrorKind
 from agentrl.tools.core import ToolPolicy, tool
-from environments.calculator.arith import ArithmeticError_, evaluate, format_number
+from agentrl_calculator.arith import ArithmeticError_, evaluate, format_number
 
 # Expression shapes; a, b in 11..99 and c in 10..99.
 EXPRESSIONS: tuple[str, ...] = ("{a} * {b} + {c}", "{a} * {b} - {c}", "{a} + {b} * {c}", "({a} + {b}) * {c}")

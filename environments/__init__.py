@@ -1,1 +1,0 @@
-"""Concrete environments shipped with agentrl; each subpackage registers through entry points."""

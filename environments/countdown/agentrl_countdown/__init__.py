@@ -1,0 +1,1 @@
+"""The Countdown numbers game as `countdown-v0`: single turn, no tools, a verifiable reward."""

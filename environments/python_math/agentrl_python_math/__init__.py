@@ -1,0 +1,1 @@
+"""`python-math-v0`: math word problems solved with the sandboxed `python` tool over several turns."""
