@@ -7,7 +7,7 @@ episode's summed KL to the reference when the KL is part of the reward (`algorit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from agentrl.config import AlgorithmConfig
 from agentrl.driver.trainer_side import TrainerSide
@@ -16,19 +16,48 @@ from agentrl.trainer.batch import TrainBatch
 from agentrl.trainer.update import compute_advantages, episode_kl
 
 
-def to_batch(trajectories: Sequence[Trajectory]) -> TrainBatch:
-    """The trajectories' tokens, masks, rollout logprobs and versions as one padded batch, scored by reward.
+def turn_penalties(t: Trajectory, penalty: float, kinds: Collection[str]) -> list[float]:
+    """What each rewarded turn of `t` loses to tool errors: `penalty` per error of one of `kinds`."""
+    if not penalty:
+        return [0.0] * len(t.turn_rewards)
+    errors = t.turn_tool_errors or ({},) * len(t.turn_rewards)
+    return [penalty * sum(n for kind, n in e.items() if kind in kinds) for e in errors]
 
-    A failed trajectory here (kept with zero loss, see `agentrl.driver.failures`) gets an all-zero
-    mask, so it carries no gradient, and a group of its own, so it does not move its task group's
-    mean or std: an infrastructure failure is never a sample of what the policy did.
+
+def _turn_rows(t: Trajectory, penalties: list[float]) -> tuple[list[float], list[int]]:
+    """Token layout: each rewarded turn's reward (minus its penalty) on its last model token, and each
+    model token's turn number (-1 elsewhere). A turn cut short (no env step) has a turn number but no reward."""
+    rewards, turns = [0.0] * len(t.token_ids), [-1] * len(t.token_ids)
+    if t.failure is not None:
+        return rewards, turns
+    for k, (start, end) in enumerate(t.turn_spans):
+        turns[start:end] = [k] * (end - start)
+        if k < len(t.turn_rewards) and end > start:
+            rewards[end - 1] = t.turn_rewards[k] - penalties[k]
+    return rewards, turns
+
+
+def to_batch(trajectories: Sequence[Trajectory], tool_error_penalty: float = 0.0,
+             penalised_kinds: Collection[str] = ()) -> TrainBatch:
+    """The trajectories' tokens, masks, rollout logprobs and versions as one padded batch, scored by
+    reward, with each turn's reward on the turn's last model token (`TrainBatch.token_rewards`).
+
+    `tool_error_penalty` is taken off a turn's reward for each tool error of `penalised_kinds` that
+    its calls met, and so off the episode's score too. A failed trajectory here (kept with zero loss,
+    see `agentrl.driver.failures`) gets an all-zero mask and no rewards, so it carries no gradient,
+    and a group of its own, so it does not move its task group's mean or std: an infrastructure
+    failure is never a sample of what the policy did.
     """
     masks = [t.loss_mask if t.failure is None else (0,) * len(t.loss_mask) for t in trajectories]
     fresh = max((t.group_id for t in trajectories), default=0) + 1  # ids no task group has
     groups = [t.group_id if t.failure is None else fresh + i for i, t in enumerate(trajectories)]
+    penalties = [turn_penalties(t, tool_error_penalty, penalised_kinds) for t in trajectories]
+    rows = [_turn_rows(t, p) for t, p in zip(trajectories, penalties)]
+    scores = [t.reward - sum(p) if t.failure is None and tool_error_penalty else t.reward
+              for t, p in zip(trajectories, penalties)]
     return TrainBatch.from_rows([t.token_ids for t in trajectories], masks,
                                 [t.rollout_logprobs for t in trajectories], [t.weight_versions for t in trajectories],
-                                [t.reward for t in trajectories], groups)
+                                scores, groups, token_rewards=[r for r, _ in rows], turn_index=[k for _, k in rows])
 
 
 def score(batch: TrainBatch, trainer: TrainerSide, algo: AlgorithmConfig) -> tuple[TrainBatch, bool]:

@@ -5,10 +5,10 @@ This is the algorithm in one place; each stage is a named call:
     rollout, trainer = open_sides(cfg)                  # engine + envs | policy + optimizer, here or Ray workers
     for step in range(start, steps):
         trajectories, metrics = collect(rollout, step)     # many episodes at once; failures settled by class
-        batch = to_batch(trajectories)                      # tensors, once: ids, masks, logprobs, versions
+        batch = to_batch(trajectories, penalty, kinds)      # tensors, once: ids, masks, logprobs, turn rewards
         with engines_asleep(rollout):                       # colocated: the engines free memory meanwhile
-            batch, kl_in_loss = score(batch, trainer, algo) # advantages (and the reference's logprobs)
-            metrics |= trainer.update(batch, settings)      # packed micro-batches, one step per mini-batch
+            batch, kl_in_loss = score(batch, trainer, algo) # advantages (critic values, reference logprobs)
+            metrics |= trainer.update(batch, settings)      # packed micro-batches, one step per mini-batch (and critic)
         push_weights(trainer, rollout, step + 1)            # rollouts of the next step use them
         guard(metrics); maybe trainer.save(step)            # stop on repeated non-finite steps
         sinks.write(metrics)                                # metrics.jsonl, TensorBoard, wandb
@@ -69,7 +69,9 @@ def train_step(rollout: RolloutSide, trainer: TrainerSide, step: int, clock: Ste
     metrics |= rollout.worker_metrics()  # workers lost, hung or restarted, episodes played again (Ray)
     with engines_asleep(rollout, clock, rollout.cfg.cluster.colocate):
         with clock.phase("score", "trainer"):
-            batch, kl_in_loss = score(to_batch(trajectories), trainer, rollout.cfg.algorithm)
+            algo = rollout.cfg.algorithm  # each turn's reward on its last token, less its tool-error penalty
+            batch = to_batch(trajectories, algo.tool_error_penalty, algo.tool_error_kinds)
+            batch, kl_in_loss = score(batch, trainer, algo)
         with clock.phase("update", "trainer"):
             metrics.update(trainer.update(batch, trainer.loss_settings(kl_in_loss)))
     clock.add("weight_sync", push_weights(trainer, rollout, version=step + 1), "trainer", "rollout")

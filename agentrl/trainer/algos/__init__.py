@@ -6,6 +6,7 @@ Each piece is a pure function over tensors; estimators and losses are also regis
 
 from agentrl.trainer.algos.advantages import (
     ADVANTAGE_ESTIMATORS,
+    TOKEN_REWARD_ESTIMATORS,
     dr_grpo,
     gae,
     get_advantage_estimator,
@@ -37,6 +38,7 @@ __all__ = [
     "KL_KINDS",
     "POLICY_LOSSES",
     "TIS_LEVELS",
+    "TOKEN_REWARD_ESTIMATORS",
     "aggregate_loss",
     "cispo",
     "dr_grpo",
