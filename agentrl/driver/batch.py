@@ -1,8 +1,11 @@
 """From a step's trajectories to the trainer's `TrainBatch`, once.
 
 The rollout side hands over `Trajectory`s, the trainer takes tensors; this is the one place the
-first become the second. The scores an estimator sees are the rewards, minus `kl_coef` times each
-episode's summed KL to the reference when the KL is part of the reward (`algorithm.kl_mode: reward`).
+first become the second. Rewards stay where they happened: each turn's env reward on the turn's
+last model token (`TrainBatch.token_rewards`), for the estimators that assign credit per turn or
+per token (`turn_rloo`, `gae`); the outcome estimators see each episode's score, its reward (minus
+any tool-error penalties, and minus `kl_coef` times its summed KL to the reference when the KL is
+part of the reward, `algorithm.kl_mode: reward`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from agentrl.config import AlgorithmConfig
 from agentrl.driver.trainer_side import TrainerSide
 from agentrl.rollout.trajectory import Trajectory
 from agentrl.trainer.batch import TrainBatch
-from agentrl.trainer.update import compute_advantages, episode_kl
+from agentrl.trainer.algos import TOKEN_REWARD_ESTIMATORS
+from agentrl.trainer.update import (compute_advantages, compute_gae, compute_turn_advantages, episode_kl,
+                                    token_kl_penalty)
 
 
 def turn_penalties(t: Trajectory, penalty: float, kinds: Collection[str]) -> list[float]:
@@ -62,12 +67,24 @@ def to_batch(trajectories: Sequence[Trajectory], tool_error_penalty: float = 0.0
 
 def score(batch: TrainBatch, trainer: TrainerSide, algo: AlgorithmConfig) -> tuple[TrainBatch, bool]:
     """The batch with advantages filled (and reference logprobs attached when the KL is a loss
-    term); returns it and whether the loss needs the KL term."""
+    term; the critic's values and returns with `gae`); returns it and whether the loss needs the KL term.
+
+    With the KL in the reward, outcome estimators see it taken off each episode's score and the
+    per-token estimators (`gae`, `turn_rloo`) off each token's reward.
+    """
+    per_token = algo.advantage in TOKEN_REWARD_ESTIMATORS
     if algo.kl_coef > 0:
         ref = trainer.reference_logprobs(batch)  # [B, T]
-        if algo.kl_mode == "reward":  # the KL becomes part of each episode's score
+        if algo.kl_mode == "reward" and per_token:
+            batch = token_kl_penalty(batch, ref, algo.kl_kind, algo.kl_coef)
+        elif algo.kl_mode == "reward":  # the KL becomes part of each episode's score
             batch = batch.with_(scores=batch.scores - algo.kl_coef * episode_kl(batch, ref, algo.kl_kind))
         else:
             batch = batch.with_(ref_logprobs=ref)
+    kl_in_loss = algo.kl_coef > 0 and algo.kl_mode == "loss"
+    if algo.advantage == "gae":
+        return compute_gae(batch, trainer.values(batch), algo.gamma, algo.lam, algo.whiten_advantages), kl_in_loss
+    if algo.advantage == "turn_rloo":
+        return compute_turn_advantages(batch, algo.gamma, algo.norm_by_std), kl_in_loss
     options = {"norm_by_std": algo.norm_by_std} if algo.advantage == "grpo" else {}
-    return compute_advantages(batch, algo.advantage, **options), algo.kl_coef > 0 and algo.kl_mode == "loss"
+    return compute_advantages(batch, algo.advantage, **options), kl_in_loss

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from agentrl.trainer.actor import token_logprobs
-from agentrl.trainer.algos import (aggregate_loss, get_advantage_estimator, get_policy_loss, kl_penalty, masked_mean,
-                                   tis_weights)
+from agentrl.trainer.algos import (aggregate_loss, gae, get_advantage_estimator, get_policy_loss, kl_penalty,
+                                   masked_mean, masked_whiten, tis_weights, turn_rloo)
 from agentrl.trainer.batch import TrainBatch
 from agentrl.trainer.fsdp import all_reduce_max, all_reduce_sum, world_size
 from agentrl.trainer.packing import PackedBatch, pack_sequences
@@ -33,6 +33,30 @@ def compute_advantages(batch: TrainBatch, estimator: str, **options) -> TrainBat
     and real token mask (token-weighted estimators such as `reinforce_pp` see every model token)."""
     fn = get_advantage_estimator(estimator)
     return batch.with_(advantages=fn(batch.scores, batch.mask, batch.group_ids, **options).float())
+
+
+def compute_gae(batch: TrainBatch, values: torch.Tensor, gamma: float, lam: float, whiten: bool = True) -> TrainBatch:
+    """The batch with GAE's `advantages` and `returns` over its model tokens, from its `token_rewards`
+    and the critic's `values` [B, T] (kept on the batch: the value loss clips against them).
+    Observation tokens are skipped (see `gae`); `whiten` normalises the advantages over the batch."""
+    values = torch.where(batch.mask > 0, values.float(), 0.0)  # [B, T]
+    adv, returns = gae(batch.token_rewards, values, batch.mask, gamma=gamma, lam=lam)
+    if whiten:
+        adv = masked_whiten(adv, batch.mask)
+    return batch.with_(advantages=adv, values=values, returns=returns)
+
+
+def compute_turn_advantages(batch: TrainBatch, gamma: float, norm_by_std: bool) -> TrainBatch:
+    """The batch with per-turn leave-one-out advantages (`turn_rloo`) from its token rewards and turns."""
+    return batch.with_(advantages=turn_rloo(batch.token_rewards, batch.mask, batch.turn_index, batch.group_ids,
+                                            gamma=gamma, norm_by_std=norm_by_std))
+
+
+def token_kl_penalty(batch: TrainBatch, ref_logprobs: torch.Tensor, kind: str, coef: float) -> TrainBatch:
+    """The batch with `coef` x the per-token KL to the reference ([B, T]) taken off its token rewards
+    (the KL-in-reward of estimators that read rewards per token)."""
+    kl = kl_penalty(batch.rollout_logprobs, ref_logprobs, kind) * batch.mask  # [B, T]
+    return batch.with_(token_rewards=batch.token_rewards - coef * kl)
 
 
 def episode_kl(batch: TrainBatch, ref_logprobs: torch.Tensor, kind: str) -> torch.Tensor:
