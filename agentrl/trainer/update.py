@@ -88,18 +88,20 @@ def _loss_options(s: LossSettings) -> dict:
     return {"clip_low": s.clip_low, "clip_high": s.clip_high}
 
 
-def _plan(batch: TrainBatch, budget: int) -> list[list[int]]:
+def micro_batch_plan(batch: TrainBatch, budget: int) -> list[list[int]]:
     """Micro-batches by token budget, padded with empty slots to the largest count over ranks."""
     plan = batch.plan(budget) if batch.num_rows else []
     slots = int(all_reduce_max([float(len(plan))])[0])
     return plan + [[] for _ in range(slots - len(plan))]
 
 
-def _pack(batch: TrainBatch, idx: list[int], device) -> PackedBatch:
+def pack_rows(batch: TrainBatch, idx: list[int], device) -> PackedBatch:
+    """The rows `idx` packed on `device`; an empty slot packs a one-token dummy (every rank runs each pass)."""
     return batch.packed(idx, device) if idx else pack_sequences([[0]], device=device)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to `dtype` on `device`'s type, or nothing when `dtype` is None."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
@@ -109,9 +111,9 @@ def recompute_logprobs(model, batch: TrainBatch, micro_batch_tokens: int, temper
     """[B, T] logprob of every next token under `model`'s current weights (0 past each row's end)."""
     device = next(model.parameters()).device
     out = torch.zeros(batch.token_ids.shape, dtype=torch.float32)
-    for idx in _plan(batch, micro_batch_tokens):
-        packed = _pack(batch, idx, device)
-        with _autocast(device, compute_dtype):
+    for idx in micro_batch_plan(batch, micro_batch_tokens):
+        packed = pack_rows(batch, idx, device)
+        with autocast(device, compute_dtype):
             logp, _ = token_logprobs(model, packed, temperature, chunk, compiled=compiled)
         if idx:
             out[idx, :packed.max_seqlen] = packed.to_padded(logp.float()).cpu()
@@ -168,10 +170,10 @@ def policy_update(
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {}
     loss_total = 0.0
-    for idx in _plan(batch, micro_batch_tokens):
-        packed = _pack(batch, idx, device)
+    for idx in micro_batch_plan(batch, micro_batch_tokens):
+        packed = pack_rows(batch, idx, device)
         t = _slices(batch, idx, old, device)  # each [S, L]
-        with _autocast(device, compute_dtype):
+        with autocast(device, compute_dtype):
             logp, entropy = token_logprobs(model, packed, settings.temperature, logprob_chunk, compiled=compiled)
         loss, metrics = _micro_loss(settings, packed.to_padded(logp), packed.to_padded(entropy), t,
                                     tokens=total_tokens, share=len(idx) / total_seqs)

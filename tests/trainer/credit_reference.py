@@ -54,7 +54,7 @@ def multi_turn_batch() -> tuple[TrainBatch, list[list[int]]]:
         [("p", 1), (0, 2, -0.5), ("o", 1), (1, 1, 3.0)],
     ]
     ids, masks, rewards, turns = [], [], [], []
-    for layout in layouts:
+    for row, layout in enumerate(layouts):
         m, r, k = [], [], []
         for part in layout:
             if part[0] in ("p", "o"):
@@ -66,7 +66,7 @@ def multi_turn_batch() -> tuple[TrainBatch, list[list[int]]]:
                 m += [1] * n
                 r += [0.0] * (n - 1) + [reward or 0.0]
                 k += [turn] * n
-        ids.append([3 + (i * 7) % 50 for i in range(len(m))])
+        ids.append([3 + (i * 7 + row * 13) % 50 for i in range(len(m))])
         masks.append(m)
         rewards.append(r)
         turns.append(k)
