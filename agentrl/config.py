@@ -464,10 +464,6 @@ def _check_ray_devices(cfg: Config) -> None:
         if cfg.model.lora.rank > 0:
             raise ValueError("model.lora with cluster.trainer_workers > 1 is not built (FSDP2-sharded LoRA); "
                              "train LoRA with one trainer worker")
-        if cfg.algorithm.advantage == "gae":
-            raise ValueError("algorithm.advantage=gae with cluster.trainer_workers > 1 is not built (the critic "
-                             "shards with FSDP2, but the Ray trainer ranks do not hold one yet); use one trainer "
-                             "worker, or turn_rloo / grpo across ranks")
         if cfg.algorithm.kl_coef > 0:
             raise ValueError("algorithm.kl_coef > 0 with cluster.trainer_workers > 1 is not built (the reference "
                              "model is not sharded yet); use kl_coef=0 or one trainer worker")

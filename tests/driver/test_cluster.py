@@ -43,8 +43,6 @@ def test_config_refuses_what_ray_workers_do_not_run():
                          (["cluster.mode=ray", "model.device=cuda"], "give each rollout worker a GPU"),
                          (["cluster.mode=ray", "cluster.gpus_per_rollout_worker=1"], "but model.device=cpu"),
                          (["cluster.mode=ray", "cluster.trainer_workers=2", "algorithm.kl_coef=0.1"], "not built"),
-                         (["cluster.mode=ray", "cluster.trainer_workers=2", "algorithm.advantage=gae"],
-                          "gae with cluster.trainer_workers > 1 is not built"),
                          (["cluster.mode=ray", "cluster.rollout_workers=2", "cluster.trainer_workers=3",
                            "cluster.colocate=true"], "must equal trainer_workers"),
                          (["cluster.colocate=true", "train.schedule=asynchronous", "algorithm.old_logprobs=recompute",
