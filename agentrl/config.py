@@ -431,6 +431,10 @@ def _check_credit(cfg: Config) -> None:
     """Settings of one estimator given with another would be silently unused: refuse them (compared with the
     defaults, so a config written back by a run, every field spelled out, still loads)."""
     a, defaults = cfg.algorithm, AlgorithmConfig()
+    if a.dynamic_sampling and a.advantage in ("gae", "turn_rloo"):
+        raise ValueError(f"algorithm.dynamic_sampling drops task groups whose episode rewards are all equal, but "
+                         f"{a.advantage} learns from when rewards came, which such groups still show; turn it off "
+                         "with this estimator")
     if a.advantage == "gae":
         return
     if cfg.critic != CriticConfig():

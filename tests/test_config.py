@@ -95,6 +95,8 @@ def test_credit_settings_of_another_estimator_are_refused():
     # A config written back by a run spells out every default: it loads again.
     again = Config.model_validate(json.loads(load_config(None, BASE).model_dump_json()))
     assert again.critic == cfg.critic.model_copy(update={"lr": 1e-5})
+    with pytest.raises(ConfigError, match="dynamic_sampling drops task groups.*turn it off"):
+        load_config(None, BASE + ["algorithm.advantage=turn_rloo", "algorithm.dynamic_sampling=true"])
     with pytest.raises(ConfigError, match="infrastructure faults are never the policy's"):
         load_config(None, BASE + ["algorithm.tool_error_kinds=[parse, infrastructure]"])
 

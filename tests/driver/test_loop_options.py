@@ -121,3 +121,10 @@ def test_per_turn_estimators_train_on_a_multi_turn_env(stopping_model_dir, tmp_p
     start = AutoModelForCausalLM.from_pretrained(stopping_model_dir).state_dict()
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "final").state_dict()
     assert any(not torch.equal(start[k], final[k]) for k in start)
+
+
+def test_a_critic_path_without_a_model_is_a_config_error(stopping_model_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    cfg = _cfg(stopping_model_dir, tmp_path, "algorithm.advantage=gae", f"critic.path={tmp_path / 'empty'}")
+    with pytest.raises(ConfigError, match="cannot load the critic from critic.path .*empty.*RUN_DIR/final/critic"):
+        TrainerSide.open(cfg, cfg.model.path)
