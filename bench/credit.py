@@ -55,9 +55,9 @@ def ensure_env() -> None:
 def config(model: str, run_dir: Path, method: str, seed: int, steps: int):
     return load_config(None, [
         f"model.path={model}", f"env.id={ENV_ID}", f"run_dir={run_dir}", f"train.seed={seed}", f"train.steps={steps}",
-        "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4", "rollout.max_turns=5",
-        "rollout.max_tokens_per_turn=16", "rollout.max_total_tokens=1024", "optim.lr=5e-4", "optim.warmup_steps=2",
-        "train.checkpoint_every=0", "eval.num_tasks=64", "eval.before=false", "metrics.tensorboard=false",
+        "rollout.prompts_per_step=6", "rollout.samples_per_prompt=4", "rollout.max_turns=5",
+        "rollout.max_tokens_per_turn=16", "rollout.max_total_tokens=1024", "optim.lr=1e-3", "optim.warmup_steps=2",
+        "train.checkpoint_every=0", "eval.num_tasks=48", "eval.before=false", "metrics.tensorboard=false",
         *METHODS[method]])
 
 
@@ -147,7 +147,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/credit", help="run directories and the tiny model go here")
     ap.add_argument("--model", default=None, help="a tiny model to reuse (default: build one in OUT/model)")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--sft-steps", type=int, default=600)
