@@ -214,7 +214,8 @@ class AlgorithmConfig(_Frozen):
             return _registered(ADVANTAGE_ESTIMATORS, v) if v in ADVANTAGE_ESTIMATORS else v
         known = ADVANTAGE_ESTIMATORS.ids()
         raise ValueError(f"unknown advantage estimator {v!r}.{did_you_mean(v, known + list(TOKEN_REWARD_ESTIMATORS))} "
-                         f"Known: {', '.join(known)}; and reading per-turn rewards: {', '.join(TOKEN_REWARD_ESTIMATORS)}")
+                         f"Known: {', '.join(known)}; and reading per-turn rewards: "
+                         f"{', '.join(TOKEN_REWARD_ESTIMATORS)}")
 
     @field_validator("tool_error_kinds")
     @classmethod

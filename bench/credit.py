@@ -127,8 +127,9 @@ def svg_curves(runs: list[dict], smooth: int = 5, width: int = 640, height: int 
     for i in range(0, steps, max(1, steps // 5)):
         parts.append(f'<text x="{x(i):.1f}" y="{height - pad_b + 16}" text-anchor="middle">{i + 1}</text>')
     parts.append(f'<text x="{(pad_l + width - pad_r) / 2}" y="{height - 6}" text-anchor="middle">training step</text>')
-    parts.append(f'<text x="14" y="{(pad_t + height - pad_b) / 2}" transform="rotate(-90 14 '
-                 f'{(pad_t + height - pad_b) / 2})" text-anchor="middle">episode reward (moving mean of {smooth})</text>')
+    mid = (pad_t + height - pad_b) / 2
+    parts.append(f'<text x="14" y="{mid}" transform="rotate(-90 14 {mid})" text-anchor="middle">'
+                 f'episode reward (moving mean of {smooth})</text>')
     for n, (method, c) in enumerate(curves.items()):
         band = [f"{x(i):.1f},{y(v[2]):.1f}" for i, v in enumerate(c)] + \
                [f"{x(i):.1f},{y(v[1]):.1f}" for i, v in reversed(list(enumerate(c)))]

@@ -78,7 +78,7 @@ def test_algorithm_names_come_from_the_registries():
     for name in ("gae", "turn_rloo"):  # read per-turn rewards: not in the outcome estimators' registry
         assert name not in ADVANTAGE_ESTIMATORS
         assert load_config(None, BASE + [f"algorithm.advantage={name}"]).algorithm.advantage == name
-    with pytest.raises(ConfigError, match="Did you mean 'gae'.*Known: dr_grpo, grpo.*reading per-turn rewards: gae, turn_rloo"):
+    with pytest.raises(ConfigError, match="Did you mean 'gae'.*Known: dr_grpo, grpo.*per-turn rewards: gae, turn_rloo"):
         load_config(None, BASE + ["algorithm.advantage=gea"])
 
 

@@ -3,10 +3,10 @@ a run whose updates keep going non-finite.
 
 A run's state is the policy, the optimizer and scheduler (with PPO, the critic's three too), the RNG
 states and the guard's counters; the data position is the step number itself (task seeds are a
-function of the step). Resuming loads
-the newest checkpoint that passes its integrity checks (see `agentrl.trainer.checkpoint`), warns about
-and sets aside newer ones that fail, and checks that the config still describes the same run: only the
-step count, evaluation and checkpoint settings, and the run directory's place may change.
+function of the step). Resuming loads the newest checkpoint that passes its integrity checks (see
+`agentrl.trainer.checkpoint`), warns about and sets aside newer ones that fail, and checks that the
+config still describes the same run: only the step count, evaluation and checkpoint settings, and the
+run directory's place may change.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """The trainer side on Ray: `cluster.trainer_workers` FSDP2 ranks behind `TrainerSide`'s interface.
 
 `RayTrainerSide` has what the loop uses of `TrainerSide` (`cfg`, `guard`, `loss_settings`, `values`,
-`update`, `weights`, `save`, `restore`, `export`); with PPO the critic is sharded over the same ranks. Each mini-batch (whole groups, as in one process) is dealt
-out to the ranks by whole groups; the ranks all-reduce their token counts, so N ranks take the
-optimizer step one process would (tests/trainer/test_fsdp.py). Weights for the engines are gathered
+`update`, `weights`, `save`, `restore`, `export`); with PPO the critic is sharded over the same ranks.
+Each mini-batch (whole groups, as in one process) is dealt out to the ranks by whole groups; the ranks
+all-reduce their token counts, so N ranks take the optimizer step one process would
+(tests/trainer/test_fsdp.py). Weights for the engines are gathered
 from the shards; checkpoints hold the full weights and the optimizer state in the single-process
 format (`TrainerWorker.state`), so a run may resume with another number of ranks.
 

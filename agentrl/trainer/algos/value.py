@@ -44,8 +44,8 @@ def clipped_value_loss(
         `value_mean` and `value_error` (mean |v - R|) over the masked tokens.
     """
     if not (values.shape == old_values.shape == returns.shape == mask.shape) or mask.dim() != 2:
-        raise ValueError("expected values, old_values, returns and mask all [B, T]; got "
-                         f"{tuple(values.shape)}, {tuple(old_values.shape)}, {tuple(returns.shape)}, {tuple(mask.shape)}")
+        shapes = ", ".join(str(tuple(t.shape)) for t in (values, old_values, returns, mask))
+        raise ValueError(f"expected values, old_values, returns and mask all [B, T]; got {shapes}")
     if not clip > 0:
         raise ValueError(f"the value clip range must be positive, got {clip}")
     m = mask.bool()

@@ -14,7 +14,8 @@ def _rows(episodes: list[list[float]], tokens_per_turn: int = 2, gap: int = 1):
     """Rows of turns (each `tokens_per_turn` model tokens, reward on the last) separated by `gap`
     observation tokens: (token_rewards, mask, turn_index), each [B, T]."""
     T = max(len(e) for e in episodes) * (tokens_per_turn + gap)
-    rewards, mask, turns = torch.zeros(len(episodes), T), torch.zeros(len(episodes), T), torch.full((len(episodes), T), -1)
+    B = len(episodes)
+    rewards, mask, turns = torch.zeros(B, T), torch.zeros(B, T), torch.full((B, T), -1)
     for b, ep in enumerate(episodes):
         for k, r in enumerate(ep):
             start = k * (tokens_per_turn + gap)
@@ -175,7 +176,7 @@ def test_unbiased_on_a_bandit_with_a_known_gradient(gamma):
     est = per_group_gradients(adv, actions, alive, n, g)  # [n, 3, 3] independent group estimates
     mean, se = est.mean(0), est.std(0) / n ** 0.5
     z = ((mean - exact) / se).abs()
-    assert (z < 4.5).all(), f"per-turn leave-one-out estimator is off by {z.max():.1f} standard errors:\n{mean}\n{exact}"
+    assert (z < 4.5).all(), f"the estimator is off by {z.max():.1f} standard errors:\n{mean}\n{exact}"
     assert exact.abs().max() > 20 * se.max()  # the gradient is resolved, so a bias of a few percent would show
     # The same test catches a biased estimator: with the episode in its own baseline, turn k's term shrinks
     # by 1 - E[1/n_k], more at later turns (fewer episodes reach them).
