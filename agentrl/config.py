@@ -198,6 +198,10 @@ class AlgorithmConfig(_Frozen):
     tool_error_penalty: float = Field(
         0.0, ge=0.0, le=1e6, description="Subtracted from a turn's reward for each tool error of the kinds in "
         "tool_error_kinds that the turn's calls met (lands on the turn's last token; also lowers the score).")
+    truncation_penalty: float = Field(
+        0.0, ge=0.0, le=1e6, description="Subtracted from the reward of an episode that a token budget cut short "
+        "(rollout.max_tokens_per_turn or max_total_tokens), on its last token. Where env steps cost reward, a "
+        "policy would otherwise learn never to finish a turn (an unfinished turn never reaches the env).")
     tool_error_kinds: tuple[str, ...] = Field(
         ("parse", "unknown_tool", "invalid_arguments"), description="Tool error kinds tool_error_penalty applies "
         f"to; any of {', '.join(POLICY_TOOL_ERRORS)} (errors the policy's call caused).")

@@ -4,7 +4,8 @@ The env is CliffWalking through the Gymnasium text adapter (`gym-cliffwalking-v0
 start cell per task, -1 per step, -100 and back to the start for a step onto the cliff, the episode
 ends at the goal), with one change, registered here as `cliffwalking-stepcost-v0`: a reply that is
 not a readable action costs -1 like a step (the adapter gives it 0, which would pay the policy to
-stop moving). Each run trains the same tiny model (built here by the tiny-model recipe from the
+stop moving). For the same reason every run sets `algorithm.truncation_penalty` (10): a turn that
+never ends never reaches the env, so without it the best policy writes on until the token budget. Each run trains the same tiny model (built here by the tiny-model recipe from the
 adapter's scripted demonstrator, which plays the optimal action half of the time and a random one
 otherwise) with one estimator, the same budget (steps x tasks x samples) and the same seed set;
 only `algorithm.advantage` (and, for `gae`, the critic's settings) differ. It then evaluates the
@@ -32,6 +33,7 @@ from agentrl.envs.registration import ENVS, register
 from agentrl.recipes.tiny_model import build_tiny_model
 
 ENV_ID = "cliffwalking-stepcost-v0"
+CUT_PENALTY = 10.0  # algorithm.truncation_penalty: an episode cut by a token budget costs more than walking
 METHODS = {
     "grpo": [],  # outcome-only: every token of an episode gets its group-normalised return
     "turn_rloo": ["algorithm.advantage=turn_rloo"],
@@ -58,13 +60,26 @@ def config(model: str, run_dir: Path, method: str, seed: int, steps: int):
         "rollout.prompts_per_step=6", "rollout.samples_per_prompt=4", "rollout.max_turns=5",
         "rollout.max_tokens_per_turn=16", "rollout.max_total_tokens=1024", "optim.lr=1e-3", "optim.warmup_steps=2",
         "train.checkpoint_every=0", "eval.num_tasks=48", "eval.before=false", "metrics.tensorboard=false",
+        f"algorithm.truncation_penalty={CUT_PENALTY}",
         *METHODS[method]])
 
 
 def goal_rate(metrics: dict) -> float:
-    """Share of episodes that reached the goal (the rest were cut at rollout.max_turns)."""
+    """Share of episodes that reached the goal (the rest were cut: by rollout.max_turns or a token budget)."""
     cut = sum(v for k, v in metrics.items() if k.startswith("truncated/"))
     return 1.0 - cut / max(metrics["episodes"], 1.0)
+
+
+def cut_share(metrics: dict) -> float:
+    """Share of episodes a token budget cut short (a turn that never ended)."""
+    cut = sum(metrics.get(f"truncated/{k}", 0.0) for k in ("max_tokens_per_turn", "max_total_tokens"))
+    return cut / max(metrics["episodes"], 1.0)
+
+
+def objective(metrics: dict) -> float:
+    """The return training maximises: the env's reward less the truncation penalty (`reward_mean` is the
+    env's alone, so a policy that never finishes a turn would score 0 there, better than any walk)."""
+    return metrics["reward_mean"] - CUT_PENALTY * cut_share(metrics)
 
 
 def run_one(model: str, out: Path, method: str, seed: int, steps: int) -> dict:
@@ -72,37 +87,39 @@ def run_one(model: str, out: Path, method: str, seed: int, steps: int) -> dict:
     result = train(config(model, out / f"{method}-seed{seed}", method, seed, steps), overwrite=True)
     hist = result["history"]
     return {"method": method, "seed": seed, "seconds": time.perf_counter() - t0,
-            "train_reward": [m["reward_mean"] for m in hist], "train_goal_rate": [goal_rate(m) for m in hist],
-            "eval_reward": result["after"]["reward_mean"], "eval_goal_rate": goal_rate(result["after"])}
+            "train_return": [objective(m) for m in hist], "train_goal_rate": [goal_rate(m) for m in hist],
+            "train_cut_share": [cut_share(m) for m in hist], "eval_return": objective(result["after"]),
+            "eval_env_reward": result["after"]["reward_mean"], "eval_goal_rate": goal_rate(result["after"]),
+            "eval_cut_share": cut_share(result["after"])}
 
 
 def summary_table(runs: list[dict], last: int) -> str:
-    """Markdown: per method, the mean (and the three values) of the held-out reward and goal rate, and of
-    the training reward over the last `last` steps."""
-    lines = ["| estimator | held-out reward (mean; per seed) | held-out goal rate | training reward, last "
-             f"{last} steps | minutes per run |", "|---|---|---|---|---|"]
+    """Markdown: per method, the mean (and each seed's value) of the held-out return, goal rate and share
+    of episodes cut short, and of the training return over the last `last` steps."""
+    lines = ["| estimator | held-out return | held-out goal rate | held-out cut short | training return, last "
+             f"{last} steps | minutes per run |", "|---|---|---|---|---|---|"]
+
+    def cell(values: list[float]) -> str:
+        return f"{statistics.mean(values):.2f} ({', '.join(f'{x:.2f}' for x in values)})"
+
     for method in METHODS:
         rs = [r for r in runs if r["method"] == method]
-        if not rs:
-            continue
-        ev = [r["eval_reward"] for r in rs]
-        goal = [r["eval_goal_rate"] for r in rs]
-        tail = [statistics.mean(r["train_reward"][-last:]) for r in rs]
-        lines.append(f"| `{method}` | {statistics.mean(ev):.2f} ({', '.join(f'{x:.2f}' for x in ev)}) | "
-                     f"{statistics.mean(goal):.2f} ({', '.join(f'{x:.2f}' for x in goal)}) | "
-                     f"{statistics.mean(tail):.2f} ({', '.join(f'{x:.2f}' for x in tail)}) | "
-                     f"{statistics.mean(r['seconds'] for r in rs) / 60:.1f} |")
+        if rs:
+            tail = [statistics.mean(r["train_return"][-last:]) for r in rs]
+            lines.append(f"| `{method}` | {cell([r['eval_return'] for r in rs])} | "
+                         f"{cell([r['eval_goal_rate'] for r in rs])} | {cell([r['eval_cut_share'] for r in rs])} | "
+                         f"{cell(tail)} | {statistics.mean(r['seconds'] for r in rs) / 60:.1f} |")
     return "\n".join(lines)
 
 
 def svg_curves(runs: list[dict], smooth: int = 5, width: int = 640, height: int = 360) -> str:
-    """Training reward per step (moving average over `smooth` steps), the mean over seeds per method as a
+    """Training return per step (moving average over `smooth` steps), the mean over seeds per method as a
     line and the seeds' range as a band: a small self-contained SVG."""
     colours = {"grpo": "#888888", "turn_rloo": "#1f77b4", "gae": "#d62728"}
     pad_l, pad_r, pad_t, pad_b = 60, 130, 20, 40
     curves = {}
     for method in METHODS:
-        rs = [r["train_reward"] for r in runs if r["method"] == method]
+        rs = [r["train_return"] for r in runs if r["method"] == method]
         if rs:
             sm = [[statistics.mean(c[max(0, i - smooth + 1):i + 1]) for i in range(len(c))] for c in rs]
             curves[method] = [(statistics.mean(col), min(col), max(col)) for col in zip(*sm)]
@@ -129,7 +146,7 @@ def svg_curves(runs: list[dict], smooth: int = 5, width: int = 640, height: int 
     parts.append(f'<text x="{(pad_l + width - pad_r) / 2}" y="{height - 6}" text-anchor="middle">training step</text>')
     mid = (pad_t + height - pad_b) / 2
     parts.append(f'<text x="14" y="{mid}" transform="rotate(-90 14 {mid})" text-anchor="middle">'
-                 f'episode reward (moving mean of {smooth})</text>')
+                 f'episode return (moving mean of {smooth})</text>')
     for n, (method, c) in enumerate(curves.items()):
         band = [f"{x(i):.1f},{y(v[2]):.1f}" for i, v in enumerate(c)] + \
                [f"{x(i):.1f},{y(v[1]):.1f}" for i, v in reversed(list(enumerate(c)))]
@@ -166,11 +183,11 @@ def main() -> None:
         for method in args.methods:
             runs.append(run_one(model, out, method, seed, args.steps))
             r = runs[-1]
-            print(f"{method:10s} seed {seed}: held-out reward {r['eval_reward']:.2f}, goal rate "
-                  f"{r['eval_goal_rate']:.2f}, {r['seconds']:.0f} s", flush=True)
+            print(f"{method:10s} seed {seed}: held-out return {r['eval_return']:.2f}, goal rate "
+                  f"{r['eval_goal_rate']:.2f}, cut short {r['eval_cut_share']:.2f}, {r['seconds']:.0f} s", flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps({"steps": args.steps, "runs": runs}, indent=1))
-    print(summary_table(runs, last=10))
+    print(summary_table(runs, last=5))
     if args.svg:
         Path(args.svg).write_text(svg_curves(runs))
 

@@ -4,13 +4,14 @@ The rollout side hands over `Trajectory`s, the trainer takes tensors; this is th
 first become the second. Rewards stay where they happened: each turn's env reward on the turn's
 last model token (`TrainBatch.token_rewards`), for the estimators that assign credit per turn or
 per token (`turn_rloo`, `gae`); the outcome estimators see each episode's score, its reward (minus
-any tool-error penalties, and minus `kl_coef` times its summed KL to the reference when the KL is
+any penalties of `RewardShaping`, and minus `kl_coef` times its summed KL to the reference when the KL is
 part of the reward, `algorithm.kl_mode: reward`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from agentrl.config import AlgorithmConfig
 from agentrl.driver.trainer_side import TrainerSide
@@ -21,48 +22,77 @@ from agentrl.trainer.update import (compute_advantages, compute_gae, compute_tur
                                     token_kl_penalty)
 
 
-def turn_penalties(t: Trajectory, penalty: float, kinds: Collection[str]) -> list[float]:
-    """What each rewarded turn of `t` loses to tool errors: `penalty` per error of one of `kinds`."""
-    if not penalty:
-        return [0.0] * len(t.turn_rewards)
-    errors = t.turn_tool_errors or ({},) * len(t.turn_rewards)
-    return [penalty * sum(n for kind, n in e.items() if kind in kinds) for e in errors]
+#: Truncations that a token budget made: the policy did not end its turn, or its episode, in time.
+BUDGET_TRUNCATIONS = ("max_tokens_per_turn", "max_total_tokens")
 
 
-def _turn_rows(t: Trajectory, penalties: list[float]) -> tuple[list[float], list[int]]:
-    """Token layout: each rewarded turn's reward (minus its penalty) on its last model token, and each
-    model token's turn number (-1 elsewhere). A turn cut short (no env step) has a turn number but no reward."""
+@dataclass(frozen=True)
+class RewardShaping:
+    """What the trainer takes off the env's rewards for what the policy did.
+
+    Attributes:
+        tool_error_penalty: Per tool error of `tool_error_kinds`, off the turn that made it.
+        tool_error_kinds: The tool error kinds penalised.
+        truncation_penalty: Off the last token of an episode a token budget cut short (`BUDGET_TRUNCATIONS`).
+    """
+
+    tool_error_penalty: float = 0.0
+    tool_error_kinds: tuple[str, ...] = ()
+    truncation_penalty: float = 0.0
+
+    @classmethod
+    def of(cls, algo: AlgorithmConfig) -> RewardShaping:
+        return cls(algo.tool_error_penalty, algo.tool_error_kinds, algo.truncation_penalty)
+
+    def turn_penalties(self, t: Trajectory) -> list[float]:
+        """What each rewarded turn of `t` loses to tool errors."""
+        if not self.tool_error_penalty:
+            return [0.0] * len(t.turn_rewards)
+        errors = t.turn_tool_errors or ({},) * len(t.turn_rewards)
+        return [self.tool_error_penalty * sum(n for kind, n in e.items() if kind in self.tool_error_kinds)
+                for e in errors]
+
+    def cut_penalty(self, t: Trajectory) -> float:
+        return self.truncation_penalty if t.truncation in BUDGET_TRUNCATIONS else 0.0
+
+
+def _turn_rows(t: Trajectory, shaping: RewardShaping) -> tuple[list[float], list[int], float]:
+    """Token layout: each rewarded turn's reward (less its penalties) on its last model token, and each
+    model token's turn number (-1 elsewhere); and the episode's shaped score. A turn cut short (no env
+    step) has a turn number but no reward of its own."""
     rewards, turns = [0.0] * len(t.token_ids), [-1] * len(t.token_ids)
     if t.failure is not None:
-        return rewards, turns
+        return rewards, turns, t.reward
+    penalties = shaping.turn_penalties(t)
     for k, (start, end) in enumerate(t.turn_spans):
         turns[start:end] = [k] * (end - start)
         if k < len(t.turn_rewards) and end > start:
             rewards[end - 1] = t.turn_rewards[k] - penalties[k]
-    return rewards, turns
+    cut = shaping.cut_penalty(t)
+    if cut and t.turn_spans:
+        rewards[t.turn_spans[-1][1] - 1] -= cut
+    shaped = sum(penalties) + cut
+    return rewards, turns, (t.reward - shaped if shaped else t.reward)
 
 
-def to_batch(trajectories: Sequence[Trajectory], tool_error_penalty: float = 0.0,
-             penalised_kinds: Collection[str] = ()) -> TrainBatch:
+def to_batch(trajectories: Sequence[Trajectory], shaping: RewardShaping = RewardShaping()) -> TrainBatch:
     """The trajectories' tokens, masks, rollout logprobs and versions as one padded batch, scored by
     reward, with each turn's reward on the turn's last model token (`TrainBatch.token_rewards`).
 
-    `tool_error_penalty` is taken off a turn's reward for each tool error of `penalised_kinds` that
-    its calls met, and so off the episode's score too. A failed trajectory here (kept with zero loss,
-    see `agentrl.driver.failures`) gets an all-zero mask and no rewards, so it carries no gradient,
-    and a group of its own, so it does not move its task group's mean or std: an infrastructure
-    failure is never a sample of what the policy did.
+    `shaping` takes its penalties off the turn (tool errors) or the last token (an episode cut short
+    by a token budget) where they happened, and off the episode's score. A failed trajectory here
+    (kept with zero loss, see `agentrl.driver.failures`) gets an all-zero mask and no rewards, so it
+    carries no gradient, and a group of its own, so it does not move its task group's mean or std: an
+    infrastructure failure is never a sample of what the policy did.
     """
     masks = [t.loss_mask if t.failure is None else (0,) * len(t.loss_mask) for t in trajectories]
     fresh = max((t.group_id for t in trajectories), default=0) + 1  # ids no task group has
     groups = [t.group_id if t.failure is None else fresh + i for i, t in enumerate(trajectories)]
-    penalties = [turn_penalties(t, tool_error_penalty, penalised_kinds) for t in trajectories]
-    rows = [_turn_rows(t, p) for t, p in zip(trajectories, penalties)]
-    scores = [t.reward - sum(p) if t.failure is None and tool_error_penalty else t.reward
-              for t, p in zip(trajectories, penalties)]
+    rows = [_turn_rows(t, shaping) for t in trajectories]
     return TrainBatch.from_rows([t.token_ids for t in trajectories], masks,
                                 [t.rollout_logprobs for t in trajectories], [t.weight_versions for t in trajectories],
-                                scores, groups, token_rewards=[r for r, _ in rows], turn_index=[k for _, k in rows])
+                                [s for _, _, s in rows], groups, token_rewards=[r for r, _, _ in rows],
+                                turn_index=[k for _, k, _ in rows])
 
 
 def score(batch: TrainBatch, trainer: TrainerSide, algo: AlgorithmConfig) -> tuple[TrainBatch, bool]:

@@ -5,7 +5,7 @@ This is the algorithm in one place; each stage is a named call:
     rollout, trainer = open_sides(cfg)                  # engine + envs | policy + optimizer, here or Ray workers
     for step in range(start, steps):
         trajectories, metrics = collect(rollout, step)     # many episodes at once; failures settled by class
-        batch = to_batch(trajectories, penalty, kinds)      # tensors, once: ids, masks, logprobs, turn rewards
+        batch = to_batch(trajectories, shaping)             # tensors, once: ids, masks, logprobs, turn rewards
         with engines_asleep(rollout):                       # colocated: the engines free memory meanwhile
             batch, kl_in_loss = score(batch, trainer, algo) # advantages (critic values, reference logprobs)
             metrics |= trainer.update(batch, settings)      # packed micro-batches, one step per mini-batch (and critic)
@@ -39,7 +39,7 @@ import torch
 
 from agentrl.config import Config, TrainConfig
 from agentrl.driver.async_ import AsyncCollector, check_staleness
-from agentrl.driver.batch import score, to_batch
+from agentrl.driver.batch import RewardShaping, score, to_batch
 from agentrl.driver.collect import collect, evaluate
 from agentrl.driver.colocated import engines_asleep
 from agentrl.driver.metrics import staleness_metrics, trainer_metrics
@@ -69,9 +69,8 @@ def train_step(rollout: RolloutSide, trainer: TrainerSide, step: int, clock: Ste
     metrics |= rollout.worker_metrics()  # workers lost, hung or restarted, episodes played again (Ray)
     with engines_asleep(rollout, clock, rollout.cfg.cluster.colocate):
         with clock.phase("score", "trainer"):
-            algo = rollout.cfg.algorithm  # each turn's reward on its last token, less its tool-error penalty
-            batch = to_batch(trajectories, algo.tool_error_penalty, algo.tool_error_kinds)
-            batch, kl_in_loss = score(batch, trainer, algo)
+            algo = rollout.cfg.algorithm  # each turn's reward on its last token, less the configured penalties
+            batch, kl_in_loss = score(to_batch(trajectories, RewardShaping.of(algo)), trainer, algo)
         with clock.phase("update", "trainer"):
             metrics.update(trainer.update(batch, trainer.loss_settings(kl_in_loss)))
     clock.add("weight_sync", push_weights(trainer, rollout, version=step + 1), "trainer", "rollout")

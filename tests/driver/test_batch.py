@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from agentrl.driver.batch import to_batch
+from agentrl.driver.batch import RewardShaping, to_batch
 from agentrl.envs import make
 from agentrl.rollout.agent_loop import EpisodeLimits, EpisodeSpec, run_episode
 from agentrl.rollout.chat import ChatRenderer
@@ -77,6 +77,12 @@ def test_a_turn_cut_short_has_tokens_but_no_reward(tokenizer):
     rewards, turns = _expected_rows(traj, list(traj.turn_rewards))
     assert torch.equal(batch.token_rewards[0], rewards) and torch.equal(batch.turn_index[0], turns)
     assert int((batch.turn_index[0] == 1).sum()) == 2
+    # A truncation penalty lands on the last token the model wrote (the cut turn's second, column e - 2).
+    cut = to_batch([traj], RewardShaping(truncation_penalty=2.0))
+    _, end = traj.turn_spans[1]
+    assert float(cut.token_rewards[0, end - 2]) == -2.0
+    assert torch.equal(cut.token_rewards[0, :end - 2], batch.token_rewards[0, :end - 2])
+    assert float(cut.scores[0]) == traj.reward - 2.0 and float(batch.scores[0]) == traj.reward
 
 
 def _call(expr) -> str:
@@ -90,15 +96,16 @@ def test_tool_error_penalty_lands_on_the_turn_that_made_the_error(tokenizer):
     traj = _play(tokenizer, "calculator-v0", ["<tool_call>{broken", _call(expr), f"The answer is {answer}."], seed=3)
     assert traj.turn_tool_errors == ({"parse": 1}, {}, {}) and traj.reward == 1.0
     plain = to_batch([traj])
-    penalised = to_batch([traj], tool_error_penalty=0.25, penalised_kinds=("parse",))
+    penalised = to_batch([traj], RewardShaping(tool_error_penalty=0.25, tool_error_kinds=("parse",)))
     # Turn 0 made one parse error: 0 - 0.25; turn 2 answered: 1.0; the score is 1.0 - 0.25.
     rewards, _ = _expected_rows(traj, [-0.25, 0.0, 1.0])
     assert torch.equal(penalised.token_rewards[0], rewards)
     assert float(penalised.scores[0]) == 0.75 and float(plain.scores[0]) == 1.0
     assert torch.equal(plain.token_rewards[0], _expected_rows(traj, [0.0, 0.0, 1.0])[0])
-    # Kinds not named are not penalised.
-    other = to_batch([traj], tool_error_penalty=0.25, penalised_kinds=("invalid_arguments",))
+    # Kinds not named are not penalised, and an episode that ended in time pays no truncation penalty.
+    other = to_batch([traj], RewardShaping(tool_error_penalty=0.25, tool_error_kinds=("invalid_arguments",)))
     assert torch.equal(other.token_rewards, plain.token_rewards)
+    assert torch.equal(to_batch([traj], RewardShaping(truncation_penalty=5.0)).token_rewards, plain.token_rewards)
 
 
 def test_failed_trajectory_has_no_rewards_and_no_turns():
@@ -106,7 +113,7 @@ def test_failed_trajectory_has_no_rewards_and_no_turns():
                         weight_versions=(-1, 0, 0, -1), prompt_length=1, turn_spans=((1, 3),), turn_rewards=(2.0,),
                         reward=0.0, env_id="x", task_id="t", split="train", seed=0, group_id=0, num_turns=1,
                         error="boom", failure="env_error", turn_tool_errors=({"parse": 3},))
-    batch = to_batch([failed], tool_error_penalty=1.0, penalised_kinds=("parse",))
+    batch = to_batch([failed], RewardShaping(1.0, ("parse",), truncation_penalty=1.0))
     assert batch.token_rewards.abs().sum() == 0 and (batch.turn_index == -1).all() and batch.mask.sum() == 0
     assert float(batch.scores[0]) == 0.0
 
