@@ -4,7 +4,7 @@ The env is CliffWalking through the Gymnasium text adapter (`gym-cliffwalking-v0
 start cell per task, -1 per step, -100 and back to the start for a step onto the cliff, the episode
 ends at the goal), with one change, registered here as `cliffwalking-stepcost-v0`: a reply that is
 not a readable action costs -1 like a step (the adapter gives it 0, which would pay the policy to
-stop moving). For the same reason every run sets `algorithm.truncation_penalty` (10): a turn that
+stop moving). For the same reason every run sets `algorithm.truncation_penalty` (100, a fall): a turn that
 never ends never reaches the env, so without it the best policy writes on until the token budget. Each run trains the same tiny model (built here by the tiny-model recipe from the
 adapter's scripted demonstrator, which plays the optimal action half of the time and a random one
 otherwise) with one estimator, the same budget (steps x tasks x samples) and the same seed set;
@@ -33,7 +33,7 @@ from agentrl.envs.registration import ENVS, register
 from agentrl.recipes.tiny_model import build_tiny_model
 
 ENV_ID = "cliffwalking-stepcost-v0"
-CUT_PENALTY = 10.0  # algorithm.truncation_penalty: an episode cut by a token budget costs more than walking
+CUT_PENALTY = 100.0  # algorithm.truncation_penalty: a turn that never ends costs what a fall off the cliff does
 METHODS = {
     "grpo": [],  # outcome-only: every token of an episode gets its group-normalised return
     "turn_rloo": ["algorithm.advantage=turn_rloo"],
@@ -54,12 +54,12 @@ def ensure_env() -> None:
         register(ENV_ID, StepCostCliffWalking)
 
 
-def config(model: str, run_dir: Path, method: str, seed: int, steps: int):
+def config(model: str, run_dir: Path, method: str, seed: int, steps: int, eval_tasks: int = 200):
     return load_config(None, [
         f"model.path={model}", f"env.id={ENV_ID}", f"run_dir={run_dir}", f"train.seed={seed}", f"train.steps={steps}",
         "rollout.prompts_per_step=6", "rollout.samples_per_prompt=4", "rollout.max_turns=5",
-        "rollout.max_tokens_per_turn=16", "rollout.max_total_tokens=1024", "optim.lr=1e-3", "optim.warmup_steps=2",
-        "train.checkpoint_every=0", "eval.num_tasks=48", "eval.before=false", "metrics.tensorboard=false",
+        "rollout.max_tokens_per_turn=16", "rollout.max_total_tokens=1024", "optim.lr=3e-4", "optim.warmup_steps=2",
+        "train.checkpoint_every=0", f"eval.num_tasks={eval_tasks}", "eval.before=false", "metrics.tensorboard=false",
         f"algorithm.truncation_penalty={CUT_PENALTY}",
         *METHODS[method]])
 
@@ -82,15 +82,25 @@ def objective(metrics: dict) -> float:
     return metrics["reward_mean"] - CUT_PENALTY * cut_share(metrics)
 
 
-def run_one(model: str, out: Path, method: str, seed: int, steps: int) -> dict:
+def held_out(metrics: dict) -> dict:
+    return {"eval_return": objective(metrics), "eval_env_reward": metrics["reward_mean"],
+            "eval_goal_rate": goal_rate(metrics), "eval_cut_share": cut_share(metrics),
+            "eval_tasks": int(metrics["scored_tasks"])}
+
+
+def run_one(model: str, out: Path, method: str, seed: int, steps: int, eval_tasks: int = 200) -> dict:
+    """Train one estimator with one seed, then evaluate on `eval_tasks` held-out tasks."""
     t0 = time.perf_counter()
-    result = train(config(model, out / f"{method}-seed{seed}", method, seed, steps), overwrite=True)
+    result = train(config(model, out / f"{method}-seed{seed}", method, seed, steps, eval_tasks), overwrite=True)
     hist = result["history"]
     return {"method": method, "seed": seed, "seconds": time.perf_counter() - t0,
             "train_return": [objective(m) for m in hist], "train_goal_rate": [goal_rate(m) for m in hist],
-            "train_cut_share": [cut_share(m) for m in hist], "eval_return": objective(result["after"]),
-            "eval_env_reward": result["after"]["reward_mean"], "eval_goal_rate": goal_rate(result["after"]),
-            "eval_cut_share": cut_share(result["after"])}
+            "train_cut_share": [cut_share(m) for m in hist], **held_out(result["after"])}
+
+
+def evaluate_model(model: str, run_dir: Path, tasks: int) -> dict:
+    """The held-out scores of a saved policy (a run of zero steps evaluates it, as every run evaluates)."""
+    return held_out(train(config(model, run_dir, "grpo", 0, 0, tasks), overwrite=True)["after"])
 
 
 def summary_table(runs: list[dict], last: int) -> str:
@@ -165,10 +175,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/credit", help="run directories and the tiny model go here")
     ap.add_argument("--model", default=None, help="a tiny model to reuse (default: build one in OUT/model)")
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--sft-steps", type=int, default=600)
+    ap.add_argument("--eval-tasks", type=int, default=200, help="held-out tasks each final policy is scored on")
+    ap.add_argument("--reevaluate", action="store_true", help="score the final policies of the runs in --json "
+                    "(and the starting model) on --eval-tasks tasks again, without training")
     ap.add_argument("--json", default=None, help="write every run's curves and scores here")
     ap.add_argument("--svg", default=None, help="write the training curves here")
     args = ap.parse_args()
@@ -178,18 +191,29 @@ def main() -> None:
     model = args.model or str(out / "model")
     if not (Path(model) / "config.json").exists():
         build_tiny_model(model, ENV_ID, sft_steps=args.sft_steps, tool_use_prob=0.5, seed=0)
-    runs = []
-    for seed in args.seeds:
-        for method in args.methods:
-            runs.append(run_one(model, out, method, seed, args.steps))
-            r = runs[-1]
-            print(f"{method:10s} seed {seed}: held-out return {r['eval_return']:.2f}, goal rate "
-                  f"{r['eval_goal_rate']:.2f}, cut short {r['eval_cut_share']:.2f}, {r['seconds']:.0f} s", flush=True)
-            if args.json:
-                Path(args.json).write_text(json.dumps({"steps": args.steps, "runs": runs}, indent=1))
-    print(summary_table(runs, last=5))
+    if args.reevaluate:
+        record = json.loads(Path(args.json).read_text())
+        for r in record["runs"]:
+            r.update(evaluate_model(str(out / f"{r['method']}-seed{r['seed']}" / "final"), out / "eval", args.eval_tasks))
+    else:
+        record = {"steps": args.steps, "runs": []}
+        for seed in args.seeds:
+            for method in args.methods:
+                record["runs"].append(run_one(model, out, method, seed, args.steps, args.eval_tasks))
+                r = record["runs"][-1]
+                print(f"{method:10s} seed {seed}: held-out return {r['eval_return']:.2f}, goal rate "
+                      f"{r['eval_goal_rate']:.2f}, cut short {r['eval_cut_share']:.2f}, {r['seconds']:.0f} s", flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps(record, indent=1))
+    record["start"] = evaluate_model(model, out / "eval", args.eval_tasks)
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=1))
+    s = record["start"]
+    print(f"starting policy: held-out return {s['eval_return']:.2f}, goal rate {s['eval_goal_rate']:.2f}, "
+          f"cut short {s['eval_cut_share']:.2f}")
+    print(summary_table(record["runs"], last=5))
     if args.svg:
-        Path(args.svg).write_text(svg_curves(runs))
+        Path(args.svg).write_text(svg_curves(record["runs"]))
 
 
 if __name__ == "__main__":
