@@ -4,16 +4,17 @@ The env is CliffWalking through the Gymnasium text adapter (`gym-cliffwalking-v0
 start cell per task, -1 per step, -100 and back to the start for a step onto the cliff, the episode
 ends at the goal), with one change, registered here as `cliffwalking-stepcost-v0`: a reply that is
 not a readable action costs -1 like a step (the adapter gives it 0, which would pay the policy to
-stop moving). For the same reason every run sets `algorithm.truncation_penalty` (100, a fall): a turn that
-never ends never reaches the env, so without it the best policy writes on until the token budget. Each run trains the same tiny model (built here by the tiny-model recipe from the
-adapter's scripted demonstrator, which plays the optimal action half of the time and a random one
-otherwise) with one estimator, the same budget (steps x tasks x samples) and the same seed set;
-only `algorithm.advantage` (and, for `gae`, the critic's settings) differ. It then evaluates the
-policy on held-out tasks of the test split.
+stop moving). For the same reason every run sets `algorithm.truncation_penalty` (100, a fall): a
+turn that never ends never reaches the env, so without it the best policy writes on until the token
+budget. Each run trains the same tiny model (built here by the tiny-model recipe from the adapter's
+scripted demonstrator, which plays the optimal action half of the time and a random one otherwise)
+with one estimator, the same budget (steps x tasks x samples) and the same seed set; only
+`algorithm.advantage` (and, for `gae`, the critic's settings) differ. It then scores each final
+policy, and the starting one, on held-out tasks of the test split.
 
-Example (CPU, a few minutes per run; nine runs):
+Example (CPU, one to three minutes per run on two cores; nine runs):
     PYTHONPATH=. python3 bench/credit.py --out runs/credit --json docs/credit.json --svg docs/credit.svg
-    PYTHONPATH=. python3 bench/credit.py --steps 2 --seeds 0 --sft-steps 20 --out /tmp/c   # smoke test
+    PYTHONPATH=. python3 bench/credit.py --steps 2 --seeds 0 --sft-steps 20 --eval-tasks 8 --out /tmp/c  # smoke
 """
 
 from __future__ import annotations
@@ -194,7 +195,8 @@ def main() -> None:
     if args.reevaluate:
         record = json.loads(Path(args.json).read_text())
         for r in record["runs"]:
-            r.update(evaluate_model(str(out / f"{r['method']}-seed{r['seed']}" / "final"), out / "eval", args.eval_tasks))
+            final = out / f"{r['method']}-seed{r['seed']}" / "final"
+            r.update(evaluate_model(str(final), out / "eval", args.eval_tasks))
     else:
         record = {"steps": args.steps, "runs": []}
         for seed in args.seeds:
@@ -202,7 +204,8 @@ def main() -> None:
                 record["runs"].append(run_one(model, out, method, seed, args.steps, args.eval_tasks))
                 r = record["runs"][-1]
                 print(f"{method:10s} seed {seed}: held-out return {r['eval_return']:.2f}, goal rate "
-                      f"{r['eval_goal_rate']:.2f}, cut short {r['eval_cut_share']:.2f}, {r['seconds']:.0f} s", flush=True)
+                      f"{r['eval_goal_rate']:.2f}, cut short {r['eval_cut_share']:.2f}, {r['seconds']:.0f} s",
+                      flush=True)
                 if args.json:
                     Path(args.json).write_text(json.dumps(record, indent=1))
     record["start"] = evaluate_model(model, out / "eval", args.eval_tasks)
