@@ -1,4 +1,5 @@
-"""Tests of agentrl/trainer/batch.py: next-token layout of the per-token fields, row selection."""
+"""Tests of agentrl/trainer/batch.py (`TrainBatch`; named apart from tests/driver/test_batch.py, as pytest needs):
+next-token layout of the per-token fields, row selection."""
 
 import torch
 
