@@ -189,8 +189,15 @@ class FailuresConfig(_Frozen):
         "the episode fails as engine_timeout. null: no bound.")
 
 
+# Tool errors a policy causes by what it writes (the others are the tool's or the service's doing).
+POLICY_TOOL_ERRORS = ("parse", "unknown_tool", "invalid_arguments", "runtime", "timeout", "output_too_large")
+
+
 class AlgorithmConfig(_Frozen):
-    advantage: str = Field("grpo", description="Advantage estimator (agentrl.trainer.algos).")
+    advantage: str = Field(
+        "grpo", description="Advantage estimator: one of agentrl.trainer.algos.ADVANTAGE_ESTIMATORS (outcome "
+        "rewards: grpo, dr_grpo, rloo, reinforce_pp), turn_rloo (per-turn returns against the group, no critic) or "
+        "gae (PPO with a learned critic; see the critic section). See docs/training.md, Credit assignment.")
     policy_loss: str = Field("ppo_clip", description="Policy loss (agentrl.trainer.algos).")
     agg_mode: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = Field(
         "token_mean", description="How per-token losses are reduced.")
@@ -209,6 +216,21 @@ class AlgorithmConfig(_Frozen):
     tis: Literal["none", "token", "sequence"] = Field(
         "none", description="Truncated importance sampling with the engine's logprobs (needs old_logprobs=recompute).")
     tis_cap: float = Field(2.0, gt=0.0, description="Truncation of the TIS weight pi_old / pi_rollout.")
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount: per model token for gae, per turn for "
+                         "turn_rloo (observation tokens never count).")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda (gae only).")
+    whiten_advantages: bool = Field(True, description="gae: whiten the advantages over the batch's model tokens "
+                                    "(zero mean, unit std), as PPO implementations do.")
+    tool_error_penalty: float = Field(
+        0.0, ge=0.0, le=1e6, description="Subtracted from a turn's reward for each tool error of the kinds in "
+        "tool_error_kinds that the turn's calls met (lands on the turn's last token; also lowers the score).")
+    truncation_penalty: float = Field(
+        0.0, ge=0.0, le=1e6, description="Subtracted from the reward of an episode that a token budget cut short "
+        "(rollout.max_tokens_per_turn or max_total_tokens), on its last token. Where env steps cost reward, a "
+        "policy would otherwise learn never to finish a turn (an unfinished turn never reaches the env).")
+    tool_error_kinds: tuple[str, ...] = Field(
+        ("parse", "unknown_tool", "invalid_arguments"), description="Tool error kinds tool_error_penalty applies "
+        f"to; any of {', '.join(POLICY_TOOL_ERRORS)} (errors the policy's call caused).")
     dynamic_sampling: bool = Field(False, description="DAPO dynamic sampling: drop groups whose rewards are all "
                                    "equal and sample more tasks to refill the batch.")
     normalize_per_env: bool = Field(
@@ -220,9 +242,23 @@ class AlgorithmConfig(_Frozen):
     @field_validator("advantage")
     @classmethod
     def _known_advantage(cls, v: str) -> str:
-        from agentrl.trainer.algos import ADVANTAGE_ESTIMATORS
+        from agentrl.trainer.algos import ADVANTAGE_ESTIMATORS, TOKEN_REWARD_ESTIMATORS
 
-        return _registered(ADVANTAGE_ESTIMATORS, v)
+        if v in TOKEN_REWARD_ESTIMATORS or v in ADVANTAGE_ESTIMATORS:
+            return _registered(ADVANTAGE_ESTIMATORS, v) if v in ADVANTAGE_ESTIMATORS else v
+        known = ADVANTAGE_ESTIMATORS.ids()
+        raise ValueError(f"unknown advantage estimator {v!r}.{did_you_mean(v, known + list(TOKEN_REWARD_ESTIMATORS))} "
+                         f"Known: {', '.join(known)}; and reading per-turn rewards: "
+                         f"{', '.join(TOKEN_REWARD_ESTIMATORS)}")
+
+    @field_validator("tool_error_kinds")
+    @classmethod
+    def _policy_kinds(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        wrong = [k for k in v if k not in POLICY_TOOL_ERRORS]
+        if wrong:
+            raise ValueError(f"tool_error_kinds {wrong} are not tool errors a policy causes; pick from "
+                             f"{', '.join(POLICY_TOOL_ERRORS)} (infrastructure faults are never the policy's)")
+        return v
 
     @field_validator("policy_loss")
     @classmethod
@@ -230,6 +266,22 @@ class AlgorithmConfig(_Frozen):
         from agentrl.trainer.algos import POLICY_LOSSES
 
         return _registered(POLICY_LOSSES, v)
+
+
+class CriticConfig(_Frozen):
+    """The value model PPO trains beside the policy (`algorithm.advantage: gae`; docs/training.md)."""
+
+    path: str | None = Field(
+        None, description="Starting weights: a Hugging Face causal LM directory of the policy's architecture (its "
+        "backbone is used, the value head starts at 0), or a critic exported by agentrl (backbone and head). "
+        "null: model.path, the policy's own starting weights.")
+    lr: float = Field(1e-5, gt=0.0, le=1.0, description="The critic's AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, description="The critic's AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0.0, description="Global gradient-norm clip of the critic's step.")
+    warmup_steps: int = Field(0, ge=0, le=10**9, description="Linear learning-rate warmup, in critic steps.")
+    value_clip: float = Field(
+        0.5, gt=0.0, description="PPO value clipping: a new value counts at most this far from the value the "
+        "returns were computed with (the larger of the clipped and unclipped squared errors is used).")
 
 
 class OptimConfig(_Frozen):
@@ -385,6 +437,7 @@ class Config(_Frozen):
         "envs, not both; with env alone, envs is that one env.")
     rollout: RolloutConfig = RolloutConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
+    critic: CriticConfig = CriticConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
@@ -412,7 +465,8 @@ class Config(_Frozen):
     @model_validator(mode="after")
     def _check(self) -> Config:
         _check_envs(self)
-        if self.algorithm.advantage in ("grpo", "rloo", "dr_grpo") and self.rollout.samples_per_prompt < 2:
+        _check_credit(self)
+        if self.algorithm.advantage in ("grpo", "rloo", "dr_grpo", "turn_rloo") and self.rollout.samples_per_prompt < 2:
             raise ValueError(f"advantage {self.algorithm.advantage!r} compares samples of one task, so "
                              "rollout.samples_per_prompt must be at least 2")
         several = len(self.envs) > 1
@@ -458,6 +512,27 @@ def _check_envs(cfg: Config) -> None:
     if len(cfg.envs) > 1 and cfg.cluster.mode == "ray":
         raise ValueError("several envs with cluster.mode=ray is not built (each Ray worker plays one env); "
                          "train several envs with cluster.mode=local")
+
+
+def _check_credit(cfg: Config) -> None:
+    """Settings of one estimator given with another would be silently unused: refuse them (compared with the
+    defaults, so a config written back by a run, every field spelled out, still loads)."""
+    a, defaults = cfg.algorithm, AlgorithmConfig()
+    if a.dynamic_sampling and a.advantage in ("gae", "turn_rloo"):
+        raise ValueError(f"algorithm.dynamic_sampling drops task groups whose episode rewards are all equal, but "
+                         f"{a.advantage} learns from when rewards came, which such groups still show; turn it off "
+                         "with this estimator")
+    if a.advantage == "gae":
+        return
+    if cfg.critic != CriticConfig():
+        raise ValueError(f"the critic section is set but algorithm.advantage is {a.advantage!r}, which trains no "
+                         "critic; set algorithm.advantage=gae for PPO with a critic, or drop the critic section")
+    unused = ["lam", "whiten_advantages"] + ([] if a.advantage == "turn_rloo" else ["gamma"])
+    changed = [k for k in unused if getattr(a, k) != getattr(defaults, k)]
+    if changed:
+        raise ValueError(f"algorithm.{', algorithm.'.join(changed)} {'is' if len(changed) == 1 else 'are'} not used "
+                         f"by advantage {a.advantage!r} (gamma: gae and turn_rloo; lam, whiten_advantages: gae); "
+                         "drop them or pick that estimator")
 
 
 def _check_ray_devices(cfg: Config) -> None:

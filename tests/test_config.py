@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from agentrl.config import load_config, safe_yaml
+from agentrl.config import Config, load_config, safe_yaml
 from agentrl.errors import ConfigError
 
 BASE = ["model.path=m", "env.id=calculator-v0"]
@@ -73,8 +75,30 @@ def test_algorithm_names_come_from_the_registries():
         assert load_config(None, BASE + [f"algorithm.advantage={name}"]).algorithm.advantage == name
     for name in POLICY_LOSSES.ids():
         assert load_config(None, BASE + [f"algorithm.policy_loss={name}"]).algorithm.policy_loss == name
-    with pytest.raises(ConfigError, match="Known: dr_grpo, grpo"):
-        load_config(None, BASE + ["algorithm.advantage=gae"])  # needs values: not an outcome estimator
+    for name in ("gae", "turn_rloo"):  # read per-turn rewards: not in the outcome estimators' registry
+        assert name not in ADVANTAGE_ESTIMATORS
+        assert load_config(None, BASE + [f"algorithm.advantage={name}"]).algorithm.advantage == name
+    with pytest.raises(ConfigError, match="Did you mean 'gae'.*Known: dr_grpo, grpo.*per-turn rewards: gae, turn_rloo"):
+        load_config(None, BASE + ["algorithm.advantage=gea"])
+
+
+def test_credit_settings_of_another_estimator_are_refused():
+    with pytest.raises(ConfigError, match="critic section is set but algorithm.advantage is 'grpo'"):
+        load_config(None, BASE + ["critic.lr=0.001"])
+    with pytest.raises(ConfigError, match="algorithm.lam is not used by advantage 'turn_rloo'"):
+        load_config(None, BASE + ["algorithm.advantage=turn_rloo", "algorithm.lam=0.9"])
+    with pytest.raises(ConfigError, match="algorithm.gamma is not used by advantage 'rloo'"):
+        load_config(None, BASE + ["algorithm.advantage=rloo", "algorithm.gamma=0.9"])
+    cfg = load_config(None, BASE + ["algorithm.advantage=gae", "algorithm.lam=0.9", "critic.lr=0.001"])
+    assert cfg.critic.lr == 0.001 and cfg.algorithm.lam == 0.9
+    assert load_config(None, BASE + ["algorithm.advantage=turn_rloo", "algorithm.gamma=0.9"]).algorithm.gamma == 0.9
+    # A config written back by a run spells out every default: it loads again.
+    again = Config.model_validate(json.loads(load_config(None, BASE).model_dump_json()))
+    assert again.critic == cfg.critic.model_copy(update={"lr": 1e-5})
+    with pytest.raises(ConfigError, match="dynamic_sampling drops task groups.*turn it off"):
+        load_config(None, BASE + ["algorithm.advantage=turn_rloo", "algorithm.dynamic_sampling=true"])
+    with pytest.raises(ConfigError, match="infrastructure faults are never the policy's"):
+        load_config(None, BASE + ["algorithm.tool_error_kinds=[parse, infrastructure]"])
 
 
 def test_training_on_the_eval_split_needs_the_flag():

@@ -5,10 +5,10 @@ This is the algorithm in one place; each stage is a named call:
     rollout, trainer = open_sides(cfg)                  # engine + envs | policy + optimizer, here or Ray workers
     for step in range(start, steps):
         trajectories, metrics = collect(rollout, step)     # many episodes at once; failures settled by class
-        batch = to_batch(trajectories)                      # tensors, once: ids, masks, logprobs, versions
+        batch = to_batch(trajectories, shaping)             # tensors, once: ids, masks, logprobs, turn rewards
         with engines_asleep(rollout):                       # colocated: the engines free memory meanwhile
-            batch, kl_in_loss = score(batch, trainer, algo) # advantages (and the reference's logprobs)
-            metrics |= trainer.update(batch, settings)      # packed micro-batches, one step per mini-batch
+            batch, kl_in_loss = score(batch, trainer, algo) # advantages (critic values, reference logprobs)
+            metrics |= trainer.update(batch, settings)      # packed micro-batches, one step per mini-batch (and critic)
         push_weights(trainer, rollout, step + 1)            # rollouts of the next step use them
         guard(metrics); maybe trainer.save(step)            # stop on repeated non-finite steps
         sinks.write(metrics); log.write(step, trajectories) # metrics.jsonl, TensorBoard, wandb; episodes for the report
@@ -39,7 +39,7 @@ import torch
 
 from agentrl.config import Config, TrainConfig
 from agentrl.driver.async_ import AsyncCollector, check_staleness
-from agentrl.driver.batch import score, to_batch
+from agentrl.driver.batch import RewardShaping, score, to_batch
 from agentrl.driver.collect import collect, evaluate
 from agentrl.driver.colocated import engines_asleep
 from agentrl.driver.metrics import staleness_metrics, trainer_metrics
@@ -74,7 +74,8 @@ def train_step(rollout: RolloutSide, trainer: TrainerSide, step: int, clock: Ste
     metrics |= learning_signal(trajectories, rollout.tokenizer)  # groups whose rewards were all equal
     with engines_asleep(rollout, clock, rollout.cfg.cluster.colocate):
         with clock.phase("score", "trainer"):
-            batch, kl_in_loss = score(to_batch(trajectories), trainer, rollout.cfg.algorithm)
+            algo = rollout.cfg.algorithm  # each turn's reward on its last token, less the configured penalties
+            batch, kl_in_loss = score(to_batch(trajectories, RewardShaping.of(algo)), trainer, algo)
             batch = scale_advantages_per_env(batch, trajectories, rollout.cfg)  # several envs: one scale each
         with clock.phase("update", "trainer"):
             metrics.update(trainer.update(batch, trainer.loss_settings(kl_in_loss)))

@@ -1,11 +1,12 @@
 """Saving and restoring a whole run (what `agentrl train --resume` needs), and the guard that stops
 a run whose updates keep going non-finite.
 
-A run's state is the policy, the optimizer and scheduler, the RNG states and the guard's counters;
-the data position is the step number itself (task seeds are a function of the step). Resuming loads
-the newest checkpoint that passes its integrity checks (see `agentrl.trainer.checkpoint`), warns about
-and sets aside newer ones that fail, and checks that the config still describes the same run: only the
-step count, evaluation and checkpoint settings, and the run directory's place may change.
+A run's state is the policy, the optimizer and scheduler (with PPO, the critic's three too), the RNG
+states and the guard's counters; the data position is the step number itself (task seeds are a
+function of the step). Resuming loads the newest checkpoint that passes its integrity checks (see
+`agentrl.trainer.checkpoint`), warns about and sets aside newer ones that fail, and checks that the
+config still describes the same run: only the step count, evaluation and checkpoint settings, and the
+run directory's place may change.
 """
 
 from __future__ import annotations
@@ -114,11 +115,17 @@ def _identity(cfg: Config) -> dict[str, object]:
 
 
 def save_run(run_dir: str | Path, cfg: Config, step: int, policy: torch.nn.Module, optimizer, scheduler,
-             guard: NonFiniteGuard) -> Path:
-    """Checkpoint the run after `step` completed steps."""
+             guard: NonFiniteGuard, critic: tuple | None = None) -> Path:
+    """Checkpoint the run after `step` completed steps; `critic` is PPO's (value model, optimizer,
+    scheduler), saved beside the policy's."""
     state = {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "rng": rng_state(), "guard": guard.state(), "step": step}
+    if critic is not None:
+        state["critic"] = {name: part.state_dict() for name, part in zip(_CRITIC_PARTS, critic)}
     return save_checkpoint(run_dir, step, state, meta={"config": _identity(cfg)}, keep_last=cfg.train.keep_checkpoints)
+
+
+_CRITIC_PARTS = ("model", "optimizer", "scheduler")
 
 
 class SetAside(NamedTuple):
@@ -149,8 +156,9 @@ class Restored:
 
 
 def restore_run(run_dir: str | Path, cfg: Config, policy: torch.nn.Module, optimizer, scheduler,
-                guard: NonFiniteGuard) -> Restored:
-    """Load the newest intact checkpoint of `run_dir` into the given objects.
+                guard: NonFiniteGuard, critic: tuple | None = None) -> Restored:
+    """Load the newest intact checkpoint of `run_dir` into the given objects (and PPO's critic, a
+    (value model, optimizer, scheduler) triple, when given).
 
     Newer checkpoints that fail their checks are reported (a warning on the console) and renamed to
     `rejected-step-NNNNNN`, so the continued run neither loads nor counts them again.
@@ -170,9 +178,13 @@ def restore_run(run_dir: str | Path, cfg: Config, policy: torch.nn.Module, optim
     step = int(state["step"])
     if step > cfg.train.steps:
         raise TrainerError(f"{path} is at step {step}, past train.steps={cfg.train.steps}; raise train.steps")
+    if critic is not None and "critic" not in state:
+        raise TrainerError(f"cannot resume {path}: it holds no critic state, and algorithm.advantage=gae trains one")
     policy.load_state_dict(state["policy"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    for name, part in zip(_CRITIC_PARTS, critic or ()):
+        part.load_state_dict(state["critic"][name])
     guard.load(state["guard"])
     set_rng_state(state["rng"])
     moved = set_aside(loaded)

@@ -1,9 +1,10 @@
 """The trainer side on Ray: `cluster.trainer_workers` FSDP2 ranks behind `TrainerSide`'s interface.
 
-`RayTrainerSide` has what the loop uses of `TrainerSide` (`cfg`, `guard`, `loss_settings`, `update`,
-`weights`, `save`, `restore`, `export`). Each mini-batch (whole groups, as in one process) is dealt
-out to the ranks by whole groups; the ranks all-reduce their token counts, so N ranks take the
-optimizer step one process would (tests/trainer/test_fsdp.py). Weights for the engines are gathered
+`RayTrainerSide` has what the loop uses of `TrainerSide` (`cfg`, `guard`, `loss_settings`, `values`,
+`update`, `weights`, `save`, `restore`, `export`); with PPO the critic is sharded over the same ranks.
+Each mini-batch (whole groups, as in one process) is dealt out to the ranks by whole groups; the ranks
+all-reduce their token counts, so N ranks take the optimizer step one process would
+(tests/trainer/test_fsdp.py). Weights for the engines are gathered
 from the shards; checkpoints hold the full weights and the optimizer state in the single-process
 format (`TrainerWorker.state`), so a run may resume with another number of ranks.
 
@@ -69,6 +70,10 @@ class RayTrainerSide:
                        mixed_precision=t.mixed_precision, micro_batch_tokens=t.micro_batch_tokens,
                        logprob_chunk=t.logprob_chunk, grad_clip=o.grad_clip,
                        gradient_checkpointing=t.gradient_checkpointing, compile=t.compile)
+        if cfg.algorithm.advantage == "gae":  # PPO's critic, sharded over the same ranks
+            c = cfg.critic
+            options["critic"] = dict(path=c.path or path, lr=c.lr, weight_decay=c.weight_decay,
+                                     warmup_steps=c.warmup_steps, grad_clip=c.grad_clip, value_clip=c.value_clip)
         try:
             workers = TrainerWorker.group(path, len(bundles), device=cfg.model.device,
                                           bundles=[b.options() for b in bundles],
@@ -96,6 +101,15 @@ class RayTrainerSide:
             raise TrainerError(f"a trainer rank was lost during {method} ({' '.join(str(exc).split())[:200]}); "
                                "FSDP cannot continue without it: resume from the last checkpoint with --resume") from None
 
+    def values(self, batch: TrainBatch) -> torch.Tensor:
+        """[B, T] the critic's values: each rank values its whole groups, the driver lays them back in place."""
+        parts = rank_rows(batch.group_ids.tolist(), len(self.workers))
+        out = torch.zeros(batch.token_ids.shape, dtype=torch.float32)
+        for rows, values in zip(parts, self._all("values", [batch.rows(rows) for rows in parts])):
+            if rows:
+                out[rows, :values.shape[1]] = values
+        return out
+
     def update(self, batch: TrainBatch, settings: LossSettings) -> dict[str, float]:
         """One optimizer step per mini-batch, each dealt out to the ranks by whole groups; rank 0's (global) metrics."""
         world = len(self.workers)
@@ -113,13 +127,18 @@ class RayTrainerSide:
 
     def save(self, run_dir: Path, step: int) -> None:
         state = self._all("state")[0]
+        critic = tuple(_Held(state["critic"][k]) for k in ("model", "optimizer", "scheduler")) if "critic" in state \
+            else None
         save_run(run_dir, self.cfg, step, _Held(state["policy"]), _Held(state["optimizer"]),
-                 _Held(state["scheduler"]), self.guard)
+                 _Held(state["scheduler"]), self.guard, critic)
 
     def restore(self, run_dir: Path) -> Restored:
         policy, optimizer, scheduler = _Held(), _Held(), _Held()
-        restored = restore_run(run_dir, self.cfg, policy, optimizer, scheduler, self.guard)
+        critic = (_Held(), _Held(), _Held()) if self.cfg.algorithm.advantage == "gae" else None
+        restored = restore_run(run_dir, self.cfg, policy, optimizer, scheduler, self.guard, critic)
         state = {"policy": policy.state, "optimizer": optimizer.state, "scheduler": scheduler.state}
+        if critic is not None:
+            state["critic"] = dict(zip(("model", "optimizer", "scheduler"), (h.state for h in critic)))
         self._all("load_state", [state] * len(self.workers))
         return restored
 
@@ -133,6 +152,16 @@ class RayTrainerSide:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(self.cfg.model.path))
         export_hf(skeleton, tokenizer, out_dir, state_dict=weights)
+        if self.cfg.algorithm.advantage == "gae":
+            from transformers import AutoModel
+
+            from agentrl.trainer.critic import ValueModel, save_critic
+
+            critic = self._all("critic_state_dict")[0]
+            with torch.device("meta"):
+                skeleton = ValueModel(AutoModel.from_config(AutoConfig.from_pretrained(self.cfg.critic.path or
+                                                                                        self.cfg.model.path)))
+            save_critic(skeleton, Path(out_dir) / "critic", state_dict=critic)
 
     def close(self) -> None:
         import ray

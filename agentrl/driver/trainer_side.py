@@ -1,5 +1,6 @@
 """The trainer side of a run: the policy being trained, its optimizer and schedule, the reference
-model of the KL term, and the guard that stops a run whose updates keep going non-finite.
+model of the KL term, PPO's critic (its value model, optimizer and schedule), and the guard that
+stops a run whose updates keep going non-finite.
 
 It takes `TrainBatch`es and gives weights; it never sees an env, an engine or a trajectory.
 """
@@ -17,7 +18,9 @@ from agentrl.driver.preflight import reported
 from agentrl.driver.resume import NonFiniteGuard, Restored, restore_run, save_run
 from agentrl.driver.rollout_side import DTYPES
 from agentrl.trainer.attention import register_varlen_attention
+from agentrl.errors import TrainerError
 from agentrl.trainer.batch import TrainBatch
+from agentrl.trainer.critic import Critic, compute_values, critic_update, load_critic, save_critic
 from agentrl.trainer.policy import compile_blocks, export_hf, load_policy, merged_state_dict
 from agentrl.trainer.update import LossSettings, policy_update, recompute_logprobs
 from agentrl.trainer.workers import linear_warmup
@@ -33,6 +36,7 @@ class TrainerSide:
     scheduler: Any
     ref: torch.nn.Module | None
     guard: NonFiniteGuard
+    critic: Critic | None = None  # PPO's value model (algorithm.advantage: gae)
 
     @classmethod
     def open(cls, cfg: Config, path: str) -> TrainerSide:
@@ -54,7 +58,8 @@ class TrainerSide:
         if cfg.algorithm.kl_coef > 0 and lora.rank == 0:  # with LoRA the reference is the model without adapters
             ref = load_policy(path, dtype=DTYPES[cfg.model.dtype], device=cfg.model.device,
                               attn_implementation=register_varlen_attention()).requires_grad_(False)
-        return cls(cfg, policy, optimizer, scheduler, ref, NonFiniteGuard(t.max_nonfinite_steps))
+        critic = open_critic(cfg, cfg.critic.path or path, train_dtype) if cfg.algorithm.advantage == "gae" else None
+        return cls(cfg, policy, optimizer, scheduler, ref, NonFiniteGuard(t.max_nonfinite_steps), critic)
 
     def loss_settings(self, kl_in_loss: bool) -> LossSettings:
         return loss_settings(self.cfg, kl_in_loss)
@@ -68,17 +73,33 @@ class TrainerSide:
                 return recompute_logprobs(self.policy, batch, t.micro_batch_tokens, temp, t.logprob_chunk)
         return recompute_logprobs(self.ref, batch, t.micro_batch_tokens, temp, t.logprob_chunk)
 
-    def update(self, batch: TrainBatch, settings: LossSettings) -> dict[str, float]:
-        """One optimizer step per mini-batch (whole groups stay together); the last step's metrics."""
+    def values(self, batch: TrainBatch) -> torch.Tensor:
+        """[B, T] the critic's values of the batch (before this step's update)."""
+        if self.critic is None:
+            raise TrainerError("this run has no critic; values are for algorithm.advantage=gae")
         t = self.cfg.train
-        compute = torch.bfloat16 if t.mixed_precision == "bf16" else None
+        return compute_values(self.critic.model, batch, t.micro_batch_tokens, _compute_dtype(t))
+
+    def update(self, batch: TrainBatch, settings: LossSettings) -> dict[str, float]:
+        """One optimizer step per mini-batch (whole groups stay together), of the policy and, when the
+        batch carries returns, of the critic; the last step's metrics (`nonfinite` if either was)."""
+        t = self.cfg.train
+        compute = _compute_dtype(t)
         metrics: dict[str, float] = {}
         batch = batch.rows(batch.trained_rows())  # rows kept with zero loss must not make mini-batches of their own
         for idx in group_mini_batches(batch.group_ids.tolist(), t.mini_batches):
-            upd = policy_update(self.policy, self.optimizer, batch.rows(idx), settings,
+            mini = batch.rows(idx)
+            upd = policy_update(self.policy, self.optimizer, mini, settings,
                                 micro_batch_tokens=t.micro_batch_tokens, grad_clip=self.cfg.optim.grad_clip,
                                 logprob_chunk=t.logprob_chunk, compute_dtype=compute, compiled=t.compile)
             self.scheduler.step()
+            if self.critic is not None and mini.returns is not None:
+                c = self.cfg.critic
+                upd |= critic_update(self.critic.model, self.critic.optimizer, mini, clip=c.value_clip,
+                                     micro_batch_tokens=t.micro_batch_tokens, grad_clip=c.grad_clip,
+                                     compute_dtype=compute)
+                self.critic.scheduler.step()
+                upd["nonfinite"] = max(upd["nonfinite"], upd["critic/nonfinite"])
             metrics.update({k: max(v, metrics.get(k, 0.0)) if k == "nonfinite" else v for k, v in upd.items()})
         return metrics
 
@@ -87,13 +108,37 @@ class TrainerSide:
         return merged_state_dict(self.policy)
 
     def save(self, run_dir: Path, step: int) -> None:
-        save_run(run_dir, self.cfg, step, self.policy, self.optimizer, self.scheduler, self.guard)
+        save_run(run_dir, self.cfg, step, self.policy, self.optimizer, self.scheduler, self.guard,
+                 self.critic.parts() if self.critic else None)
 
     def restore(self, run_dir: Path) -> Restored:
-        return restore_run(run_dir, self.cfg, self.policy, self.optimizer, self.scheduler, self.guard)
+        return restore_run(run_dir, self.cfg, self.policy, self.optimizer, self.scheduler, self.guard,
+                           self.critic.parts() if self.critic else None)
 
     def export(self, out_dir: Path, tokenizer) -> None:
+        """The policy as a Hugging Face model directory; a critic beside it in `out_dir/critic` (what
+        `critic.path` reads)."""
         export_hf(self.policy, tokenizer, out_dir)
+        if self.critic is not None:
+            save_critic(self.critic.model, Path(out_dir) / "critic")
+
+
+def _compute_dtype(t) -> torch.dtype | None:
+    return torch.bfloat16 if t.mixed_precision == "bf16" else None
+
+
+def open_critic(cfg: Config, path: str, dtype: torch.dtype) -> Critic:
+    """PPO's value model from `path` (the policy's starting weights unless critic.path says), with
+    its own AdamW and warmup schedule."""
+    c, t = cfg.critic, cfg.train
+    where = "critic.path" if cfg.critic.path else "model.path"
+    with reported(f"cannot load the critic from {where} {path!r}", "point critic.path at a causal LM directory of "
+                  "the policy's architecture, or at a critic a run exported (RUN_DIR/final/critic)"):
+        model = load_critic(path, dtype=dtype, device=cfg.model.device, attn_implementation=register_varlen_attention(),
+                            gradient_checkpointing=t.gradient_checkpointing)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, betas=cfg.optim.betas, weight_decay=c.weight_decay,
+                                  fused=torch.device(cfg.model.device).type == "cuda")
+    return Critic(model, optimizer, linear_warmup(optimizer, c.warmup_steps))
 
 
 def loss_settings(cfg: Config, kl_in_loss: bool) -> LossSettings:

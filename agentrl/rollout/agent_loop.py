@@ -149,6 +149,7 @@ class _Episode:
     b: _Builder = field(default_factory=lambda: _Builder([]))
     messages: list[Message] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
+    turn_tool_errors: list[dict[str, int]] = field(default_factory=list)
     tool_errors: Counter[str] = field(default_factory=Counter)
     tool_calls: int = 0
     truncation: str | None = "max_turns"
@@ -170,7 +171,8 @@ class _Episode:
             reward=0.0 if self.failure else float(sum(self.rewards)), env_id=env_id,
             task_id=f"{spec.split}-{spec.seed}", split=spec.split, seed=spec.seed, group_id=spec.group_id,
             num_turns=len(b.spans), truncation=self.truncation, error=self.error, tool_errors=dict(self.tool_errors),
-            tool_calls=self.tool_calls, failure=self.failure, answer=None if self.failure else self.answer)
+            tool_calls=self.tool_calls, failure=self.failure, answer=None if self.failure else self.answer,
+            turn_tool_errors=tuple(self.turn_tool_errors))
 
 
 def failed_trajectory(spec: EpisodeSpec, failure: str, text: str, env_id: str = "") -> Trajectory:
@@ -296,7 +298,9 @@ async def _play(engine: Engine, env: Env, renderer: ChatRenderer, sampling: Samp
             raise EnvError(f"env returned the reward {reward!r} at turn {turn + 1}; rewards must be finite "
                            "numbers (a NaN or inf reward would poison the whole batch's advantages)")
         ep.rewards.append(float(reward))
-        ep.tool_errors.update(info.get("tool_errors", {}))
+        errors = {str(k): int(v) for k, v in info.get("tool_errors", {}).items()}
+        ep.turn_tool_errors.append(errors)
+        ep.tool_errors.update(errors)
         ep.tool_calls += int(info.get("tool_calls", 0))
         _check_infrastructure(info, obs)
         if terminated or truncated:

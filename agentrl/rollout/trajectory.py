@@ -57,6 +57,9 @@ class Trajectory:
     tool_calls: int = 0
     failure: str | None = None  # one of FAILURE_CLASSES when the infrastructure, not the policy, ended it
     answer: str | None = None  # the env's answer key for the final answer (`info["answer_key"]`), for maj@k
+    # Tool errors by kind that each env step reported, one entry per entry of `turn_rewards`
+    # (the per-turn part of `tool_errors`; a configured penalty lands on that turn's last token).
+    turn_tool_errors: tuple[dict[str, int], ...] = ()
 
     def __post_init__(self):
         n = len(self.token_ids)
@@ -65,6 +68,11 @@ class Trajectory:
                 raise ValueError(f"Trajectory.{name} has {len(getattr(self, name))} entries for {n} tokens")
         if self.failure is not None and self.failure not in FAILURE_CLASSES:
             raise ValueError(f"Trajectory.failure {self.failure!r} is not one of {FAILURE_CLASSES}")
+        if len(self.turn_rewards) > len(self.turn_spans):
+            raise ValueError(f"Trajectory has {len(self.turn_rewards)} turn rewards for {len(self.turn_spans)} turns")
+        if self.turn_tool_errors and len(self.turn_tool_errors) != len(self.turn_rewards):
+            raise ValueError(f"Trajectory.turn_tool_errors has {len(self.turn_tool_errors)} entries for "
+                             f"{len(self.turn_rewards)} turn rewards")
         if (self.failure is None) != (self.error is None):
             raise ValueError("a Trajectory has a failure class exactly when it has an error text "
                              f"(got failure={self.failure!r}, error={self.error!r})")

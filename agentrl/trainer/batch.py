@@ -20,6 +20,13 @@ import torch
 from agentrl.trainer.packing import PackedBatch, pack_by_token_budget
 
 
+# Per-token fields ([B, T]) that are always present, and those that may be None.
+_TOKEN_FIELDS = ("token_ids", "mask", "rollout_logprobs", "weight_versions", "advantages", "token_rewards",
+                 "turn_index")
+_OPTIONAL_TOKEN_FIELDS = ("ref_logprobs", "values", "returns")
+_ROW_FIELDS = ("lengths", "scores", "group_ids")
+
+
 @dataclass(frozen=True)
 class TrainBatch:
     """A step's rows, padded to T.
@@ -34,7 +41,14 @@ class TrainBatch:
             reward minus a KL penalty).
         group_ids: [B] int64 rows of the same task share one (GRPO groups).
         advantages: [B, T] float32 per-token advantages (zeros until an estimator fills them).
+        token_rewards: [B, T] float32 rewards where they happened: each turn's env reward (minus any
+            tool-error penalty) on the turn's last model token, 0 elsewhere (default: all 0).
+        turn_index: [B, T] int64 the model turn (0, 1, ...) each next token belongs to, -1 off the
+            mask (default: 0 on the mask, one turn per row).
         ref_logprobs: [B, T] float32 a reference policy's logprobs, when a KL term needs them.
+        values: [B, T] float32 the critic's value of the state before each next token, when a
+            critic is trained (0 off the mask).
+        returns: [B, T] float32 the critic's regression targets (GAE's returns), with `values`.
     """
 
     token_ids: torch.Tensor
@@ -46,24 +60,35 @@ class TrainBatch:
     group_ids: torch.Tensor
     advantages: torch.Tensor = field(default=None)  # type: ignore[assignment]
     ref_logprobs: torch.Tensor | None = None
+    token_rewards: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    turn_index: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    values: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.advantages is None:
             object.__setattr__(self, "advantages", torch.zeros_like(self.mask))
+        if self.token_rewards is None:
+            object.__setattr__(self, "token_rewards", torch.zeros_like(self.mask))
+        if self.turn_index is None:
+            object.__setattr__(self, "turn_index", torch.where(self.mask > 0, 0, -1).long())
         B, T = self.token_ids.shape
-        for name in ("mask", "rollout_logprobs", "weight_versions", "advantages"):
-            if tuple(getattr(self, name).shape) != (B, T):
-                raise ValueError(f"TrainBatch.{name} is {tuple(getattr(self, name).shape)}, expected [{B}, {T}]")
-        for name in ("lengths", "scores", "group_ids"):
+        for name in _TOKEN_FIELDS + _OPTIONAL_TOKEN_FIELDS:
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != (B, T):
+                raise ValueError(f"TrainBatch.{name} is {tuple(value.shape)}, expected [{B}, {T}]")
+        for name in _ROW_FIELDS:
             if tuple(getattr(self, name).shape) != (B,):
                 raise ValueError(f"TrainBatch.{name} is {tuple(getattr(self, name).shape)}, expected [{B}]")
 
     @classmethod
     def from_rows(cls, token_ids: Sequence[Sequence[int]], loss_mask: Sequence[Sequence[int]],
                   rollout_logprobs: Sequence[Sequence[float]], weight_versions: Sequence[Sequence[int]],
-                  scores: Sequence[float], group_ids: Sequence[int]) -> TrainBatch:
+                  scores: Sequence[float], group_ids: Sequence[int],
+                  token_rewards: Sequence[Sequence[float]] | None = None,
+                  turn_index: Sequence[Sequence[int]] | None = None) -> TrainBatch:
         """Rows of per-token values in token layout (value i belongs to token i), shifted here to
-        next-token layout and padded."""
+        next-token layout and padded. `token_rewards` and `turn_index` default as the attributes do."""
         lengths = [len(r) for r in token_ids]
         B, T = len(lengths), max(lengths, default=1)
 
@@ -79,7 +104,9 @@ class TrainBatch:
                    mask=padded(loss_mask, torch.float32, True), rollout_logprobs=padded(rollout_logprobs, torch.float32, True),
                    weight_versions=padded(weight_versions, torch.long, True, -1),
                    scores=torch.tensor(list(scores), dtype=torch.float32),
-                   group_ids=torch.tensor(list(group_ids), dtype=torch.long))
+                   group_ids=torch.tensor(list(group_ids), dtype=torch.long),
+                   token_rewards=padded(token_rewards, torch.float32, True) if token_rewards is not None else None,
+                   turn_index=padded(turn_index, torch.long, True, -1) if turn_index is not None else None)
 
     @property
     def num_rows(self) -> int:
@@ -93,11 +120,9 @@ class TrainBatch:
         """The sub-batch of the given rows (padding trimmed to their longest row)."""
         idx = torch.as_tensor(index, dtype=torch.long)
         width = max(int(self.lengths[idx].max()) if idx.numel() else 1, 1)
-        cut = {name: getattr(self, name)[idx, :width] for name in
-               ("token_ids", "mask", "rollout_logprobs", "weight_versions", "advantages")}
-        ref = self.ref_logprobs[idx, :width] if self.ref_logprobs is not None else None
-        return replace(self, lengths=self.lengths[idx], scores=self.scores[idx], group_ids=self.group_ids[idx],
-                       ref_logprobs=ref, **cut)
+        cut = {name: None if getattr(self, name) is None else getattr(self, name)[idx, :width]
+               for name in _TOKEN_FIELDS + _OPTIONAL_TOKEN_FIELDS}
+        return replace(self, **{name: getattr(self, name)[idx] for name in _ROW_FIELDS}, **cut)
 
     def with_(self, **changes) -> TrainBatch:
         return replace(self, **changes)
@@ -124,8 +149,5 @@ class TrainBatch:
         return PackedBatch(ids.unsqueeze(0), pos.unsqueeze(0), cu, width, seq_index, pos).to(device)
 
     def to(self, device: torch.device | str) -> TrainBatch:
-        moved = {name: getattr(self, name).to(device) for name in
-                 ("token_ids", "lengths", "mask", "rollout_logprobs", "weight_versions", "scores", "group_ids",
-                  "advantages")}
-        ref = self.ref_logprobs.to(device) if self.ref_logprobs is not None else None
-        return replace(self, ref_logprobs=ref, **moved)
+        return replace(self, **{name: None if getattr(self, name) is None else getattr(self, name).to(device)
+                                 for name in _TOKEN_FIELDS + _OPTIONAL_TOKEN_FIELDS + _ROW_FIELDS})

@@ -62,6 +62,24 @@ def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
+def _fsdp_options(mixed_precision: str, cpu_offload: bool, reshard_after_forward: bool, mesh) -> dict:
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    if not dist.is_initialized():
+        raise TrainerError("FSDP2 sharding needs an initialised process group (torchrun, or "
+                           "torch.distributed.init_process_group in each worker)")
+    if mixed_precision not in ("none", "bf16"):
+        raise TrainerError(f"mixed_precision must be 'none' or 'bf16', got {mixed_precision!r}")
+    options: dict = {"reshard_after_forward": reshard_after_forward}
+    if mesh is not None:
+        options["mesh"] = mesh
+    if mixed_precision == "bf16":
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    return options
+
+
 def shard_policy(model: torch.nn.Module, *, mixed_precision: str = "none", cpu_offload: bool = False,
                  reshard_after_forward: bool = True, mesh=None) -> torch.nn.Module:
     """Apply FSDP2 `fully_shard` to every decoder block, then to the root; returns the model.
@@ -75,22 +93,11 @@ def shard_policy(model: torch.nn.Module, *, mixed_precision: str = "none", cpu_o
             them until backward (ZeRO-2-like, more memory, less communication).
         mesh: A 1-D DeviceMesh; default: all ranks of the default process group.
     """
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     from agentrl.trainer.actor import token_stats
 
-    if not dist.is_initialized():
-        raise TrainerError("shard_policy needs an initialised process group (torchrun, or "
-                           "torch.distributed.init_process_group in each worker)")
-    if mixed_precision not in ("none", "bf16"):
-        raise TrainerError(f"mixed_precision must be 'none' or 'bf16', got {mixed_precision!r}")
-    options: dict = {"reshard_after_forward": reshard_after_forward}
-    if mesh is not None:
-        options["mesh"] = mesh
-    if mixed_precision == "bf16":
-        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    if cpu_offload:
-        options["offload_policy"] = CPUOffloadPolicy()
+    options = _fsdp_options(mixed_precision, cpu_offload, reshard_after_forward, mesh)
     for block in decoder_blocks(model):
         fully_shard(block, **options)
     fully_shard(model, **options)
@@ -99,6 +106,20 @@ def shard_policy(model: torch.nn.Module, *, mixed_precision: str = "none", cpu_o
     model.agentrl_token_stats = types.MethodType(token_stats, model)
     register_fsdp_forward_method(model, "agentrl_token_stats")
     return model
+
+
+def shard_value_model(critic: torch.nn.Module, *, mixed_precision: str = "none", cpu_offload: bool = False,
+                      reshard_after_forward: bool = True, mesh=None) -> torch.nn.Module:
+    """FSDP2 for a `ValueModel` (`agentrl.trainer.critic`): its backbone's decoder blocks, then the
+    root (embeddings, final norm, value head), whose `forward` is the whole packed pass. Options
+    as in `shard_policy`."""
+    from torch.distributed.fsdp import fully_shard
+
+    options = _fsdp_options(mixed_precision, cpu_offload, reshard_after_forward, mesh)
+    for block in decoder_blocks(critic.backbone):
+        fully_shard(block, **options)
+    fully_shard(critic, **options)
+    return critic
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ _PEFT_PREFIX = "base_model.model."
 # Largest |logprob| difference between the packed path and transformers' own forward that the
 # load-time check accepts: float32 agrees to ~1e-6 on CPU (TF32 matmuls on GPUs to ~1e-3); an
 # ignored option (a sliding window, a logit cap or scale) is off by 0.1 to several nats.
-_CHECK_TOLERANCE = {torch.float32: 2e-2, torch.bfloat16: 0.25, torch.float16: 0.1}
+PACKED_CHECK_TOLERANCE = {torch.float32: 2e-2, torch.bfloat16: 0.25, torch.float16: 0.1}
 
 
 def load_policy(path: str, *, dtype: torch.dtype, device: str, attn_implementation: str,
@@ -78,7 +78,7 @@ def check_packed_forward(model: torch.nn.Module, lengths: tuple[int, ...] = (11,
             offset += len(s)
     finally:
         model.set_attn_implementation(implementation)
-    tol = _CHECK_TOLERANCE.get(next(model.parameters()).dtype, 0.25)
+    tol = PACKED_CHECK_TOLERANCE.get(next(model.parameters()).dtype, 0.25)
     if not worst <= tol:
         raise TrainerError(
             f"{type(model).__name__} ({model.config.model_type}): the trainer's packed forward differs from "

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from agentrl.trainer.actor import token_logprobs
-from agentrl.trainer.algos import (aggregate_loss, get_advantage_estimator, get_policy_loss, kl_penalty, masked_mean,
-                                   tis_weights)
+from agentrl.trainer.algos import (aggregate_loss, gae, get_advantage_estimator, get_policy_loss, kl_penalty,
+                                   masked_mean, masked_whiten, tis_weights, turn_rloo)
 from agentrl.trainer.batch import TrainBatch
 from agentrl.trainer.fsdp import all_reduce_max, all_reduce_sum, world_size
 from agentrl.trainer.packing import PackedBatch, pack_sequences
@@ -33,6 +33,30 @@ def compute_advantages(batch: TrainBatch, estimator: str, **options) -> TrainBat
     and real token mask (token-weighted estimators such as `reinforce_pp` see every model token)."""
     fn = get_advantage_estimator(estimator)
     return batch.with_(advantages=fn(batch.scores, batch.mask, batch.group_ids, **options).float())
+
+
+def compute_gae(batch: TrainBatch, values: torch.Tensor, gamma: float, lam: float, whiten: bool = True) -> TrainBatch:
+    """The batch with GAE's `advantages` and `returns` over its model tokens, from its `token_rewards`
+    and the critic's `values` [B, T] (kept on the batch: the value loss clips against them).
+    Observation tokens are skipped (see `gae`); `whiten` normalises the advantages over the batch."""
+    values = torch.where(batch.mask > 0, values.float(), 0.0)  # [B, T]
+    adv, returns = gae(batch.token_rewards, values, batch.mask, gamma=gamma, lam=lam)
+    if whiten:
+        adv = masked_whiten(adv, batch.mask)
+    return batch.with_(advantages=adv, values=values, returns=returns)
+
+
+def compute_turn_advantages(batch: TrainBatch, gamma: float, norm_by_std: bool) -> TrainBatch:
+    """The batch with per-turn leave-one-out advantages (`turn_rloo`) from its token rewards and turns."""
+    return batch.with_(advantages=turn_rloo(batch.token_rewards, batch.mask, batch.turn_index, batch.group_ids,
+                                            gamma=gamma, norm_by_std=norm_by_std))
+
+
+def token_kl_penalty(batch: TrainBatch, ref_logprobs: torch.Tensor, kind: str, coef: float) -> TrainBatch:
+    """The batch with `coef` x the per-token KL to the reference ([B, T]) taken off its token rewards
+    (the KL-in-reward of estimators that read rewards per token)."""
+    kl = kl_penalty(batch.rollout_logprobs, ref_logprobs, kind) * batch.mask  # [B, T]
+    return batch.with_(token_rewards=batch.token_rewards - coef * kl)
 
 
 def episode_kl(batch: TrainBatch, ref_logprobs: torch.Tensor, kind: str) -> torch.Tensor:
@@ -64,18 +88,20 @@ def _loss_options(s: LossSettings) -> dict:
     return {"clip_low": s.clip_low, "clip_high": s.clip_high}
 
 
-def _plan(batch: TrainBatch, budget: int) -> list[list[int]]:
+def micro_batch_plan(batch: TrainBatch, budget: int) -> list[list[int]]:
     """Micro-batches by token budget, padded with empty slots to the largest count over ranks."""
     plan = batch.plan(budget) if batch.num_rows else []
     slots = int(all_reduce_max([float(len(plan))])[0])
     return plan + [[] for _ in range(slots - len(plan))]
 
 
-def _pack(batch: TrainBatch, idx: list[int], device) -> PackedBatch:
+def pack_rows(batch: TrainBatch, idx: list[int], device) -> PackedBatch:
+    """The rows `idx` packed on `device`; an empty slot packs a one-token dummy (every rank runs each pass)."""
     return batch.packed(idx, device) if idx else pack_sequences([[0]], device=device)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to `dtype` on `device`'s type, or nothing when `dtype` is None."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
@@ -85,9 +111,9 @@ def recompute_logprobs(model, batch: TrainBatch, micro_batch_tokens: int, temper
     """[B, T] logprob of every next token under `model`'s current weights (0 past each row's end)."""
     device = next(model.parameters()).device
     out = torch.zeros(batch.token_ids.shape, dtype=torch.float32)
-    for idx in _plan(batch, micro_batch_tokens):
-        packed = _pack(batch, idx, device)
-        with _autocast(device, compute_dtype):
+    for idx in micro_batch_plan(batch, micro_batch_tokens):
+        packed = pack_rows(batch, idx, device)
+        with autocast(device, compute_dtype):
             logp, _ = token_logprobs(model, packed, temperature, chunk, compiled=compiled)
         if idx:
             out[idx, :packed.max_seqlen] = packed.to_padded(logp.float()).cpu()
@@ -144,10 +170,10 @@ def policy_update(
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {}
     loss_total = 0.0
-    for idx in _plan(batch, micro_batch_tokens):
-        packed = _pack(batch, idx, device)
+    for idx in micro_batch_plan(batch, micro_batch_tokens):
+        packed = pack_rows(batch, idx, device)
         t = _slices(batch, idx, old, device)  # each [S, L]
-        with _autocast(device, compute_dtype):
+        with autocast(device, compute_dtype):
             logp, entropy = token_logprobs(model, packed, settings.temperature, logprob_chunk, compiled=compiled)
         loss, metrics = _micro_loss(settings, packed.to_padded(logp), packed.to_padded(entropy), t,
                                     tokens=total_tokens, share=len(idx) / total_seqs)

@@ -5,8 +5,11 @@ calls `update` on all of them at once; the workers form a torch.distributed proc
 themselves (gloo on CPU, NCCL on GPUs), so the update is the same one `torchrun` would run. Rank 0
 picks the rendezvous address on its own node, so the ranks may sit on several nodes.
 
+With PPO (`critic=...`) each rank also holds its shard of the critic (`shard_value_model`), values its
+own rows and takes the critic's step in `update`, after the policy's.
+
 Checkpoints stay in the single-process format: `state()` gathers the full weights and the full
-optimizer state and renumbers the optimizer's entries the way `torch.optim` numbers them in one
+optimizer state (the critic's too) and renumbers the optimizer's entries the way `torch.optim` numbers them in one
 process (parameter order), so a run saved with N ranks resumes with one, and the other way round.
 
 Example:
@@ -38,8 +41,12 @@ class _Worker:
                  dtype: torch.dtype = torch.float32, lr: float = 1e-5, optimizer: str = "adamw",
                  betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0, warmup_steps: int = 0,
                  mixed_precision: str = "none", micro_batch_tokens: int = 8192, logprob_chunk: int = 2048,
-                 grad_clip: float = 1.0, gradient_checkpointing: bool = False, compile: bool = False):
+                 grad_clip: float = 1.0, gradient_checkpointing: bool = False, compile: bool = False,
+                 critic: dict[str, Any] | None = None):
         self.rank, self.world_size, self.model_path, self.device = rank, world_size, model_path, device
+        # PPO's critic on the same ranks: {"path", "lr", "weight_decay", "warmup_steps", "grad_clip", "value_clip"}
+        self.critic_options = critic
+        self.critic = None
         self.dtype, self.mixed_precision, self.compile = dtype, mixed_precision, compile
         self.gradient_checkpointing = gradient_checkpointing
         self.optim = {"kind": optimizer, "lr": lr, "betas": betas, "weight_decay": weight_decay,
@@ -79,11 +86,43 @@ class _Worker:
         self.optimizer = (torch.optim.SGD(params, lr=o["lr"]) if o["kind"] == "sgd" else
                           torch.optim.AdamW(params, lr=o["lr"], betas=o["betas"], weight_decay=o["weight_decay"]))
         self.scheduler = linear_warmup(self.optimizer, o["warmup_steps"])
+        if self.critic_options is not None:
+            self._join_critic()
+
+    def _join_critic(self) -> None:
+        """Load and shard PPO's critic on this rank (collective), with its own AdamW and schedule."""
+        from agentrl.trainer.attention import register_varlen_attention
+        from agentrl.trainer.critic import Critic, load_critic
+        from agentrl.trainer.fsdp import shard_value_model
+
+        c = self.critic_options
+        model = load_critic(c["path"], dtype=self.dtype, device=self.device,
+                            attn_implementation=register_varlen_attention(),
+                            gradient_checkpointing=self.gradient_checkpointing)
+        model = shard_value_model(model, mixed_precision=self.mixed_precision)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=c["lr"], betas=self.optim["betas"],
+                                      weight_decay=c["weight_decay"])
+        self.critic = Critic(model, optimizer, linear_warmup(optimizer, c["warmup_steps"]))
+
+    def values(self, batch: TrainBatch) -> torch.Tensor:
+        """[B, T] the critic's values of this rank's rows (collective)."""
+        from agentrl.trainer.critic import compute_values
+
+        return compute_values(self.critic.model, batch, self.options["micro_batch_tokens"])
 
     def update(self, batch: TrainBatch, settings: LossSettings) -> dict[str, float]:
-        """One optimizer step on this rank's rows (collective: every rank must call it); global metrics."""
+        """One optimizer step on this rank's rows (collective: every rank must call it), and one of the
+        critic when the batch carries returns; global metrics."""
         metrics = policy_update(self.model, self.optimizer, batch, settings, **self.options)
         self.scheduler.step()
+        if self.critic is not None and batch.returns is not None:
+            from agentrl.trainer.critic import critic_update
+
+            c = self.critic_options
+            metrics |= critic_update(self.critic.model, self.critic.optimizer, batch, clip=c["value_clip"],
+                                     micro_batch_tokens=self.options["micro_batch_tokens"], grad_clip=c["grad_clip"])
+            self.critic.scheduler.step()
+            metrics["nonfinite"] = max(metrics["nonfinite"], metrics["critic/nonfinite"])
         return metrics
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -97,12 +136,23 @@ class _Worker:
         them, the other ranks None."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+        from agentrl.trainer.fsdp import full_state_dict
+
         policy = self.full_state_dict()
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         optim = get_optimizer_state_dict(self.model, self.optimizer, options=full)
-        if self.rank != 0:
+        if self.critic is not None:
+            m = self.critic.model
+            critic_weights = full_state_dict(m)
+            critic_optim = get_optimizer_state_dict(m, self.critic.optimizer, options=full)
+        if self.rank != 0:  # the full states were gathered on rank 0 only
             return None
-        return {"policy": policy, "optimizer": _numbered(optim, self._names()), "scheduler": self.scheduler.state_dict()}
+        state = {"policy": policy, "optimizer": _numbered(optim, _names(self.model)),
+                 "scheduler": self.scheduler.state_dict()}
+        if self.critic is not None:
+            state["critic"] = {"model": critic_weights, "optimizer": _numbered(critic_optim, _names(m)),
+                               "scheduler": self.critic.scheduler.state_dict()}
+        return state
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Load what `state()` returned (or a single-process checkpoint's) on every rank (collective)."""
@@ -111,15 +161,28 @@ class _Worker:
 
         full = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, state["policy"], options=full)
-        set_optimizer_state_dict(self.model, self.optimizer, _named(state["optimizer"], self._names()), options=full)
+        set_optimizer_state_dict(self.model, self.optimizer, _named(state["optimizer"], _names(self.model)),
+                                 options=full)
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.critic is not None:
+            c, m = state["critic"], self.critic.model
+            set_model_state_dict(m, c["model"], options=full)
+            set_optimizer_state_dict(m, self.critic.optimizer, _named(c["optimizer"], _names(m)), options=full)
+            self.critic.scheduler.load_state_dict(c["scheduler"])
 
-    def _names(self) -> list[str]:
-        return [name for name, _ in self.model.named_parameters()]
+    def critic_state_dict(self) -> dict[str, torch.Tensor]:
+        """The critic's gathered full weights (collective); `ValueModel` names, CPU tensors."""
+        from agentrl.trainer.fsdp import full_state_dict
+
+        return full_state_dict(self.critic.model)
 
     def close(self) -> None:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _names(model: torch.nn.Module) -> list[str]:
+    return [name for name, _ in model.named_parameters()]
 
 
 def _numbered(optim: dict[str, Any], names: list[str]) -> dict[str, Any]:

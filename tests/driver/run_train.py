@@ -5,7 +5,8 @@
 `digits-v0`: one turn; the reward is the share of digit characters in the reply, so even an
 untrained model gets rewards that differ within a group (GRPO needs that to produce a gradient).
 `huge-digits-v0`: the same scaled to 1e38, which overflows the float32 loss: every update is
-non-finite, as a reward-scale bug would make it.
+non-finite, as a reward-scale bug would make it. `digit-turns-v0`: three turns, each rewarded with
+its reply's share of digits (a per-step reward).
 """
 
 from __future__ import annotations
@@ -45,7 +46,25 @@ class HugeDigitsEnv(DigitsEnv):
     scale = 1e38
 
 
-for _id, _cls in (("digits-v0", DigitsEnv), ("huge-digits-v0", HugeDigitsEnv)):
+class DigitTurnsEnv(DigitsEnv):
+    """Three turns, each rewarded on its own with the share of digits in that reply (per-step rewards)."""
+
+    turns = 3
+
+    def reset(self, *, seed=None, options=None):
+        self.turn = 0
+        return super().reset(seed=seed, options=options)
+
+    def step(self, action):
+        if self.done:
+            raise EnvError("step() called on a finished episode; call reset() first")
+        self.turn += 1
+        self.done = self.turn >= self.turns
+        share = sum(c.isdigit() for c in action) / max(len(action), 1)
+        return (Message("user", "Done." if self.done else "More digits."),), share, self.done, False, {}
+
+
+for _id, _cls in (("digits-v0", DigitsEnv), ("huge-digits-v0", HugeDigitsEnv), ("digit-turns-v0", DigitTurnsEnv)):
     if _id not in ENVS:  # test modules load this file each on their own
         register(_id, _cls)
 

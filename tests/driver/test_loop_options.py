@@ -1,4 +1,5 @@
-"""Training-loop options end to end on CPU: LoRA, KL to the reference, TIS, dynamic sampling."""
+"""Training-loop options end to end on CPU: LoRA, KL to the reference, TIS, dynamic sampling, per-turn
+credit assignment (turn_rloo, PPO with a critic)."""
 
 from __future__ import annotations
 
@@ -99,4 +100,31 @@ def test_gradient_checkpointing_changes_memory_not_results(stopping_model_dir, t
 def test_lora_on_missing_modules_is_a_config_error(stopping_model_dir, tmp_path):
     cfg = _cfg(stopping_model_dir, tmp_path, "model.lora.rank=4", "model.lora.target_modules=[no_such_proj]")
     with pytest.raises(ConfigError, match="model.lora"):
+        TrainerSide.open(cfg, cfg.model.path)
+
+
+@pytest.mark.parametrize("advantage", ["turn_rloo", "gae"])
+def test_per_turn_estimators_train_on_a_multi_turn_env(stopping_model_dir, tmp_path, advantage):
+    """Three rewarded turns per episode: the turn-level estimators train the policy (and the critic)."""
+    from transformers import AutoModelForCausalLM
+
+    extra = ["env.id=digit-turns-v0", "rollout.max_turns=3", "rollout.max_total_tokens=200",
+             f"algorithm.advantage={advantage}", "algorithm.kl_coef=0.1", "algorithm.kl_mode=reward"]
+    extra += ["critic.lr=0.01"] if advantage == "gae" else []
+    hist = train(_cfg(stopping_model_dir, tmp_path, *extra))["history"]
+    assert max(m["turns_mean"] for m in hist) > 1.5  # episodes really have several turns
+    assert all(math.isfinite(m["loss"]) and m["nonfinite"] == 0.0 for m in hist)
+    assert max(m["grad_norm"] for m in hist) > 0
+    if advantage == "gae":
+        assert all(m["critic/loss"] > 0 and math.isfinite(m["critic/grad_norm"]) for m in hist)
+        assert hist[1]["critic/value_mean"] != 0.0  # the critic moved off its zero head after step 1
+    start = AutoModelForCausalLM.from_pretrained(stopping_model_dir).state_dict()
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "final").state_dict()
+    assert any(not torch.equal(start[k], final[k]) for k in start)
+
+
+def test_a_critic_path_without_a_model_is_a_config_error(stopping_model_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    cfg = _cfg(stopping_model_dir, tmp_path, "algorithm.advantage=gae", f"critic.path={tmp_path / 'empty'}")
+    with pytest.raises(ConfigError, match="cannot load the critic from critic.path .*empty.*RUN_DIR/final/critic"):
         TrainerSide.open(cfg, cfg.model.path)

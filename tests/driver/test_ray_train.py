@@ -139,3 +139,35 @@ def test_fsdp_trainer_ranks_take_the_in_process_step_and_share_its_checkpoints(r
     x, y = step2_two["history"][0], step2_one["history"][0]
     assert x["loss"] == pytest.approx(y["loss"], rel=1e-3, abs=1e-5)
     assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3)
+
+
+def test_fsdp_trainer_ranks_hold_the_critic(ray_session, stopping_model_dir, tmp_path):
+    """PPO with a critic on two FSDP2 ranks: a one-process checkpoint (policy and critic) resumes there, the
+    ranks value the batch and take both steps as one process does, and write the critic back in the
+    single-process format and beside the exported policy."""
+    from agentrl.trainer.attention import register_varlen_attention
+    from agentrl.trainer.critic import load_critic
+
+    common = ("train.checkpoint_every=1", "train.keep_checkpoints=5", "rollout.max_turns=1",
+              "rollout.max_tokens_per_turn=16", "rollout.max_total_tokens=64", "algorithm.advantage=gae",
+              "critic.lr=0.01")
+    first = tmp_path / "first"
+    train(_cfg(stopping_model_dir, first, "train.steps=1", *common, env="ray-digits-v0"))
+    local, ranks = tmp_path / "local", tmp_path / "ranks"
+    shutil.copytree(first, local)
+    shutil.copytree(first, ranks)
+    y = train(_cfg(stopping_model_dir, local, "train.steps=2", *common, env="ray-digits-v0"), resume=True)
+    x = train(_cfg(stopping_model_dir, ranks, "train.steps=2", *common, "cluster.trainer_workers=2",
+                   env="ray-digits-v0"), resume=True)
+    x, y = x["history"][0], y["history"][0]
+    assert y["critic/value_mean"] != 0.0  # the critic trained at step 1: its values feed step 2's advantages
+    for key in ("loss", "grad_norm", "critic/loss", "critic/grad_norm", "critic/value_mean", "critic/value_error"):
+        assert x[key] == pytest.approx(y[key], rel=1e-3, abs=1e-6), key
+    a, b = _state(local)["critic"], _state(ranks)["critic"]
+    assert sorted(a["model"]) == sorted(b["model"]) and "value_head.weight" in a["model"]
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], atol=1e-4, rtol=0)
+    assert sorted(a["optimizer"]["state"]) == sorted(b["optimizer"]["state"]) and a["scheduler"] == b["scheduler"]
+    exported = load_critic(str(ranks / "final" / "critic"), dtype=torch.float32, device="cpu",
+                           attn_implementation=register_varlen_attention()).state_dict()
+    assert all(torch.equal(exported[k], b["model"][k]) for k in exported)

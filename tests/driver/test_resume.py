@@ -195,3 +195,28 @@ def test_repeated_non_finite_updates_stop_the_run(stopping_model_dir, tmp_path):
     assert last in out  # the message names it
     saved = torch.load(run / "checkpoints" / last / "state.pt", weights_only=False)["policy"]
     assert all(torch.equal(start[k], saved[k]) for k in start)
+
+
+def test_ppo_with_a_critic_resumes_bit_exactly(stopping_model_dir, tmp_path):
+    """algorithm.advantage=gae: the critic's weights, optimizer and schedule are checkpointed with the
+    policy's, so 2 steps + --resume to 4 equals 4 uninterrupted steps bit for bit, critic included."""
+    cfg = _config(tmp_path, stopping_model_dir)
+    ppo = ["algorithm.advantage=gae", "critic.lr=0.003", "critic.warmup_steps=2", "train.steps=4"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    _run(_cmd(cfg, full, *ppo, "train.keep_checkpoints=4"))
+    _run(_cmd(cfg, cut, *ppo[:-1], "train.steps=2"))
+    _run(_cmd(cfg, cut, *ppo, "--resume"))
+    after, want = _step_records(cut, after_resume=True), _step_records(full)
+    assert sorted(after) == [3, 4]
+    for step in (3, 4):
+        for key in ("loss", "grad_norm", "reward_mean", "critic/loss", "critic/grad_norm", "critic/value_mean"):
+            assert after[step][key] == want[step][key], (step, key, after[step][key], want[step][key])
+    assert want[4]["critic/grad_norm"] > 0 and want[4]["critic/value_mean"] != 0  # the critic really trains
+    a, b = (torch.load(d / "checkpoints" / "step-000004" / "state.pt", weights_only=False) for d in (full, cut))
+    for part in ("policy", "critic"):
+        model_a, model_b = (a[part], b[part]) if part == "policy" else (a[part]["model"], b[part]["model"])
+        assert all(torch.equal(model_a[k], model_b[k]) for k in model_a), part
+    assert a["critic"]["scheduler"] == b["critic"]["scheduler"]
+    first = torch.load(full / "checkpoints" / "step-000001" / "state.pt", weights_only=False)["critic"]["model"]
+    assert any(not torch.equal(first[k], a["critic"]["model"][k]) for k in first)
+    assert (full / "final" / "critic" / "value_head.safetensors").is_file()

@@ -80,6 +80,8 @@ def test_multi_turn_mask_covers_exactly_sampled_tokens(env_and_renderer):
                                              EpisodeSpec(seed=3, split="test")))
     assert traj.num_turns == 3 and traj.reward == 1.0 and traj.truncation is None
     assert traj.tool_errors == {"parse": 1}
+    # Per turn: the parse error belongs to the first turn, the reward to the last.
+    assert traj.turn_tool_errors == ({"parse": 1}, {}, {}) and traj.turn_rewards == (0.0, 0.0, 1.0)
     # The masked tokens are exactly the concatenation of the sampled turns, span by span.
     sampled = [renderer.assistant_ids(t) for t in turns]
     for (start, end), ids in zip(traj.turn_spans, sampled):

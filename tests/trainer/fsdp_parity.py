@@ -1,4 +1,5 @@
-"""One policy update, single-process or FSDP2-sharded over N ranks, written to a JSON file.
+"""One policy update (or, with --critic, one critic update), single-process or FSDP2-sharded over N
+ranks, written to a JSON file.
 
 Run alone for the reference, or under torchrun for the sharded update; the two files must agree:
 
@@ -26,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from agentrl.trainer.attention import register_varlen_attention  # noqa: E402
 from agentrl.trainer.batch import TrainBatch  # noqa: E402
-from agentrl.trainer.fsdp import full_state_dict, rank, shard_policy, world_size  # noqa: E402
+from agentrl.trainer.critic import critic_update, load_critic  # noqa: E402
+from agentrl.trainer.fsdp import full_state_dict, rank, shard_policy, shard_value_model, world_size  # noqa: E402
 from agentrl.trainer.update import LossSettings, policy_update  # noqa: E402
 
 
@@ -49,6 +51,29 @@ def make_batch(vocab: int, groups: int, per_group: int, seed: int, max_len: int)
     return batch.with_(advantages=torch.tensor(advs).unsqueeze(1) * batch.mask)  # [B, T]
 
 
+def with_value_targets(batch: TrainBatch, seed: int) -> TrainBatch:
+    """The batch with random old values and returns on its model tokens (what GAE would fill)."""
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(batch.mask.shape, generator=gen) * 0.2 * batch.mask
+    returns = (values + torch.randn(batch.mask.shape, generator=gen)) * batch.mask
+    return batch.with_(values=values, returns=returns)
+
+
+def critic_step(model_path: str, batch: TrainBatch, sharded: bool, args) -> tuple[dict, dict]:
+    """One SGD step of a critic started from the policy's backbone with a random head; (metrics, weights)."""
+    critic = load_critic(model_path, dtype=torch.float32, device=args.device,
+                         attn_implementation=register_varlen_attention())
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        critic.value_head.weight.copy_(torch.randn(critic.value_head.weight.shape, generator=gen) * 0.3)
+    if sharded:
+        shard_value_model(critic, mixed_precision=args.mixed_precision)
+    optimizer = torch.optim.SGD(critic.parameters(), lr=args.lr)
+    metrics = critic_update(critic, optimizer, batch, clip=0.2, micro_batch_tokens=args.micro_batch_tokens,
+                            grad_clip=1e9)
+    return metrics, full_state_dict(critic)
+
+
 def rank_rows(batch: TrainBatch, r: int, world: int) -> list[int]:
     """The rows of rank `r`: whole groups, dealt out in turn."""
     groups = sorted(set(batch.group_ids.tolist()))
@@ -68,6 +93,7 @@ def main() -> None:
     ap.add_argument("--micro-batch-tokens", type=int, default=96)
     ap.add_argument("--agg-mode", default="token_mean")
     ap.add_argument("--lr", type=float, default=0.5)
+    ap.add_argument("--critic", action="store_true", help="update a critic instead of the policy")
     args = ap.parse_args()
 
     sharded = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
@@ -79,6 +105,16 @@ def main() -> None:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     torch.manual_seed(0)
+    if args.critic:
+        from transformers import AutoConfig
+
+        vocab = AutoConfig.from_pretrained(args.model).vocab_size
+        batch = with_value_targets(make_batch(vocab, args.groups, args.per_group, seed=1, max_len=args.max_len), seed=2)
+        if sharded:
+            batch = batch.rows(rank_rows(batch, rank(), world_size()))
+        metrics, state = critic_step(args.model, batch, sharded, args)
+        _write(args.out, metrics, state, sharded)
+        return
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
@@ -92,10 +128,13 @@ def main() -> None:
     settings = LossSettings(agg_mode=args.agg_mode, entropy_coef=0.01)
     metrics = policy_update(model, optimizer, batch, settings, micro_batch_tokens=args.micro_batch_tokens,
                             grad_clip=1e9, logprob_chunk=32, compute_dtype=dtype)
-    state = full_state_dict(model)
+    _write(args.out, metrics, full_state_dict(model), sharded)
+
+
+def _write(out: str, metrics: dict, state: dict, sharded: bool) -> None:
     if rank() == 0:
-        torch.save(state, args.out + ".pt")
-        Path(args.out).write_text(json.dumps({"world_size": world_size(), **metrics}, indent=1))
+        torch.save(state, out + ".pt")
+        Path(out).write_text(json.dumps({"world_size": world_size(), **metrics}, indent=1))
     if sharded:
         torch.distributed.destroy_process_group()
 

@@ -41,6 +41,23 @@ def test_two_rank_fsdp_matches_single_process(tiny_model_dir, tmp_path, agg_mode
     assert moved < 1e-6
 
 
+def test_two_rank_fsdp_critic_matches_single_process(tiny_model_dir, tmp_path):
+    """The critic shards like the policy: its update on two gloo ranks equals one process's."""
+    common = [str(SCRIPT), "--model", tiny_model_dir, "--critic"]
+    _run([sys.executable, *common, "--out", str(tmp_path / "ref.json")], tmp_path)
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+          *common, "--out", str(tmp_path / "fsdp.json")], tmp_path)
+    ref = json.loads((tmp_path / "ref.json").read_text())
+    got = json.loads((tmp_path / "fsdp.json").read_text())
+    assert got["world_size"] == 2 and ref["world_size"] == 1
+    assert ref["critic/loss"] > 0 and ref["critic/vf_clip_frac"] > 0  # the clipped branch is exercised
+    for key in ("critic/loss", "critic/grad_norm", "critic/vf_clip_frac", "critic/value_error"):
+        assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), key
+    ref_w, got_w = torch.load(tmp_path / "ref.json.pt"), torch.load(tmp_path / "fsdp.json.pt")
+    assert sorted(ref_w) == sorted(got_w) and "value_head.weight" in ref_w
+    assert max(float((ref_w[k] - got_w[k]).abs().max()) for k in ref_w) < 1e-6  # SGD: equal gradients
+
+
 def test_ray_trainer_workers_match_single_process(tiny_model_dir):
     """Two Ray actors, FSDP2 over gloo between them, give the single-process update."""
     import ray

@@ -11,7 +11,7 @@ from agentrl.config import load_config
 from agentrl.driver.loop import train
 from agentrl.driver.trainer_side import group_mini_batches
 from agentrl.trainer.batch import TrainBatch
-from agentrl.trainer.update import compute_advantages
+from agentrl.trainer.update import compute_advantages, compute_gae
 
 
 def _batch(rewards: list[float], groups: list[int], masks: list[tuple[int, ...]] | None = None) -> TrainBatch:
@@ -85,3 +85,26 @@ def test_two_step_training_changes_parameters(tiny_model_dir, tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4  # eval before, two steps, eval after
     assert "before" in result and "after" in result
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.5), (1.0, 1.0)])
+def test_gae_over_a_multi_turn_batch_matches_the_slow_reference(gamma, lam):
+    """compute_gae on hand-made multi-turn rows (observation tokens between turns, a turn cut short,
+    rewards on each turn's last token) equals the token-by-token forward sum in token layout."""
+    from credit_reference import multi_turn_batch, slow_gae_row, to_next_token, token_layout_rewards
+
+    batch, masks = multi_turn_batch()
+    gen = torch.Generator().manual_seed(7)
+    values = [torch.randn(len(m), generator=gen).tolist() for m in masks]  # V of the state before token i
+    out = compute_gae(batch, to_next_token(values, batch.token_ids.shape[1]).float(), gamma, lam, whiten=False)
+    rewards = token_layout_rewards(batch, masks)
+    ref = [slow_gae_row(r, m, v, gamma, lam) for r, m, v in zip(rewards, masks, values)]
+    width = batch.token_ids.shape[1]
+    torch.testing.assert_close(out.advantages, to_next_token([a for a, _ in ref], width).float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.returns, to_next_token([r for _, r in ref], width).float(), atol=1e-5, rtol=1e-5)
+    assert (out.values[batch.mask == 0] == 0).all() and (out.returns[batch.mask == 0] == 0).all()
+    # Rewards sit where the turns end: row 0's turn 0 is tokens 3..5, so its reward is token 5's.
+    assert rewards[0][5] == 0.5 and rewards[0][9] == -1.0 and rewards[0][14] == 2.0 and sum(rewards[2]) == 0.0
+    whitened = compute_gae(batch, to_next_token(values, width).float(), gamma, lam, whiten=True).advantages
+    m = batch.mask > 0
+    assert abs(float(whitened[m].mean())) < 1e-5 and float(whitened[m].std()) == pytest.approx(1.0, abs=1e-4)

@@ -1,4 +1,5 @@
-"""The algorithm zoo: advantage estimators, policy losses, TIS correction and dynamic sampling.
+"""The algorithm zoo: advantage estimators, policy losses, the critic's value loss, TIS correction and
+dynamic sampling.
 
 Each piece is a pure function over tensors; estimators and losses are also registered by name
 (`get_advantage_estimator("grpo")`, `get_policy_loss("ppo_clip")`) so a config can pick them.
@@ -6,6 +7,7 @@ Each piece is a pure function over tensors; estimators and losses are also regis
 
 from agentrl.trainer.algos.advantages import (
     ADVANTAGE_ESTIMATORS,
+    TOKEN_REWARD_ESTIMATORS,
     dr_grpo,
     gae,
     get_advantage_estimator,
@@ -30,6 +32,8 @@ from agentrl.trainer.algos.losses import (
     ppo_clip,
 )
 from agentrl.trainer.algos.sampling import filter_uniform_groups
+from agentrl.trainer.algos.turns import returns_to_go, turn_rewards, turn_rloo
+from agentrl.trainer.algos.value import clipped_value_loss
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -37,8 +41,10 @@ __all__ = [
     "KL_KINDS",
     "POLICY_LOSSES",
     "TIS_LEVELS",
+    "TOKEN_REWARD_ESTIMATORS",
     "aggregate_loss",
     "cispo",
+    "clipped_value_loss",
     "dr_grpo",
     "entropy_from_logits",
     "filter_uniform_groups",
@@ -53,6 +59,9 @@ __all__ = [
     "normalize_per_task",
     "ppo_clip",
     "reinforce_pp",
+    "returns_to_go",
     "rloo",
     "tis_weights",
+    "turn_rewards",
+    "turn_rloo",
 ]

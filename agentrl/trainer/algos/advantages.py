@@ -22,6 +22,10 @@ AdvantageEstimator = Callable[..., Tensor]
 
 ADVANTAGE_ESTIMATORS: Registry[AdvantageEstimator] = Registry("advantage estimator")
 
+#: Estimators that read rewards where they happened (`TrainBatch.token_rewards`) rather than one score
+#: per episode, so they have signatures of their own: `gae` (with a critic's values) and `turn_rloo`.
+TOKEN_REWARD_ESTIMATORS = ("gae", "turn_rloo")
+
 
 def get_advantage_estimator(name: str) -> AdvantageEstimator:
     """Return the estimator registered as `name`; a typo raises `RegistryError` with a suggestion.
