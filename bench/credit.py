@@ -29,7 +29,7 @@ import torch
 
 from agentrl.config import load_config
 from agentrl.driver.loop import train
-from agentrl.envs.gym_games import CliffWalkingTextEnv
+from agentrl_gym_text.games import CliffWalkingTextEnv  # environments/gym_text (installed beside agentrl)
 from agentrl.envs.registration import ENVS, register
 from agentrl.recipes.tiny_model import build_tiny_model
 
