@@ -136,6 +136,9 @@ def _write(out: str, metrics: dict, state: dict, sharded: bool) -> None:
         torch.save(state, out + ".pt")
         Path(out).write_text(json.dumps({"world_size": world_size(), **metrics}, indent=1))
     if sharded:
+        # Both ranks leave together: a rank tearing gloo down while the other is still saving could
+        # abort at exit ("terminate called without an active exception", seen under load).
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
