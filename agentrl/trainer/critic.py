@@ -32,7 +32,7 @@ from agentrl.trainer.batch import TrainBatch
 from agentrl.trainer.fsdp import all_reduce_sum, world_size
 from agentrl.trainer.packing import PackedBatch, pack_sequences
 from agentrl.trainer.policy import PACKED_CHECK_TOLERANCE
-from agentrl.trainer.update import autocast, micro_batch_plan, pack_rows
+from agentrl.trainer.update import autocast, micro_batch_plan, pack_rows, step_if_finite
 
 HEAD_FILE = "value_head.safetensors"
 
@@ -205,15 +205,6 @@ def critic_update(critic: torch.nn.Module, optimizer: torch.optim.Optimizer, bat
         weight = float(t["mask"].sum()) / total
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v * weight
-    grad_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), grad_clip)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    names = sorted(sums)
-    reduced = all_reduce_sum([loss_total] + [sums[k] for k in names])
-    loss_total, sums = reduced[0], dict(zip(names, reduced[1:]))
-    finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(torch.tensor(loss_total)))
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    critic.eval()
+    loss_total, sums, grad_norm, finite = step_if_finite(critic, optimizer, grad_clip, loss_total, sums)
     return {"critic/loss": loss_total, "critic/grad_norm": float(grad_norm), "critic/skipped": float(not finite),
             "critic/nonfinite": float(not finite), **{f"critic/{k}": v for k, v in sums.items()}}

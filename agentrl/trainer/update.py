@@ -182,6 +182,15 @@ def policy_update(
         weight = float(t["mask"].sum()) / total_tokens
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v * weight
+    loss_total, sums, grad_norm, finite = step_if_finite(model, optimizer, grad_clip, loss_total, sums)
+    return {"loss": loss_total, "grad_norm": float(grad_norm), "skipped": 0.0 if finite else 1.0,
+            "nonfinite": 0.0 if finite else 1.0, "trained_tokens": float(total_tokens), **sums}
+
+
+def step_if_finite(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float, loss_total: float,
+                   sums: dict[str, float]) -> tuple[float, dict[str, float], float, bool]:
+    """After the micro-batches' backward passes: clip, sum loss and metrics over ranks, and step only when the loss
+    and the gradient norm are finite (the same decision on every rank). Returns (loss, metrics, grad norm, finite)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     names = sorted(sums)
@@ -192,8 +201,7 @@ def policy_update(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     model.eval()
-    return {"loss": loss_total, "grad_norm": float(grad_norm), "skipped": 0.0 if finite else 1.0,
-            "nonfinite": 0.0 if finite else 1.0, "trained_tokens": float(total_tokens), **sums}
+    return loss_total, sums, float(grad_norm), finite
 
 
 def _micro_loss(s: LossSettings, logp: torch.Tensor, entropy: torch.Tensor, t: dict[str, torch.Tensor], *,
