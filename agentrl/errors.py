@@ -40,6 +40,16 @@ class EngineError(AgentRLError, RuntimeError):
     """An inference engine refused or failed a request."""
 
 
+class ServerStartError(EngineError):
+    """An engine server agentrl launched (or was told to reach) did not become healthy in time, or
+    exited before it did; the message holds the command and the tail of its log."""
+
+
+class ServerCrashedError(EngineError):
+    """An engine server crashed more often than `max_restarts` allows, or a server agentrl did not
+    start stopped answering; the message holds the tail of its log."""
+
+
 class RolloutError(AgentRLError, RuntimeError):
     """Too few groups of a batch arrived sound (failed episodes dropped or retried in vain); the
     message holds the first failure texts."""
