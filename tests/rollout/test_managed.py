@@ -147,6 +147,8 @@ def test_a_crashed_server_is_restarted_and_on_restart_runs(tmp_path):
         with pytest.raises(ServerCrashedError, match="after 2 restart") as err:
             server.ensure()
         assert "crashing on request" in str(err.value)
+        with pytest.raises(ServerCrashedError, match="after 2 restart"):  # given up for good, not half-alive
+            server.ensure()
     assert calls == [1, 1]
 
 
@@ -189,6 +191,8 @@ def test_a_restart_that_cannot_start_raises_start_error(tmp_path):
         _crash(server)
         with pytest.raises(ServerStartError, match="boom: crashing at start"):
             server.ensure()
+        marker.unlink()  # whatever broke the start is fixed: the next call restarts it, counted
+        assert server.ensure() is True and server.restarts == 2 and info(server)["pid"]
 
 
 # -- no orphans ------------------------------------------------------------------------------
@@ -292,3 +296,25 @@ def test_url_mode_with_nothing_listening_times_out(tmp_path):
     with pytest.raises(ServerStartError, match="check that it runs"):
         server.start()
     assert time.monotonic() - t0 < 10
+
+
+def test_url_mode_with_a_hung_server_ends_in_a_typed_error(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([*standin(port), "--hang"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        server = ManagedServer("wedged", standin, ServerSpec(url=f"http://127.0.0.1:{port}", startup_timeout_s=2.0),
+                               health_timeout_s=0.5)
+        t0 = time.monotonic()
+        with pytest.raises(ServerStartError, match="did not answer /health within startup_timeout_s=2"):
+            server.start()
+        assert time.monotonic() - t0 < 10
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_without_a_log_dir_the_log_goes_to_a_temp_dir():
+    with ManagedServer("tmplog", standin, ServerSpec(launch=True, startup_timeout_s=60)) as server:
+        path = Path(server.log_path)
+        assert path.name == "tmplog.log" and path.parent.name.startswith("agentrl-tmplog-")
+    assert "ready" in path.read_text()

@@ -135,7 +135,7 @@ def test_embedded_refuses_an_option_it_does_not_take_with_a_suggestion():
         engine_arguments(EmbeddedEngine, "embedded", ServerSpec(), {"kv_cache_token": 2048})
 
 
-@pytest.mark.parametrize("key", ["device", "dtype", "max_model_len", "server"])
+@pytest.mark.parametrize("key", ["device", "dtype", "max_model_len", "server", "tokenizer"])
 def test_options_the_driver_sets_are_refused(key):
     with pytest.raises(ConfigError, match=f"agentrl sets {key} itself"):
         engine_arguments(EmbeddedEngine, "embedded", ServerSpec(), {key: "x"})

@@ -169,6 +169,7 @@ class ManagedServer:
         self._log_path: str | None = None
         self._tmp_log_dir: str | None = None
         self._started = False
+        self._gave_up: str | None = None  # why the server is given up for good (max_restarts passed)
 
     # -- public -------------------------------------------------------------------------------
 
@@ -220,8 +221,10 @@ class ManagedServer:
         after a request failed or timed out.
 
         Raises:
-            ServerCrashedError: More than `spec.max_restarts` crashes, or a URL server is down.
-            ServerStartError: The restarted server did not come up.
+            ServerCrashedError: More than `spec.max_restarts` crashes (then on every later call
+                too), or a URL server is down.
+            ServerStartError: The restarted server did not come up (the next call tries again,
+                counted as one more restart).
         """
         with self._lock:
             if not self._started:
@@ -233,7 +236,10 @@ class ManagedServer:
                         f"within {self._health_timeout_s:g} s; agentrl does not restart a server it did not "
                         "start: restart it (or give rollout.server.launch: true to have agentrl manage it)")
                 return False
-            assert self._proc is not None
+            if self._gave_up is not None:
+                raise ServerCrashedError(self._gave_up)
+            if self._proc is None:  # the last restart did not come up
+                return self._restart("did not come up after its last restart")
             code = self._proc.poll()
             if code is None and not (probe and not self._healthy(trust_env=False)):
                 return False
@@ -342,10 +348,9 @@ class ManagedServer:
             self._finalizer = None
         self._proc = None
         if self.restarts >= self.spec.max_restarts:
-            self._started = False
-            raise ServerCrashedError(
-                f"engine server {self.name!r} {why}, after {self.restarts} restart(s) already "
-                f"(max_restarts={self.spec.max_restarts}); see {self._log_path}. Last output:\n{tail}")
+            self._gave_up = (f"engine server {self.name!r} {why}, after {self.restarts} restart(s) already "
+                             f"(max_restarts={self.spec.max_restarts}); see {self._log_path}. Last output:\n{tail}")
+            raise ServerCrashedError(self._gave_up)
         self.restarts += 1
         logger.warning("engine server %r %s; restarting it (%d of at most %d)", self.name, why,
                        self.restarts, self.spec.max_restarts)

@@ -25,7 +25,7 @@ PACKAGES = {"sglang": ("sglang", "sglang"), "vllm": ("vllm", "vllm")}
 FALLBACKS = ("sglang", "vllm")
 
 #: Constructor arguments the driver sets from the config (model.*, rollout.*); never engine options.
-DRIVER_SET = ("model", "model_path", "device", "dtype", "max_model_len", "server")
+DRIVER_SET = ("model", "model_path", "device", "dtype", "max_model_len", "server", "tokenizer")
 
 
 def installed(name: str) -> bool:
@@ -112,7 +112,7 @@ def engine_arguments(engine: type, name: str, server: ServerSpec, options: Mappi
             raise ConfigError(f"rollout.engine_options.{key}: agentrl sets {key} itself (from model.path, "
                               "model.device, model.dtype, rollout.max_total_tokens, rollout.server); remove it here")
         if key not in named and not takes_any:
-            accepted = [p for p in named if p not in DRIVER_SET and p != "tokenizer"]
+            accepted = [p for p in named if p not in DRIVER_SET]
             raise ConfigError(f"rollout.engine_options.{key}: the {name} engine takes no option {key!r}."
                               f"{did_you_mean(key, accepted)} It takes: {', '.join(accepted) or 'none'}")
     kwargs = dict(options)
