@@ -2,8 +2,9 @@
 resolved, `rollout.engine_options` and `rollout.server` passed to the engines that take them (checked
 before any model load), the server's log folder, and the engine's `close()` at the end.
 
-`ServerShapedEngine` is the built-in engine behind the constructor shape of the sglang and vllm
-backends (`server=`, `**options`), so the driver's side of the wiring runs here on CPU.
+`ServerShapedEngine` (tests/driver/ray_parts.py) is the built-in engine behind the constructor shape
+of the sglang and vllm backends (`server=`, `**options`), so the driver's side of the wiring runs
+here on CPU.
 """
 
 from __future__ import annotations
@@ -24,25 +25,14 @@ from agentrl.rollout.backends.embedded import EmbeddedEngine
 from agentrl.rollout.backends.managed import ServerSpec
 from agentrl.rollout.engine import ENGINES
 from agentrl.rollout.workers import RolloutWorker, WorkerSetup
-
-
-class ServerShapedEngine(EmbeddedEngine):
-    """Records the server spec and options it was given, and whether it was closed."""
-
-    def __init__(self, model, *, device="cpu", dtype=torch.float32, max_model_len=4096, server=None, **options):
-        super().__init__(model, device=device, dtype=dtype, max_model_len=max_model_len)
-        self.server, self.options, self.closed = server, options, False
-
-    def close(self) -> None:
-        self.closed = True
-        super().close()
+from tests.driver.ray_parts import ServerShapedEngine
 
 
 @pytest.fixture(autouse=True)
 def server_shaped():
-    ENGINES.register("test-server-shaped", ServerShapedEngine)
+    if "test-server-shaped" not in ENGINES:
+        ENGINES.register("test-server-shaped", "tests.driver.ray_parts:ServerShapedEngine")
     yield
-    ENGINES.unregister("test-server-shaped")
 
 
 def _cfg(model_dir: str, tmp_path: Path, *overrides: str):
