@@ -95,9 +95,16 @@ class InProcessTransport:
 
     def __init__(self, factory: Callable[..., Any], kwargs: Mapping[str, Any]):
         try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:  # sglang.Engine would bind itself to the caller's loop, which this backend cannot run
+            raise EngineError("create the in-process SGLang engine outside async code (no event loop may be running "
+                              "in the thread that creates it), or run SGLang as a server (ServerSpec)")
+        try:
             self.engine = factory(**kwargs)
-        except TypeError as exc:  # an option ServerArgs does not have
-            raise EngineError(f"SGLang refused the engine arguments: {exc}") from exc
+        except (TypeError, ValueError) as exc:  # an option ServerArgs does not have, or a bad combination
+            raise EngineError(f"SGLang refused the engine arguments: {type(exc).__name__}: {exc}") from exc
         # The Engine set its loop as this thread's current one; it now runs in our thread instead.
         asyncio.set_event_loop(None)
         self.tp_size = int(getattr(getattr(self.engine, "server_args", None), "tp_size", 1) or 1)
