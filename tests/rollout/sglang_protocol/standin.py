@@ -174,7 +174,8 @@ class StandinSGLang:
         return {"output_ids": list(ids),
                 "meta_info": {"id": rid, "finish_reason": finish, "prompt_tokens": len(prompt),
                               "weight_version": self.weight_version, "completion_tokens": len(ids),
-                              "cached_tokens": cached, "output_token_logprobs": [(lp, t, None) for lp, t in zip(lps, ids)]}}
+                              "cached_tokens": cached,
+                              "output_token_logprobs": [(lp, t, None) for lp, t in zip(lps, ids)]}}
 
     def load_weights(self, state_dict: dict, version: str) -> None:
         self.engine.update_weights(state_dict, int(version) if version.isdigit() else 0)

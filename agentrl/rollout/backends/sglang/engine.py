@@ -56,7 +56,7 @@ from agentrl.errors import EngineError
 from agentrl.rollout.backends.managed import ManagedServer, ServerSpec
 from agentrl.rollout.backends.sglang import protocol as P
 from agentrl.rollout.backends.sglang.transport import HttpTransport, InProcessTransport
-from agentrl.rollout.backends.sglang.weights import WeightFolder, tensors_for_engine
+from agentrl.rollout.backends.sglang.weights import WeightFolder, run_alongside, tensors_for_engine
 from agentrl.rollout.engine import EngineStats, Generation, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,8 @@ def _sglang_engine(**kwargs):
     try:
         import sglang
     except ImportError as exc:
-        raise EngineError(f"the sglang backend needs the sglang package ({exc}): pip install 'agentrl[sglang]'") from exc
+        raise EngineError(f"the sglang backend needs the sglang package ({exc}): "
+                          "pip install 'agentrl[sglang]'") from exc
     return sglang.Engine(**kwargs)
 
 
@@ -85,7 +86,9 @@ class SGLangEngine:
         allow_unseeded: Without deterministic inference, sample seeded requests without their seed
             instead of refusing them.
         share_identical_prefills: Send the first of identical concurrent prompts ahead (see above).
-        weights_dir: Where weights for a server are written (default: a temporary folder).
+        weights_dir: Where weights for a server are written (kept); default: a `sglang-weights-*`
+            folder in the server's log folder (the run directory's `servers/` under the driver), else
+            in the temporary folder, deleted by `close()` either way.
         request_timeout_s: Bound on one HTTP request to a server.
         tokenizer: For stop strings; default: loaded from `model_path` when first needed.
         engine_factory: What builds the in-process engine from its keyword arguments (default
@@ -131,7 +134,7 @@ class SGLangEngine:
         self._prefilling: dict[tuple[int, ...], asyncio.Event] = {}  # prompt -> its leader's first-token event
         self._busy_since = 0.0
         self._serving = 0  # requests inside _serve (touched on the transport's loop thread only)
-        self._weights = WeightFolder(weights_dir, self.model_path)
+        self._weights = WeightFolder(weights_dir, self.model_path, default_parent=spec.log_dir)
         if spec.mode == "in_process":
             self._transport = InProcessTransport(engine_factory or _sglang_engine, args)
         else:
@@ -231,7 +234,7 @@ class SGLangEngine:
         """
         fields = dict(master_address=master_address, master_port=int(master_port), rank_offset=int(rank_offset),
                       world_size=int(world_size), group_name=group_name, backend=backend)
-        return _alongside(lambda: self._transport.init_weights_group(**fields), join)
+        return run_alongside(lambda: self._transport.init_weights_group(**fields), join)
 
     def update_weights_distributed(self, named_shapes: Sequence[tuple[str, torch.dtype, Sequence[int]]],
                                    version: int, broadcast: Callable[[], Any], *,
@@ -276,7 +279,8 @@ class SGLangEngine:
             if not self._serving:  # wall time with a request in SGLang, like the built-in engine's busy time
                 self.stats.generate_seconds += time.perf_counter() - self._busy_since
 
-    async def _respond(self, prompt: list[int], s: SamplingParams, epoch: int, opened: Callable[[], None]) -> Generation:
+    async def _respond(self, prompt: list[int], s: SamplingParams, epoch: int,
+                       opened: Callable[[], None]) -> Generation:
         """Stream the request; continue past EOS ids it did not ask for; cut at stop strings."""
         seed = P.resolve_seed(s.seed, deterministic=self.deterministic, allow_unseeded=self.allow_unseeded,
                               rng=self._rng)
@@ -339,8 +343,8 @@ class SGLangEngine:
         self.stats.prompt_tokens += prompt_len
         self.stats.generated_tokens += correction  # tokens streamed past a stop string are not kept
         self._counts["cached_prompt_tokens"] += cached
-        self.stats.extra.update({k: float(v) for k, v in self._counts.items()},
-                                prefix_cache_hit_rate=self._counts["cached_prompt_tokens"] / max(1, self.stats.prompt_tokens))
+        hit_rate = self._counts["cached_prompt_tokens"] / max(1, self.stats.prompt_tokens)
+        self.stats.extra.update({k: float(v) for k, v in self._counts.items()}, prefix_cache_hit_rate=hit_rate)
 
     def _validate(self, prompt: list[int], s: SamplingParams) -> None:
         if not prompt:
@@ -382,25 +386,6 @@ class SGLangEngine:
         path = self._weights.current
         if path is not None:
             self._transport.update_from_disk(path, self.weight_version)
-
-
-def _alongside(engine_side: Callable[[], Any], join: Callable[[], Any] | None) -> Any:
-    """Run `engine_side` in a thread while `join` runs here (both block until the other side arrives)."""
-    result: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            engine_side()
-        except BaseException as exc:  # handed to the caller below
-            result["error"] = exc
-
-    thread = threading.Thread(target=run, name="agentrl-sglang-join", daemon=True)
-    thread.start()
-    joined = join() if join is not None else None
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return joined
 
 
 def _model_limits(model_path: str) -> tuple[int | None, int | None]:

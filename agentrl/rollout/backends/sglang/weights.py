@@ -21,9 +21,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import timedelta
+from typing import Any
 
 import torch
 
@@ -38,9 +40,10 @@ def tensors_for_engine(state_dict: Mapping[str, torch.Tensor]) -> list[tuple[str
 class WeightFolder:
     """Versions of the weights as folders SGLang can load (`config.json` + `model.safetensors`)."""
 
-    def __init__(self, root: str | None, model_path: str):
-        self._own_root = root is None
+    def __init__(self, root: str | None, model_path: str, default_parent: str | None = None):
+        self._own_root = root is None  # a folder of our choosing is deleted by cleanup()
         self.root = root
+        self._default_parent = default_parent
         self.model_path = model_path
         self.current: str | None = None
 
@@ -50,7 +53,9 @@ class WeightFolder:
         from safetensors.torch import save_file
 
         if self.root is None:
-            self.root = tempfile.mkdtemp(prefix="agentrl-sglang-weights-")
+            if self._default_parent is not None:
+                os.makedirs(self._default_parent, exist_ok=True)
+            self.root = tempfile.mkdtemp(prefix="sglang-weights-", dir=self._default_parent)
         path = os.path.join(self.root, f"v{version}-{uuid.uuid4().hex[:8]}")
         os.makedirs(path)
         for name in _CONFIG_FILES:
@@ -95,3 +100,22 @@ def weights_group(master_address: str, master_port: int, world_size: int, *, ran
                                            group_name=group_name, timeout=timeout)
     c10d._world.pg_group_ranks[pg] = {i: i for i in range(size)}
     return pg
+
+
+def run_alongside(engine_side: Callable[[], Any], join: Callable[[], Any] | None) -> Any:
+    """Run `engine_side` in a thread while `join` runs here (both block until the other side arrives)."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            engine_side()
+        except BaseException as exc:  # handed to the caller below
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, name="agentrl-sglang-join", daemon=True)
+    thread.start()
+    joined = join() if join is not None else None
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return joined
