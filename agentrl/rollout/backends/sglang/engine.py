@@ -129,6 +129,7 @@ class SGLangEngine:
         self._rng = random.Random()  # seeds for unseeded requests: fresh each run
         self._abort_epoch = 0
         self._asleep = False
+        self._slept_level = 1
         self._in_flight = 0
         self._idle = threading.Condition()
         self._prefilling: dict[tuple[int, ...], asyncio.Event] = {}  # prompt -> its leader's first-token event
@@ -206,7 +207,7 @@ class SGLangEngine:
 
     def wake(self) -> None:
         if self._asleep:
-            self._transport.resume(self._tags(getattr(self, "_slept_level", 1)))
+            self._transport.resume(self._tags(self._slept_level))
         self._asleep = False
 
     def abort(self) -> None:
@@ -382,10 +383,13 @@ class SGLangEngine:
         self.weight_version = P.weight_version_number(info.get("weight_version"), 0)
 
     def _resync(self) -> None:
-        """After a launched server restarted: it loaded the weights on disk at `model_path`; give it ours."""
+        """After a launched server restarted: it loaded the weights on disk at `model_path`; give it
+        ours, and put it to sleep again if the engine is asleep (so that wake() finds it released)."""
         path = self._weights.current
         if path is not None:
             self._transport.update_from_disk(path, self.weight_version)
+        if self._asleep:
+            self._transport.release(self._tags(self._slept_level))
 
 
 def _model_limits(model_path: str) -> tuple[int | None, int | None]:

@@ -307,7 +307,7 @@ class HttpTransport:
 
     def abort(self, rid: str | None = None) -> None:
         body = {"abort_all": True} if rid is None else {"rid": rid}
-        self._post("/abort_request", body, parse=False)
+        self._post("/abort_request", body, parse=False, ensure=False)  # a server that is down runs nothing
 
     def update_from_disk(self, path: str, version: int) -> None:
         self._post("/update_weights_from_disk", {"model_path": path, "weight_version": str(version),
@@ -333,9 +333,10 @@ class HttpTransport:
     def resume(self, tags: list[str]) -> None:
         self._post("/resume_memory_occupation", {"tags": tags}, parse=False)
 
-    def _post(self, path: str, body: Mapping[str, Any] | None, *, parse: bool = True) -> None:
+    def _post(self, path: str, body: Mapping[str, Any] | None, *, parse: bool = True, ensure: bool = True) -> None:
         """POST a control call; its answer must be 200 (and `success: true` where SGLang says it)."""
-        self.server.ensure()
+        if ensure:
+            self.server.ensure()
         try:
             with self._sync_lock:
                 resp = self._sync.post(self.server.url + path, json=body)
