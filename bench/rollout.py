@@ -21,8 +21,15 @@ best run is kept (the CPU machines this runs on are shared, so the best run is t
 numbers compare across families; `qwen3_moe` spreads the MLP over 64 experts, 8 per token, with
 the active width of the dense MLP.
 
+`--backends sglang` (or `vllm`, any name in the engine registry; `label=name` for a second variant)
+adds a column per engine, built from `ENGINES` on the same model saved to a directory, with
+`--engine-options '{"label": {...}}'` passed to its constructor (default mem_fraction_static 0.35 for
+sglang, so it shares the GPU with the built-in engine); they are built first, before the built-in
+engines take their share of the free memory.
+
 Example:
     PYTHONPATH=. python bench/rollout.py --cpu-small                       # CPU, tiny quickstart shape
+    PYTHONPATH=.:/tmp/site python3 bench/rollout.py --random-qwen2-0.5b --device cuda --backends sglang
     PYTHONPATH=. python bench/rollout.py --random-qwen2-0.5b --device cuda --dtype bfloat16
     PYTHONPATH=. python bench/rollout.py --random-qwen2-0.5b --model-family qwen3_moe --device cuda
 """
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import random
 import time
@@ -130,7 +138,7 @@ def synchronous(engine: EmbeddedEngine, fn):
 
 
 def engine_generate(engine: EmbeddedEngine, prompts: list[list[int]], new: int) -> int:
-    engine.reset_prefix_cache()  # every run starts cold, like HF
+    engine.reset_prefix_cache()  # every run starts cold, like HF (every backend column has it)
 
     async def run():
         sp = SamplingParams(temperature=1.0, max_tokens=new)
@@ -222,50 +230,78 @@ def snapshot(engine: EmbeddedEngine) -> tuple[float, int]:
     return engine.stats.extra.get("cached_prompt_tokens", 0.0), engine.stats.prompt_tokens
 
 
-def run_plain(model, engine, sz: Sizes, repeats: int, sync, hf_runs: dict, compare_sync: bool = False) -> list[dict]:
+def backend_columns(args, model, longest: int) -> dict:
+    """The engines of `--backends`, by label, on `model` saved to a directory (their constructors take a path)."""
+    import tempfile
+
+    from agentrl.rollout.engine import ENGINES
+
+    if not args.backends:
+        return {}
+    path = args.model or tempfile.mkdtemp(prefix="agentrl-bench-model-")
+    if not args.model:
+        model.save_pretrained(path)
+    options = json.loads(args.engine_options)
+    columns = {}
+    for item in args.backends.split(","):
+        label, _, name = item.rpartition("=")
+        label = label or name
+        opts = {**({"mem_fraction_static": 0.35} if name == "sglang" else {}), **options.get(label, {})}
+        columns[label] = ENGINES.get(name)(path, device=args.device, dtype=DTYPES[args.dtype],
+                                           max_model_len=longest + 8, **opts)
+    return columns
+
+
+def run_plain(model, engine, sz: Sizes, repeats: int, sync, hf_runs: dict, compare_sync: bool = False,
+              others: dict | None = None) -> list[dict]:
     prompts = random_prompts(sz.prompts, sz.prompt_len, model.config.vocab_size, 0)
     fns = {"hf_generate": lambda: hf_generate(model, prompts, sz.new),
-           "embedded": lambda: engine_generate(engine, prompts, sz.new)}
+           "embedded": lambda: engine_generate(engine, prompts, sz.new),
+           **{k: functools.partial(engine_generate, e, prompts, sz.new) for k, e in (others or {}).items()}}
     if compare_sync:
         fns["embedded_sync_steps"] = synchronous(engine, fns["embedded"])
     res = best_of(fns, repeats, sync, {"hf_generate": lambda: hf_generate(model, prompts[:8], 4)}, hf_runs)
     return report(f"a:{sz.prompts}x{sz.prompt_len}x{sz.new}", res)
 
 
-def run_grpo(model, engine, sz: Sizes, repeats: int, sync, hf_runs: dict) -> list[dict]:
+def run_grpo(model, engine, sz: Sizes, repeats: int, sync, hf_runs: dict, others: dict | None = None) -> list[dict]:
     groups = random_prompts(sz.groups, sz.prompt_len, model.config.vocab_size, 1)
     expanded = [p for p in groups for _ in range(sz.n)]
-    before = snapshot(engine)
+    engines = {"embedded": engine, **(others or {})}
+    before = {k: snapshot(e) for k, e in engines.items()}
     res = best_of({"hf_generate": lambda: hf_generate(model, groups, sz.new, num_return=sz.n),
-                   "embedded": lambda: engine_generate(engine, expanded, sz.new)}, repeats, sync,
-                  {"hf_generate": lambda: hf_generate(model, groups[:2], 4, num_return=sz.n)}, hf_runs)
-    extra = {"prompt_cache_hit_rate": hit_rate_since(engine, before), "ideal": round((sz.n - 1) / sz.n, 4)}
-    return report(f"b:{sz.groups}x{sz.n}", res, {"embedded": extra})
+                   **{k: functools.partial(engine_generate, e, expanded, sz.new) for k, e in engines.items()}},
+                  repeats, sync, {"hf_generate": lambda: hf_generate(model, groups[:2], 4, num_return=sz.n)}, hf_runs)
+    extra = {k: {"prompt_cache_hit_rate": hit_rate_since(e, before[k]), "ideal": round((sz.n - 1) / sz.n, 4)}
+             for k, e in engines.items()}
+    return report(f"b:{sz.groups}x{sz.n}", res, extra)
 
 
 def run_turns(model, engine, no_cache, sz: Sizes, repeats: int, sync, hf_runs: dict,
-              compare_sync: bool = False) -> list[dict]:
+              compare_sync: bool = False, others: dict | None = None) -> list[dict]:
     vocab = model.config.vocab_size
     starts = random_prompts(sz.episodes, sz.prompt_len, vocab, 2)
 
     def play(gen):
         return episodes(gen, starts, sz.turns, sz.obs, sz.turn_new, vocab)
 
-    before = snapshot(engine)
+    before = {k: snapshot(e) for k, e in {"embedded": engine, **(others or {})}.items()}
     fns = {"hf_generate": lambda: play(hf_turn(model, sz.turn_new)),
            "embedded": lambda: play(engine_turn(engine)),
-           "embedded_no_prefix_cache": lambda: play(engine_turn(no_cache))}
+           "embedded_no_prefix_cache": lambda: play(engine_turn(no_cache)),
+           **{k: (lambda e=e: play(engine_turn(e))) for k, e in (others or {}).items()}}
     if compare_sync:
         fns["embedded_sync_steps"] = synchronous(engine, fns["embedded"])
         fns["embedded_no_prefix_cache_sync_steps"] = synchronous(no_cache, fns["embedded_no_prefix_cache"])
     res = best_of(fns, repeats, sync,
                   {"hf_generate": lambda: episodes(hf_turn(model, 4), starts[:4], 1, sz.obs, 4, vocab)}, hf_runs)
-    extra = {"prompt_cache_hit_rate": hit_rate_since(engine, before),
+    extra = {"prompt_cache_hit_rate": hit_rate_since(engine, before["embedded"]),
              "speedup_vs_no_cache": round(res["embedded_no_prefix_cache"][0] / res["embedded"][0], 2)}
     if compare_sync:
         extra["speedup_vs_no_cache_sync_steps"] = round(
             res["embedded_no_prefix_cache_sync_steps"][0] / res["embedded_sync_steps"][0], 2)
-    return report(f"c:{sz.episodes}x{sz.turns}t", res, {"embedded": extra})
+    return report(f"c:{sz.episodes}x{sz.turns}t", res, {"embedded": extra, **{
+        k: {"prompt_cache_hit_rate": hit_rate_since(e, before[k])} for k, e in (others or {}).items()}})
 
 
 def profile_engine(model, engine: EmbeddedEngine, sz: Sizes) -> None:
@@ -310,6 +346,9 @@ def main() -> None:
                     "with 32 new tokens (torch profiler, top ops by device time)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--backends", default="", help="more engine columns, by registry name (label=name for a "
+                    "variant), e.g. sglang,vllm")
+    ap.add_argument("--engine-options", default="{}", help="JSON: constructor options by backend label")
     for f in fields(Sizes):
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=int, help=f"override the size {f.name}")
     args = ap.parse_args()
@@ -323,6 +362,7 @@ def main() -> None:
     sweep = [int(p) for p in args.plain_sweep.split(",")] if args.plain_sweep else [sz.prompts]
     batch = max(*sweep, sz.groups * sz.n, sz.episodes)
     graphs = not args.no_cuda_graphs
+    others = backend_columns(args, model, longest)  # first: they size their memory from what is free
     engine = EmbeddedEngine(model, device=args.device, dtype=DTYPES[args.dtype], max_model_len=longest + 8,
                             max_batch_size=batch, cuda_graphs=graphs)
     no_cache = EmbeddedEngine(model, device=args.device, dtype=DTYPES[args.dtype], max_model_len=longest + 8,
@@ -335,12 +375,16 @@ def main() -> None:
     work = args.workloads.split(",")
     if "plain" in work:
         for p in sweep:
-            rows += run_plain(model, engine, replace(sz, prompts=p), args.repeats, sync, hf_runs, args.compare_sync)
+            rows += run_plain(model, engine, replace(sz, prompts=p), args.repeats, sync, hf_runs, args.compare_sync,
+                              others)
     if "grpo" in work:
-        rows += run_grpo(model, engine, sz, args.repeats, sync, hf_runs)
+        rows += run_grpo(model, engine, sz, args.repeats, sync, hf_runs, others)
     if "turns" in work:
-        rows += run_turns(model, engine, no_cache, sz, args.repeats, sync, hf_runs, args.compare_sync)
+        rows += run_turns(model, engine, no_cache, sz, args.repeats, sync, hf_runs, args.compare_sync, others)
     print("engine stats:", {k: round(v, 3) for k, v in engine.stats.extra.items()}, flush=True)
+    for label, other in others.items():
+        print(f"{label} stats:", {k: round(v, 3) for k, v in other.stats.extra.items()}, flush=True)
+        other.close()
     if args.profile:
         profile_engine(model, engine, replace(sz, prompts=sweep[0], new=32))
     if args.json:

@@ -6,6 +6,10 @@ suite by registering themselves. Every reference is computed independently with 
 `transformers` on the same weights (on the CPU, float32): `generate` for greedy decoding, a full
 forward pass with `log_softmax(logits / T)` for logprobs (what the trainer recomputes).
 
+`sglang-protocol` runs the checks through the sglang backend's HTTP client against a stand-in
+server that follows SGLang's documented request/response shapes, backed by the built-in engine
+(tests/rollout/sglang_protocol): a protocol test, not SGLang.
+
 `AGENTRL_TEST_DEVICE=cuda` runs the engines on the GPU (float32 weights). GPU kernels sum in
 another order than the CPU reference, so logprob tolerances widen from 1e-4 to 2e-3, and greedy
 outputs may part from HF's only where HF's two best tokens are within 2 * 2e-3 nats of each other
@@ -13,39 +17,51 @@ outputs may part from HF's only where HF's two best tokens are within 2 * 2e-3 n
 and the step where the paths part must be such a near-tie). The attention kernels multiply float32
 in IEEE precision (Triton's TF32 default once moved a greedy path off HF's by a 10-nat margin).
 
+`AGENTRL_TEST_ENGINE_OPTIONS` (JSON, by backend name, e.g. `{"sglang": {"attention_backend": "triton"}}`)
+passes engine options to a backend, and `AGENTRL_TEST_TOL` widens the logprob tolerance (for an
+engine run in bf16); both are for the GPU proof scripts (bench/sglang_gpu.py).
+
 The same checks for every family of the engine's architecture table: tests/rollout/test_architectures.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import importlib.util
+import json
 import os
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from agentrl.errors import EngineError
 from agentrl.rollout.engine import ENGINES, Engine, SamplingParams
 from tests.hf_reference import assert_greedy_matches
 
 # "embedded-async": the embedded engine launching step t+1 before step t's tokens reach the host
 # (its default on CUDA), forced on here so its speculative steps are checked on CPU too.
-BACKENDS = ["embedded", "embedded-async", "sglang", "vllm"]
+BACKENDS = ["embedded", "embedded-async", "sglang", "vllm", "sglang-protocol"]
+# Stand-ins for an engine's HTTP protocol (module with make_engine), under tests/rollout.
+PROTOCOL_TESTS = {"sglang-protocol": "sglang_protocol"}
 BLOCK = 16  # the embedded engine's block size; the others cache at least at this granularity
 DEVICE = os.environ.get("AGENTRL_TEST_DEVICE", "cpu")
-TOL = 1e-4 if DEVICE == "cpu" else 2e-3  # logprob agreement with the float32 CPU reference
+TOL = float(os.environ.get("AGENTRL_TEST_TOL", 1e-4 if DEVICE == "cpu" else 2e-3))  # vs the float32 CPU reference
 TIE_TOL = 1e-5 if DEVICE == "cpu" else 2 * TOL  # how close HF's two best tokens must be where greedy paths part
 
 
 def make_engine(name: str, model_dir: str, **kwargs) -> Engine:
     if name == "embedded-async":
         return ENGINES.get("embedded")(model_dir, device=DEVICE, async_steps=True, **kwargs)
+    if name in PROTOCOL_TESTS:
+        return importlib.import_module(PROTOCOL_TESTS[name]).make_engine(model_dir, device=DEVICE, **kwargs)
     if name != "embedded" and importlib.util.find_spec(name) is None:
         pytest.skip(f"{name} is not installed")
     if name not in ENGINES:
         pytest.skip(f"no {name!r} backend is registered")
-    return ENGINES.get(name)(model_dir, device=DEVICE, **kwargs)
+    options = json.loads(os.environ.get("AGENTRL_TEST_ENGINE_OPTIONS", "{}")).get(name, {})
+    return ENGINES.get(name)(model_dir, device=DEVICE, **{**options, **kwargs})
 
 
 @pytest.fixture(params=BACKENDS, scope="module")
@@ -143,8 +159,12 @@ def test_seeds_are_reproducible_whatever_the_batch(engine, prompts):
 
 
 @pytest.mark.parametrize("field,value", [("top_k", 3), ("min_p", 0.3), ("top_p", 0.5)])
-def test_truncation_keeps_sampled_tokens_in_the_allowed_set(engine, hf, prompts, field, value):
+def test_truncation_keeps_sampled_tokens_in_the_allowed_set(backend, engine, hf, prompts, field, value):
     sps = [SamplingParams(temperature=1.5, max_tokens=24, seed=i, **{field: value}) for i in range(len(prompts))]
+    if field == "min_p" and backend.startswith("sglang"):  # SGLang 0.5.17's seeded sampler has no min-p
+        with pytest.raises(EngineError, match="min_p"):
+            run(engine, prompts, sps)
+        return
     outs = run(engine, prompts, sps)
     for p, out in zip(prompts, outs):
         logp = recompute_logprobs(hf, p, out.token_ids, 1.5)  # [T, V]
