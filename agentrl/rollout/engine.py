@@ -88,3 +88,4 @@ class EngineStats:
 
 ENGINES: Registry[type] = Registry("engine", group="agentrl.engines")
 ENGINES.register("embedded", "agentrl.rollout.backends.embedded:EmbeddedEngine")
+ENGINES.register("vllm", "agentrl.rollout.backends.vllm:VLLMEngine")

@@ -14,6 +14,11 @@ and the step where the paths part must be such a near-tie). The attention kernel
 in IEEE precision (Triton's TF32 default once moved a greedy path off HF's by a 10-nat margin).
 
 The same checks for every family of the engine's architecture table: tests/rollout/test_architectures.py.
+
+`vllm-protocol` runs the vllm backend's HTTP client against `vllm_protocol_server.py`, a stand-in that
+speaks vLLM 0.24's server protocol with the embedded engine behind it: a protocol test, not vLLM.
+vLLM reports logprobs after top-k/top-p/min-p truncation, so its backends refuse truncated sampling
+(`agentrl/rollout/backends/vllm/params.py`); the truncation case checks the refusal for them.
 """
 
 from __future__ import annotations
@@ -26,12 +31,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from agentrl.errors import EngineError
 from agentrl.rollout.engine import ENGINES, Engine, SamplingParams
 from tests.hf_reference import assert_greedy_matches
 
 # "embedded-async": the embedded engine launching step t+1 before step t's tokens reach the host
 # (its default on CUDA), forced on here so its speculative steps are checked on CPU too.
-BACKENDS = ["embedded", "embedded-async", "sglang", "vllm"]
+BACKENDS = ["embedded", "embedded-async", "sglang", "vllm", "vllm-protocol"]
 BLOCK = 16  # the embedded engine's block size; the others cache at least at this granularity
 DEVICE = os.environ.get("AGENTRL_TEST_DEVICE", "cpu")
 TOL = 1e-4 if DEVICE == "cpu" else 2e-3  # logprob agreement with the float32 CPU reference
@@ -41,11 +47,17 @@ TIE_TOL = 1e-5 if DEVICE == "cpu" else 2 * TOL  # how close HF's two best tokens
 def make_engine(name: str, model_dir: str, **kwargs) -> Engine:
     if name == "embedded-async":
         return ENGINES.get("embedded")(model_dir, device=DEVICE, async_steps=True, **kwargs)
+    if name == "vllm-protocol":  # vLLM's HTTP protocol, served by a stand-in (not vLLM) on the CPU
+        from vllm_protocol_server import protocol_engine
+
+        return protocol_engine(model_dir, **kwargs)
     if name != "embedded" and importlib.util.find_spec(name) is None:
         pytest.skip(f"{name} is not installed")
     if name not in ENGINES:
         pytest.skip(f"no {name!r} backend is registered")
-    return ENGINES.get(name)(model_dir, device=DEVICE, **kwargs)
+    if name == "vllm":  # several engines live at once in this module, each small; no compile for a tiny model
+        kwargs = dict(gpu_memory_utilization=0.15, enforce_eager=True, **kwargs)
+    return ENGINES.get(name)(model_dir, device=DEVICE, dtype=torch.float32, **kwargs)
 
 
 @pytest.fixture(params=BACKENDS, scope="module")
@@ -143,8 +155,12 @@ def test_seeds_are_reproducible_whatever_the_batch(engine, prompts):
 
 
 @pytest.mark.parametrize("field,value", [("top_k", 3), ("min_p", 0.3), ("top_p", 0.5)])
-def test_truncation_keeps_sampled_tokens_in_the_allowed_set(engine, hf, prompts, field, value):
+def test_truncation_keeps_sampled_tokens_in_the_allowed_set(backend, engine, hf, prompts, field, value):
     sps = [SamplingParams(temperature=1.5, max_tokens=24, seed=i, **{field: value}) for i in range(len(prompts))]
+    if backend.startswith("vllm"):  # it cannot report the untruncated logprobs of a truncated draw: refused
+        with pytest.raises(EngineError, match="truncation"):
+            run(engine, prompts, sps)
+        return
     outs = run(engine, prompts, sps)
     for p, out in zip(prompts, outs):
         logp = recompute_logprobs(hf, p, out.token_ids, 1.5)  # [T, V]
