@@ -209,9 +209,13 @@ class VLLMEngine:
     def sleep(self, level: int = 1) -> None:
         """Abort requests in flight and free vLLM's KV cache (level 1 also moves the weights to host
         memory; level 2 drops them, and `wake` reloads the current ones)."""
-        self._asleep = level
-        self.abort()
-        self._call(self.transport.sleep(level))
+        self._asleep = level  # from now on generate() is refused
+        try:
+            self.abort()
+            self._call(self.transport.sleep(level))
+        except BaseException:
+            self._asleep = 0  # vLLM did not go to sleep: it still serves
+            raise
 
     def wake(self) -> None:
         """Undo `sleep`; weights that arrived while asleep are loaded first."""

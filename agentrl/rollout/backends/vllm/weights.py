@@ -57,7 +57,7 @@ def unique_tensors(state_dict: Mapping[str, object]) -> dict[str, torch.Tensor]:
         seen[key] = name
         shared = ptr in storages and ptr != 0
         storages.add(ptr)
-        out[name] = t.clone() if shared or not t.is_contiguous() else t
+        out[name] = t.clone(memory_format=torch.contiguous_format) if shared or not t.is_contiguous() else t
     return out
 
 
