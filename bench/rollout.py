@@ -12,6 +12,12 @@ Workloads (every response is exactly `new` tokens long: no stop tokens, HF gets 
   whole conversation so far and generates `turn_new` tokens. HF re-prefills the conversation
   every turn; the engine runs twice, with prefix caching on and off.
 
+`--engines vllm` (any engine registered in `agentrl.rollout.engine.ENGINES`, comma-separated) adds a
+column per engine, run on the same model (saved to a temporary directory first) with the same
+prompts and sampling; `--engine-options '{"vllm": {"gpu_memory_utilization": 0.3}}'` passes each its
+`rollout.engine_options`. They are started before the built-in engines, which take half of the free
+accelerator memory for their KV cache.
+
 Output: one row per (workload, backend) with generated tokens/s and the ratio to HF `generate`.
 Each measurement is repeated `--repeats` times after a warm-up, backends interleaved, and the
 best run is kept (the CPU machines this runs on are shared, so the best run is the least noisy).
@@ -25,6 +31,8 @@ Example:
     PYTHONPATH=. python bench/rollout.py --cpu-small                       # CPU, tiny quickstart shape
     PYTHONPATH=. python bench/rollout.py --random-qwen2-0.5b --device cuda --dtype bfloat16
     PYTHONPATH=. python bench/rollout.py --random-qwen2-0.5b --model-family qwen3_moe --device cuda
+    PYTHONPATH=. python bench/rollout.py --random-qwen2-0.5b --device cuda --engines vllm \
+        --engine-options '{"vllm": {"gpu_memory_utilization": 0.3}}'
 """
 
 from __future__ import annotations
@@ -222,39 +230,67 @@ def snapshot(engine: EmbeddedEngine) -> tuple[float, int]:
     return engine.stats.extra.get("cached_prompt_tokens", 0.0), engine.stats.prompt_tokens
 
 
-def run_plain(model, engine, sz: Sizes, repeats: int, sync, hf_runs: dict, compare_sync: bool = False) -> list[dict]:
+def open_engines(names: str, options: str | None, model, device: str, dtype: str, max_model_len: int) -> dict:
+    """The engines of `--engines` by registry name, each on a saved copy of `model`."""
+    if not names:
+        return {}
+    import tempfile
+
+    from agentrl.rollout.engine import ENGINES
+
+    if "embedded" in names.split(","):
+        raise SystemExit("--engines names engines other than the built-in one (its columns are always there)")
+    opts = json.loads(options) if options else {}
+    directory = tempfile.mkdtemp(prefix="bench-rollout-model-")
+    model.save_pretrained(directory)
+    return {name: ENGINES.get(name)(directory, device=device, dtype=DTYPES[dtype], max_model_len=max_model_len,
+                                    **opts.get(name, {})) for name in names.split(",")}
+
+
+def hit_rates(engines: dict, before: dict) -> dict:
+    return {name: {"prompt_cache_hit_rate": hit_rate_since(e, before[name])} for name, e in engines.items()}
+
+
+def run_plain(model, engine, sz: Sizes, repeats: int, sync, hf_runs: dict, compare_sync: bool = False,
+              others: dict | None = None) -> list[dict]:
     prompts = random_prompts(sz.prompts, sz.prompt_len, model.config.vocab_size, 0)
     fns = {"hf_generate": lambda: hf_generate(model, prompts, sz.new),
            "embedded": lambda: engine_generate(engine, prompts, sz.new)}
+    fns.update({name: (lambda e=e: engine_generate(e, prompts, sz.new)) for name, e in (others or {}).items()})
     if compare_sync:
         fns["embedded_sync_steps"] = synchronous(engine, fns["embedded"])
     res = best_of(fns, repeats, sync, {"hf_generate": lambda: hf_generate(model, prompts[:8], 4)}, hf_runs)
     return report(f"a:{sz.prompts}x{sz.prompt_len}x{sz.new}", res)
 
 
-def run_grpo(model, engine, sz: Sizes, repeats: int, sync, hf_runs: dict) -> list[dict]:
+def run_grpo(model, engine, sz: Sizes, repeats: int, sync, hf_runs: dict, others: dict | None = None) -> list[dict]:
     groups = random_prompts(sz.groups, sz.prompt_len, model.config.vocab_size, 1)
     expanded = [p for p in groups for _ in range(sz.n)]
-    before = snapshot(engine)
-    res = best_of({"hf_generate": lambda: hf_generate(model, groups, sz.new, num_return=sz.n),
-                   "embedded": lambda: engine_generate(engine, expanded, sz.new)}, repeats, sync,
-                  {"hf_generate": lambda: hf_generate(model, groups[:2], 4, num_return=sz.n)}, hf_runs)
+    others = others or {}
+    before, others_before = snapshot(engine), {name: snapshot(e) for name, e in others.items()}
+    fns = {"hf_generate": lambda: hf_generate(model, groups, sz.new, num_return=sz.n),
+           "embedded": lambda: engine_generate(engine, expanded, sz.new)}
+    fns.update({name: (lambda e=e: engine_generate(e, expanded, sz.new)) for name, e in others.items()})
+    res = best_of(fns, repeats, sync, {"hf_generate": lambda: hf_generate(model, groups[:2], 4, num_return=sz.n)},
+                  hf_runs)
     extra = {"prompt_cache_hit_rate": hit_rate_since(engine, before), "ideal": round((sz.n - 1) / sz.n, 4)}
-    return report(f"b:{sz.groups}x{sz.n}", res, {"embedded": extra})
+    return report(f"b:{sz.groups}x{sz.n}", res, {"embedded": extra, **hit_rates(others, others_before)})
 
 
 def run_turns(model, engine, no_cache, sz: Sizes, repeats: int, sync, hf_runs: dict,
-              compare_sync: bool = False) -> list[dict]:
+              compare_sync: bool = False, others: dict | None = None) -> list[dict]:
     vocab = model.config.vocab_size
     starts = random_prompts(sz.episodes, sz.prompt_len, vocab, 2)
 
     def play(gen):
         return episodes(gen, starts, sz.turns, sz.obs, sz.turn_new, vocab)
 
-    before = snapshot(engine)
+    others = others or {}
+    before, others_before = snapshot(engine), {name: snapshot(e) for name, e in others.items()}
     fns = {"hf_generate": lambda: play(hf_turn(model, sz.turn_new)),
            "embedded": lambda: play(engine_turn(engine)),
            "embedded_no_prefix_cache": lambda: play(engine_turn(no_cache))}
+    fns.update({name: (lambda e=e: play(engine_turn(e))) for name, e in others.items()})
     if compare_sync:
         fns["embedded_sync_steps"] = synchronous(engine, fns["embedded"])
         fns["embedded_no_prefix_cache_sync_steps"] = synchronous(no_cache, fns["embedded_no_prefix_cache"])
@@ -265,7 +301,7 @@ def run_turns(model, engine, no_cache, sz: Sizes, repeats: int, sync, hf_runs: d
     if compare_sync:
         extra["speedup_vs_no_cache_sync_steps"] = round(
             res["embedded_no_prefix_cache_sync_steps"][0] / res["embedded_sync_steps"][0], 2)
-    return report(f"c:{sz.episodes}x{sz.turns}t", res, {"embedded": extra})
+    return report(f"c:{sz.episodes}x{sz.turns}t", res, {"embedded": extra, **hit_rates(others, others_before)})
 
 
 def profile_engine(model, engine: EmbeddedEngine, sz: Sizes) -> None:
@@ -309,6 +345,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="after the workloads, profile one engine run of (a) "
                     "with 32 new tokens (torch profiler, top ops by device time)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--engines", default="", help="other registered engines to time side by side, e.g. vllm")
+    ap.add_argument("--engine-options", help='JSON: engine name -> its options, e.g. {"vllm": {"enforce_eager": true}}')
     ap.add_argument("--json", help="also write the rows here")
     for f in fields(Sizes):
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=int, help=f"override the size {f.name}")
@@ -323,6 +361,7 @@ def main() -> None:
     sweep = [int(p) for p in args.plain_sweep.split(",")] if args.plain_sweep else [sz.prompts]
     batch = max(*sweep, sz.groups * sz.n, sz.episodes)
     graphs = not args.no_cuda_graphs
+    others = open_engines(args.engines, args.engine_options, model, args.device, args.dtype, longest + 8)
     engine = EmbeddedEngine(model, device=args.device, dtype=DTYPES[args.dtype], max_model_len=longest + 8,
                             max_batch_size=batch, cuda_graphs=graphs)
     no_cache = EmbeddedEngine(model, device=args.device, dtype=DTYPES[args.dtype], max_model_len=longest + 8,
@@ -335,12 +374,15 @@ def main() -> None:
     work = args.workloads.split(",")
     if "plain" in work:
         for p in sweep:
-            rows += run_plain(model, engine, replace(sz, prompts=p), args.repeats, sync, hf_runs, args.compare_sync)
+            rows += run_plain(model, engine, replace(sz, prompts=p), args.repeats, sync, hf_runs, args.compare_sync,
+                              others)
     if "grpo" in work:
-        rows += run_grpo(model, engine, sz, args.repeats, sync, hf_runs)
+        rows += run_grpo(model, engine, sz, args.repeats, sync, hf_runs, others)
     if "turns" in work:
-        rows += run_turns(model, engine, no_cache, sz, args.repeats, sync, hf_runs, args.compare_sync)
+        rows += run_turns(model, engine, no_cache, sz, args.repeats, sync, hf_runs, args.compare_sync, others)
     print("engine stats:", {k: round(v, 3) for k, v in engine.stats.extra.items()}, flush=True)
+    for other in others.values():
+        other.close()
     if args.profile:
         profile_engine(model, engine, replace(sz, prompts=sweep[0], new=32))
     if args.json:

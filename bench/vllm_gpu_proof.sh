@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU proof of the vllm backend on the real vLLM 0.24.0 (device kind nvidia-h200; about 6 minutes).
+# Run from a checkout whose ignored folders hold, carried by earlier device calls:
+#   .wv1 .. .wvN  the wheels of ../shared/gpu/vllm-0.24.0-device.txt  (pack_wheels.sh .wv -r ...; five calls)
+#   .wd1 .. .wdM  the wheels of ../shared/gpu/agentrl-deps-device.txt (pack_wheels.sh .wd -r ...; two calls)
+# each already copied to /tmp/wheels on the device (`bash .wvK/unpack.sh` in its own call), and
+#   models/tiny-conf  the conformance suite's tiny model, built on the CPU machine with
+#                     `PYTHONPATH=. python bench/vllm_proof.py --build-models models`
+# Then, in the last call:  bash bench/vllm_gpu_proof.sh   (writes $OUT/vllm_proof.json and the server log)
+# Steps: (1) the conformance suite on vLLM in-process, float32, CUDA; (2) bench/vllm_proof.py: 3-turn
+# episodes vs the trainer's recomputation (bf16, Qwen2-0.5B shape), weight updates, and the HTTP client
+# against a launched `vllm serve`. Every check prints PASS/FAIL with its numbers; the exit code is 0 only if all pass.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export VLLM_USE_FLASHINFER_SAMPLER=0       # flashinfer is not carried (../shared/gpu/README.md)
+export VLLM_ALLOW_LONG_MAX_MODEL_LEN=1     # the conformance suite asks 4096/8192 of a model made with 1024 positions
+if [ ! -d /tmp/site/vllm ]; then
+  first=$(ls -d .wv* .wd* 2>/dev/null | head -1)
+  [ -n "$first" ] || { echo "no carried wheel folders (.wv*, .wd*) here"; exit 2; }
+  bash "$first/unpack.sh" --install | tail -1 || exit 2
+fi
+export PYTHONPATH=$PWD:/tmp/site
+OUT=${OUT:-/tmp/vllm-proof-out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+python3 -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)" || exit 2
+rc=0
+t0=$SECONDS
+echo "== (1) conformance suite, vllm in-process, float32 on CUDA"
+AGENTRL_TEST_DEVICE=cuda AGENTRL_TEST_MODEL_DIR=$PWD/models/tiny-conf timeout 330 python3 -m pytest -q -rA \
+  -p no:cacheprovider -o timeout=0 tests/rollout/test_conformance.py -k "vllm and not protocol" 2>&1 \
+  | tail -60 || rc=1
+echo "conformance: $((SECONDS - t0)) s"
+echo "== (2) 3-turn episodes, weight updates, the HTTP client against vllm serve"
+timeout 330 python3 bench/vllm_proof.py --tiny models/tiny-conf --work /tmp/vllm-proof --json "$OUT/vllm_proof.json" || rc=1
+cp -r /tmp/vllm-proof/logs "$OUT/" 2>/dev/null
+echo "total: $((SECONDS - t0)) s, exit $rc"
+exit $rc
