@@ -84,9 +84,38 @@ class TaskEnvConfig(EnvConfig):
         return self.name or self.id
 
 
+class ServerConfig(_Frozen):
+    """The engine server of sglang or vllm (docs/backends.md): neither url nor launch runs the engine in-process."""
+
+    url: str | None = Field(None, description="Connect to an engine server already running at this URL "
+                            "(http://host:port); agentrl never starts or stops it.")
+    launch: bool = Field(False, description="Start the engine server as a subprocess on a free port of 127.0.0.1 "
+                         "(its output in run_dir/servers/), restart it after a crash, stop it at the end.")
+    args: tuple[str, ...] = Field((), description="Extra command-line arguments for the launched server.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for the launched "
+                                "server.")
+    startup_timeout_s: float = Field(600.0, gt=0.0, le=86_400.0, description="How long a server may take to "
+                                     "answer its health check (model loading included).")
+    max_restarts: int = Field(3, ge=0, le=1000, description="Crashes of a launched server restarted over a run "
+                              "(with the current weights); one more stops the run.")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> ServerConfig:
+        if self.url is not None and self.launch:
+            raise ValueError("give url (a running server) or launch: true (agentrl starts one), not both")
+        if self.url is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", self.url):
+            raise ValueError(f"url must look like http://host:port, got {self.url!r}")
+        return self
+
+
 class RolloutConfig(_Frozen):
-    engine: str = Field("embedded", description="Inference backend, by its name in the engine registry "
-                        "(agentrl.rollout.engine.ENGINES): embedded (the built-in PyTorch engine).")
+    engine: str = Field("auto", description="Inference backend (docs/backends.md): auto (the built-in engine when "
+                        "it runs the model's architecture exactly, else sglang if installed, else vllm), embedded (the "
+                        "built-in PyTorch engine), sglang, vllm, or another name in agentrl.rollout.engine.ENGINES.")
+    server: ServerConfig = ServerConfig()
+    engine_options: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for the engine's constructor (e.g. sglang's "
+        "mem_fraction_static, vllm's gpu_memory_utilization); an option the engine does not take is an error.")
     prompts_per_step: int = Field(16, ge=1, le=100_000, description="Tasks per training step.")
     samples_per_prompt: int = Field(8, ge=1, le=1024, description="Episodes per task (the GRPO group size).")
     temperature: float = Field(1.0, ge=0.0, le=10.0, description="Sampling temperature; 0 is greedy.")
@@ -123,7 +152,15 @@ class RolloutConfig(_Frozen):
     def _engine(cls, v: str) -> str:
         from agentrl.rollout.engine import ENGINES
 
-        return _registered(ENGINES, v)
+        return v if v == "auto" else _registered(ENGINES, v)
+
+    @model_validator(mode="after")
+    def _server_engine(self) -> RolloutConfig:
+        if (self.server.url is not None or self.server.launch) and self.engine in ("auto", "embedded"):
+            raise ValueError(f"rollout.server is for engines that run as servers, and rollout.engine={self.engine} "
+                             "can mean the built-in engine, which runs in-process: set rollout.engine to sglang or "
+                             "vllm")
+        return self
 
     @model_validator(mode="before")
     @classmethod

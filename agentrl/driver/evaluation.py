@@ -85,7 +85,7 @@ def open_sides(cfg: Config, source: PolicySource, s: EvalSettings) -> Iterator[d
             probes[env_id] = build_env(env_id, c.env.kwargs)
         weights = source.weights()
         given = None if source.model_dir == cfg.model.path else source.model_dir  # errors then name model.path
-        first = RolloutSide.open(cfgs[s.envs[0]], model_path=given, splits=split)
+        first = RolloutSide.open(cfgs[s.envs[0]], model_path=given, splits=split, server_logs=server_logs(source))
     except BaseException:
         for probe in probes.values():
             probe.close()
@@ -103,6 +103,12 @@ def open_sides(cfg: Config, source: PolicySource, s: EvalSettings) -> Iterator[d
             probe.close()
         for side in sides.values():
             (side.close if side is first else side.pool.close)()
+
+
+def server_logs(source: PolicySource) -> str:
+    """Where a launched engine server logs during eval: beside the results (RUN/eval/, else eval-results/)."""
+    where = source.run_dir / "eval" if source.run_dir is not None else Path("eval-results")
+    return str(where / "servers")
 
 
 def _side_for(first: RolloutSide, cfg: Config, probe, split) -> RolloutSide:

@@ -105,9 +105,11 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
 
 def _fixed(flat: dict[str, object]) -> dict[str, object]:
     """The keys that must not change on resume (where the run's parts run, `cluster.*`, may: a run can
-    continue on more or fewer workers)."""
+    continue on more or fewer workers; so may the engine and its server: another machine may have
+    SGLang where the first had vLLM, or its server at another URL)."""
     return {k: v for k, v in flat.items()
-            if k not in _MAY_CHANGE and not k.startswith(("eval.", "metrics.", "cluster."))}
+            if k not in _MAY_CHANGE and not k.startswith(("eval.", "metrics.", "cluster.", "rollout.engine",
+                                                           "rollout.server"))}
 
 
 def _identity(cfg: Config) -> dict[str, object]:
@@ -174,7 +176,8 @@ def restore_run(run_dir: str | Path, cfg: Config, policy: torch.nn.Module, optim
     if changed:
         detail = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
         raise TrainerError(f"cannot resume {path}: the config differs from the run's ({detail}). Only "
-                           f"{', '.join(sorted(_MAY_CHANGE))}, eval.*, metrics.* and cluster.* may change on resume")
+                           f"{', '.join(sorted(_MAY_CHANGE))}, eval.*, metrics.*, cluster.*, rollout.engine, "
+                           "rollout.engine_options.* and rollout.server.* may change on resume")
     step = int(state["step"])
     if step > cfg.train.steps:
         raise TrainerError(f"{path} is at step {step}, past train.steps={cfg.train.steps}; raise train.steps")

@@ -44,6 +44,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from agentrl.config import Config
@@ -51,11 +52,11 @@ from agentrl.driver.cluster import Bundle
 from agentrl.driver.failures import FailurePolicy
 from agentrl.driver.preflight import build_env, check_model_dir, first_line
 from agentrl.driver.rollout_round import Round, Slice, Slot, call, cause, plus, split_by_groups
-from agentrl.driver.rollout_side import DTYPES, load_renderer, lockstep_on
+from agentrl.driver.rollout_side import DTYPES, engine_plan, load_renderer, lockstep_on
 from agentrl.envs.registration import ENVS
 from agentrl.errors import ConfigError
 from agentrl.rollout.agent_loop import EpisodeLimits, EpisodeSpec
-from agentrl.rollout.engine import ENGINES, SamplingParams
+from agentrl.rollout.engine import SamplingParams
 from agentrl.rollout.engine_meter import EngineUse
 from agentrl.rollout.trajectory import Trajectory
 from agentrl.rollout.workers import CONCURRENCY_GROUPS, RolloutWorker, WorkerHealth, WorkerSetup
@@ -81,6 +82,13 @@ class PoolMeter:
 
 
 
+def _with_server_logs(kwargs: dict[str, Any], log_dir: Path) -> dict[str, Any]:
+    """An engine's keywords with its server's log in `log_dir` (one folder per worker: each launches its own)."""
+    if "server" not in kwargs:
+        return dict(kwargs)
+    return {**kwargs, "server": replace(kwargs["server"], log_dir=str(log_dir.resolve()))}
+
+
 class RayRolloutSide:
     """Rollout workers as Ray actors; see the module docstring."""
 
@@ -102,20 +110,22 @@ class RayRolloutSide:
         path, r, c = cfg.model.path, cfg.rollout, cfg.cluster
         check_model_dir(path, "model.path", r.max_total_tokens)
         FailurePolicy.for_env(cfg.failures, cfg.env.id)  # an env's bad failure_policy is refused before any load
+        plan = engine_plan(cfg, path, "model.path", None)
         probe = build_env(cfg.env.id, cfg.env.kwargs)
         try:
             tokenizer, _ = load_renderer(cfg, path, "model.path", probe, splits)
         finally:
             probe.close()
-        setup = WorkerSetup(engine=ENGINES.get(r.engine), model_path=path, device=cfg.model.device,
+        setup = WorkerSetup(engine=plan.engine, model_path=path, device=cfg.model.device,
                             dtype=DTYPES[cfg.model.dtype], max_model_len=r.max_total_tokens + 1, env_id=cfg.env.id,
                             env_kwargs=dict(cfg.env.kwargs), env_spec=ENVS.spec(cfg.env.id),
                             template_kwargs=dict(cfg.model.chat_template_kwargs),
                             limits=EpisodeLimits(r.max_turns, r.max_total_tokens, cfg.failures.episode_timeout_s,
                                                  cfg.failures.request_timeout_s), lockstep=lockstep_on(cfg))
         actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker)
-        slots = [Slot(i, actor.options(max_restarts=c.max_worker_restarts, max_task_retries=0,
-                                        **b.options()).remote(setup)) for i, b in enumerate(bundles)]
+        slots = [Slot(i, actor.options(max_restarts=c.max_worker_restarts, max_task_retries=0, **b.options()).remote(
+            replace(setup, engine_kwargs=_with_server_logs(plan.kwargs, Path(cfg.run_dir) / "servers" / f"worker-{i}"))))
+            for i, b in enumerate(bundles)]
         side = cls(cfg, path, tokenizer, slots)
         try:
             side.node_ids = side._wait_started()

@@ -1,15 +1,19 @@
 """The rollout side of a run: an engine (chosen by name), a pool of envs and the chat renderer.
 
 It is all `agentrl eval` loads: no trainable copy of the model. The engine comes from the
-`ENGINES` registry by `rollout.engine` (the driver never imports a backend), and every check that
-can fail cheaply runs before the model is loaded (see `preflight.py`).
+`ENGINES` registry by `rollout.engine`, resolved first when it is `auto` (`engine_plan`; the driver
+never imports a backend), and every check that can fail cheaply runs before the model is loaded
+(see `preflight.py`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,6 +23,8 @@ from agentrl.driver.preflight import build_env, check_device, check_model_dir, c
 from agentrl.envs.core import Env
 from agentrl.envs.registration import make
 from agentrl.rollout.agent_loop import EnvPool, EpisodeLimits, EpisodeSpec, run_episodes
+from agentrl.rollout.backends.managed import ServerSpec
+from agentrl.rollout.backends.selection import engine_arguments, resolve_engine
 from agentrl.rollout.chat import ChatRenderer
 from agentrl.rollout.engine import ENGINES, SamplingParams
 from agentrl.rollout.engine_meter import MeteredEngine
@@ -26,6 +32,45 @@ from agentrl.rollout.trajectory import Trajectory
 from agentrl.tools.blocking import run_blocking
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """The engine a rollout side builds: `rollout.engine` resolved, and its constructor's extra keywords.
+
+    Attributes:
+        name: The engine's name (never `auto`).
+        engine: Its class, from `ENGINES`.
+        kwargs: `server` (for engines that take one) and `rollout.engine_options`, checked against
+            the constructor.
+    """
+
+    name: str
+    engine: type
+    kwargs: dict[str, Any]
+
+
+def engine_plan(cfg: Config, path: str, field: str, server_logs: str | None) -> EnginePlan:
+    """Resolve `rollout.engine` for the model in `path` and check the engine's options; loads nothing.
+
+    Args:
+        cfg: The run's config.
+        path: The model directory (its config.json decides `auto`).
+        field: Where `path` was given (`model.path`, `--model`), for messages.
+        server_logs: Where a launched engine server writes its log (None: a temp directory).
+    """
+    r = cfg.rollout
+    fix = f"check that {field} holds a complete Hugging Face causal LM, saved with save_pretrained"
+    with reported(f"cannot read the model config in {field} {path!r}", fix):
+        name = resolve_engine(r.engine, path, r.max_total_tokens + 1)
+    label = name if name == r.engine else f"{name} (picked by rollout.engine=auto)"
+    if name != r.engine:
+        logger.info("rollout.engine=auto: using the %s engine for %s", name, path)
+    engine = ENGINES.get(name)
+    server = ServerSpec(**r.server.model_dump(), log_dir=server_logs)
+    return EnginePlan(name, engine, engine_arguments(engine, label, server, r.engine_options))
 
 
 @dataclass
@@ -40,7 +85,8 @@ class RolloutSide:
     renderer: ChatRenderer
 
     @classmethod
-    def open(cls, cfg: Config, model_path: str | None = None, splits: Sequence[tuple[str, str]] = ()) -> RolloutSide:
+    def open(cls, cfg: Config, model_path: str | None = None, splits: Sequence[tuple[str, str]] = (),
+             server_logs: str | None = None) -> RolloutSide:
         """Check, then load; cheap checks come before expensive loads.
 
         Args:
@@ -48,31 +94,34 @@ class RolloutSide:
             model_path: A model directory other than model.path (`agentrl eval --model`).
             splits: (split, where it was given) pairs that will be played, e.g. ("train",
                 "env.train_split"); each must exist and its prompts must fit rollout.max_total_tokens.
+            server_logs: Where a launched engine server writes its log; default `<run_dir>/servers`.
         """
         if len(cfg.envs) > 1:  # several envs: one side per env on one engine (`agentrl.driver.tasks`)
             from agentrl.driver.tasks import MixedRolloutSide
 
-            return MixedRolloutSide.open(cfg, model_path, splits)  # type: ignore[return-value]
+            return MixedRolloutSide.open(cfg, model_path, splits, server_logs)  # type: ignore[return-value]
         path = model_path or cfg.model.path
         field = "--model" if model_path else "model.path"
         check_device(engine_device(cfg), "rollout.device" if cfg.rollout.device else "model.device")
         check_model_dir(path, field, cfg.rollout.max_total_tokens)
         FailurePolicy.for_env(cfg.failures, cfg.env.id)  # an env's bad failure_policy is refused before any load
+        plan = engine_plan(cfg, path, field, server_logs or str(Path(cfg.run_dir) / "servers"))
         probe = build_env(cfg.env.id, cfg.env.kwargs)
         try:
-            return cls._load(cfg, path, field, probe, splits)
+            return cls._load(cfg, path, field, probe, splits, plan)
         except BaseException:
             probe.close()  # an env may hold a subprocess or a connection
             raise
 
     @classmethod
-    def _load(cls, cfg: Config, path: str, field: str, probe: Env, splits: Sequence[tuple[str, str]]) -> RolloutSide:
+    def _load(cls, cfg: Config, path: str, field: str, probe: Env, splits: Sequence[tuple[str, str]],
+              plan: EnginePlan) -> RolloutSide:
         tokenizer, renderer = load_renderer(cfg, path, field, probe, splits)
         r = cfg.rollout
         fix = f"check that {field} holds a complete Hugging Face causal LM, saved with save_pretrained"
-        with reported(f"cannot load the model in {field} {path!r} into the {r.engine} engine", fix):
-            engine = MeteredEngine(ENGINES.get(r.engine)(path, device=engine_device(cfg), dtype=DTYPES[cfg.model.dtype],
-                                                         max_model_len=r.max_total_tokens + 1))
+        with reported(f"cannot load the model in {field} {path!r} into the {plan.name} engine", fix):
+            engine = MeteredEngine(plan.engine(path, device=engine_device(cfg), dtype=DTYPES[cfg.model.dtype],
+                                               max_model_len=r.max_total_tokens + 1, **plan.kwargs))
         pool = EnvPool(lambda: make(cfg.env.id, **cfg.env.kwargs))
         pool.give(probe)
         return cls(cfg, path, tokenizer, engine, pool, renderer)

@@ -121,7 +121,7 @@ class MixedRolloutSide:
 
     @classmethod
     def open(cls, cfg: Config, model_path: str | None = None,
-             splits: Sequence[tuple[str, str]] = ()) -> MixedRolloutSide:
+             splits: Sequence[tuple[str, str]] = (), server_logs: str | None = None) -> MixedRolloutSide:
         """Check every env (its failure policy, that it builds, its splits' prompts), then load the model once."""
         from agentrl.driver.rollout_side import RolloutSide, load_renderer
 
@@ -132,7 +132,7 @@ class MixedRolloutSide:
             for e in envs[1:]:
                 ENVS.spec(e.id)
                 probes[e.key] = build_env(e.id, e.kwargs)
-            first = RolloutSide.open(for_env(cfg, envs[0]), model_path, _splits_of(envs[0], 0, splits))
+            first = RolloutSide.open(for_env(cfg, envs[0]), model_path, _splits_of(envs[0], 0, splits), server_logs)
         except BaseException:
             for probe in probes.values():
                 probe.close()

@@ -65,6 +65,8 @@ class WorkerSetup:
         template_kwargs: Options passed to the chat template on every render.
         limits: Bounds of one episode.
         lockstep: Submit each turn of all episodes together (reproducible batches; see `Lockstep`).
+        engine_kwargs: The engine constructor's other keywords (`server`, `rollout.engine_options`),
+            checked by the driver.
     """
 
     engine: type
@@ -78,6 +80,7 @@ class WorkerSetup:
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     limits: EpisodeLimits = EpisodeLimits()
     lockstep: bool = True
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -172,7 +175,7 @@ class RolloutWorker:
         tokenizer = AutoTokenizer.from_pretrained(setup.model_path)
         self.renderer = ChatRenderer(tokenizer, probe.tool_schemas(), template_kwargs=setup.template_kwargs)
         self.engine = _Watched(MeteredEngine(setup.engine(setup.model_path, device=setup.device, dtype=setup.dtype,
-                                                          max_model_len=setup.max_model_len)))
+                                                          max_model_len=setup.max_model_len, **setup.engine_kwargs)))
         self.pool = EnvPool(lambda: make(setup.env_id, **setup.env_kwargs))
         self.pool.give(probe)
         self.version = 0

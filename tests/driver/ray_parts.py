@@ -22,6 +22,11 @@ later step, when (asynchronous schedule) weights are pushed while episodes play.
 `$AGENTRL_FAULT_DIR/slow` holds its worker's pid each request waits a second first (a slower device,
 or a busier node); a test moves the slowness from one worker to another by rewriting the file.
 
+`ServerShapedEngine` (registered as `test-server-shaped`): the embedded engine behind the constructor
+shape of the sglang and vllm backends (`server=`, `**options`). It keeps what it was given, and
+writes it to `<server.log_dir>/engine.json` (and `closed` there when closed), so a test can read
+what a Ray worker's engine got.
+
 `SandboxEnv` (registered as `ray-sandbox-v0`): one turn scored by the share of digits in the reply,
 after a "sandbox" is provisioned at every reset through a real tool run by the real executor: the
 tool starts a real subprocess (`sleep`) and waits for it; `close` kills what the env started. Its
@@ -34,6 +39,7 @@ message that the tests' chat template refuses.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -45,6 +51,22 @@ from agentrl.tools.core import ToolCall, ToolPolicy, tool
 from agentrl.tools.executor import ToolExecutor
 
 HANG_S = 60  # a hung sandbox would run this long if nothing stopped it
+
+
+class ServerShapedEngine(EmbeddedEngine):
+    def __init__(self, model, *, device="cpu", dtype=None, max_model_len=4096, server=None, **options):
+        super().__init__(model, device=device, dtype=dtype, max_model_len=max_model_len)
+        self.server, self.options, self.closed = server, options, False
+        if server is not None and server.log_dir is not None:
+            Path(server.log_dir).mkdir(parents=True, exist_ok=True)
+            seen = {"url": server.url, "log_dir": server.log_dir, "options": options, "pid": os.getpid()}
+            (Path(server.log_dir) / "engine.json").write_text(json.dumps(seen))
+
+    def close(self) -> None:
+        self.closed = True
+        if self.server is not None and self.server.log_dir is not None:
+            (Path(self.server.log_dir) / "closed").write_text("")
+        super().close()
 
 
 class DigitsEnv(Env):

@@ -8,6 +8,7 @@ costs seconds)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -32,6 +33,8 @@ if "test-stalling" not in ENGINES:  # a real registry entry; Ray workers import 
     ENGINES.register("test-stalling", "tests.driver.ray_parts:StallingEngine")
 if "test-slow" not in ENGINES:
     ENGINES.register("test-slow", "tests.driver.ray_parts:SlowEngine")
+if "test-server-shaped" not in ENGINES:
+    ENGINES.register("test-server-shaped", "tests.driver.ray_parts:ServerShapedEngine")
 
 SPECS = [EpisodeSpec(seed=100 + g, split="train", group_id=g) for g in range(3) for _ in range(2)]
 
@@ -339,3 +342,17 @@ def test_worker_lost_for_good_fails_its_episodes_as_data(ray_session, stopping_m
         again = side.play(SPECS, 1.0, seed=7)  # the survivor plays everything
         assert all(t.error is None for t in again)
         assert sum(h is None for h in side.health()) == 1  # gone for good, and no longer given work
+
+
+def test_each_worker_gets_the_engine_options_and_a_server_log_folder_of_its_own(ray_session, tiny_model_dir,
+                                                                                  tmp_path):
+    cfg = _cfg(tiny_model_dir, "rollout.engine=test-server-shaped", "rollout.server.url=http://127.0.0.1:9",
+               "rollout.engine_options.attention_backend=fa3", f"run_dir={tmp_path / 'run'}")
+    with _opened(cfg) as side:
+        pids = {h.pid for h in side.health()}
+        seen = [json.loads((tmp_path / "run" / "servers" / f"worker-{i}" / "engine.json").read_text()) for i in (0, 1)]
+    assert {s["pid"] for s in seen} == pids and os.getpid() not in pids  # built in the workers
+    for i, s in enumerate(seen):
+        assert s["url"] == "http://127.0.0.1:9" and s["options"] == {"attention_backend": "fa3"}
+        assert s["log_dir"] == str((tmp_path / "run" / "servers" / f"worker-{i}").resolve())
+        assert (tmp_path / "run" / "servers" / f"worker-{i}" / "closed").exists()  # close() reached the engine

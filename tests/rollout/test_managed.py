@@ -8,6 +8,9 @@ spawns a child of its own (as SGLang's scheduler processes are). Orphans are cou
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import signal
 import subprocess
 import sys
 import textwrap
@@ -68,13 +71,15 @@ def test_spec_refuses_url_and_launch_together_and_bad_bounds():
     assert ServerSpec(launch=True).mode == "launch" and ServerSpec(url="http://h:1").mode == "url"
 
 
-def test_spec_is_frozen_against_later_changes_of_its_inputs():
+def test_spec_is_frozen_against_later_changes_of_its_inputs_and_travels_by_pickle():
     env = {"A": "1"}
-    s = ServerSpec(launch=True, env=env, args=["--x"])
+    s = ServerSpec(launch=True, env=env, args=["--x"], log_dir="/tmp/x")
     env["A"] = "2"
-    assert s.env["A"] == "1" and s.args == ("--x",)
+    assert s.env["A"] == "1" and s.args == ("--x",) and dict(s.env) == {"A": "1"}
     with pytest.raises(TypeError):
         s.env["B"] = "3"  # type: ignore[index]
+    back = pickle.loads(pickle.dumps(s))  # Ray ships it to rollout workers
+    assert back == s and hash(back) == hash(s) and dict(back.env) == {"A": "1"}
 
 
 def test_managed_server_needs_url_or_launch():
@@ -96,9 +101,10 @@ def test_start_waits_for_a_slow_server_then_stop_leaves_nothing(tmp_path):
         assert time.monotonic() - t0 >= 1.0  # it was not healthy before the delay ran out
         got = info(server)
         assert got["marker"] == "m1"  # spec.env reaches the server
-        pid = server.pid
-        assert pid == got["pid"] and server.url.startswith("http://127.0.0.1:")
-    assert not alive(pid)  # stop() returned only once the process was gone
+        group = server.pid
+        assert os.getpgid(got["pid"]) == group != os.getpgrp()  # a session of its own
+        assert server.url.startswith("http://127.0.0.1:")
+    assert not alive(got["pid"]) and not alive(group)  # stop() returned only once the processes were gone
     log = (tmp_path / "servers" / "slow.log").read_text()
     assert "ready" in log and "got SIGTERM, exiting" in log  # SIGTERM first, and the server heard it
     assert server.pid is None
@@ -134,13 +140,15 @@ def test_a_crashed_server_is_restarted_and_on_restart_runs(tmp_path):
         assert server.ensure() is False and calls == []  # healthy: nothing to do
         first = _crash(server)
         assert server.ensure() is True and calls == [1] and server.restarts == 1
-        assert server.pid != first and info(server)["pid"] == server.pid  # a new process answers
+        assert server.pid != first and os.getpgid(info(server)["pid"]) == server.pid  # a new process answers
         _crash(server)
         assert server.ensure() is True and calls == [1, 1]
         _crash(server)
         with pytest.raises(ServerCrashedError, match="after 2 restart") as err:
             server.ensure()
         assert "crashing on request" in str(err.value)
+        with pytest.raises(ServerCrashedError, match="after 2 restart"):  # given up for good, not half-alive
+            server.ensure()
     assert calls == [1, 1]
 
 
@@ -183,6 +191,8 @@ def test_a_restart_that_cannot_start_raises_start_error(tmp_path):
         _crash(server)
         with pytest.raises(ServerStartError, match="boom: crashing at start"):
             server.ensure()
+        marker.unlink()  # whatever broke the start is fixed: the next call restarts it, counted
+        assert server.ensure() is True and server.restarts == 2 and info(server)["pid"]
 
 
 # -- no orphans ------------------------------------------------------------------------------
@@ -191,12 +201,12 @@ def test_stop_kills_the_servers_own_children_and_a_server_ignoring_sigterm(tmp_p
     server = ManagedServer("family", standin, spec(tmp_path, "--spawn-child", "--ignore-term"), stop_grace_s=1.0)
     server.start()
     got = info(server)
-    pid, child = got["pid"], got["child_pid"]
-    assert alive(pid) and alive(child)
+    pid, child, group = got["pid"], got["child_pid"], server.pid
+    assert alive(pid) and alive(child) and os.getpgid(child) == group
     t0 = time.monotonic()
     server.stop()
     assert time.monotonic() - t0 < 10
-    assert not alive(pid) and not alive(child) and not group_alive(pid)
+    assert not alive(pid) and not alive(child) and not group_alive(group)
     assert "got SIGTERM, ignoring it" in (tmp_path / "servers" / "family.log").read_text()
 
 
@@ -229,6 +239,34 @@ def test_interpreter_exit_stops_a_server_nobody_stopped(tmp_path):
     assert not alive(got["pid"]) and not alive(got["child_pid"])
 
 
+def test_a_killed_driver_leaves_no_server_behind(tmp_path):
+    # SIGKILL runs no atexit handler (Ray kills a hung worker so): the guard leading the server's
+    # session sees its parent gone and stops the group, the server's own child included.
+    script = textwrap.dedent(f"""
+        import json, os, signal, sys, httpx
+        sys.path.insert(0, {str(ROOT)!r})
+        from agentrl.rollout.backends.managed import ManagedServer, ServerSpec
+        cmd = lambda port: [sys.executable, "-u", {STANDIN!r}, "--port", str(port), "--spawn-child"]
+        server = ManagedServer("killed", cmd, ServerSpec(launch=True, log_dir={str(tmp_path)!r}), stop_grace_s=1.0)
+        server.start()
+        print(json.dumps(httpx.get(server.url + "/info", trust_env=False).json()), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    wait_exit(got["pid"], 10.0)  # the guard checks its parent every 0.5 s, then SIGTERM, 1 s, SIGKILL
+    wait_exit(got["child_pid"], 10.0)
+    assert "is gone; stopping the server" in (tmp_path / "killed.log").read_text()
+
+
+def test_a_command_that_cannot_run_is_a_start_error(tmp_path):
+    server = ManagedServer("missing", lambda port: ["/nonexistent/engine-server", str(port)], spec(tmp_path))
+    with pytest.raises(ServerStartError, match="exited with code 127") as err:
+        server.start()
+    assert "/nonexistent/engine-server" in str(err.value) and "No such file" in str(err.value)
+
+
 # -- a server at a URL -----------------------------------------------------------------------
 
 def test_url_mode_only_health_checks_and_never_stops_the_server(tmp_path):
@@ -258,3 +296,25 @@ def test_url_mode_with_nothing_listening_times_out(tmp_path):
     with pytest.raises(ServerStartError, match="check that it runs"):
         server.start()
     assert time.monotonic() - t0 < 10
+
+
+def test_url_mode_with_a_hung_server_ends_in_a_typed_error(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([*standin(port), "--hang"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        server = ManagedServer("wedged", standin, ServerSpec(url=f"http://127.0.0.1:{port}", startup_timeout_s=2.0),
+                               health_timeout_s=0.5)
+        t0 = time.monotonic()
+        with pytest.raises(ServerStartError, match="did not answer /health within startup_timeout_s=2"):
+            server.start()
+        assert time.monotonic() - t0 < 10
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_without_a_log_dir_the_log_goes_to_a_temp_dir():
+    with ManagedServer("tmplog", standin, ServerSpec(launch=True, startup_timeout_s=60)) as server:
+        path = Path(server.log_path)
+        assert path.name == "tmplog.log" and path.parent.name.startswith("agentrl-tmplog-")
+    assert "ready" in path.read_text()

@@ -6,7 +6,9 @@ subprocess in its own process session (so a Ctrl-C in the driver's terminal reac
 only, and the driver decides the shutdown order), output captured to `<log_dir>/<name>.log`,
 readiness by polling the health URL, restart after a crash (the backend re-syncs its current
 weights in `on_restart`), and a shutdown that takes the whole process group with it, engines'
-scheduler and worker subprocesses included. Every wait is bounded: a server that never becomes
+scheduler and worker subprocesses included. The session's first process is `server_guard`, which
+runs the server and stops the group when agentrl's process dies without stopping it (SIGKILL,
+as Ray does to a hung worker). Every wait is bounded: a server that never becomes
 healthy, or accepts connections and never answers, ends in a typed error, not a hang.
 """
 
@@ -18,6 +20,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -29,12 +32,38 @@ from dataclasses import dataclass, field
 import httpx
 
 from agentrl.errors import ConfigError, EngineError, ServerCrashedError, ServerStartError
+from agentrl.rollout.backends import server_guard
+from agentrl.rollout.backends.server_guard import group_alive
 
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.25  # between health probes while a server starts
 _STOP_GRACE_S = 10.0  # SIGTERM to SIGKILL
 _LOG_TAIL_CHARS = 4000
+
+
+class FrozenEnv(Mapping[str, str]):
+    """A read-only str -> str mapping that hashes and pickles (a `ServerSpec` travels to Ray workers)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, str] = types.MappingProxyType({})):
+        self._items = {str(k): str(v) for k, v in items.items()}
+
+    def __getitem__(self, key: str) -> str:
+        return self._items[key]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+    def __repr__(self) -> str:
+        return f"FrozenEnv({self._items!r})"
 
 
 @dataclass(frozen=True)
@@ -54,7 +83,7 @@ class ServerSpec:
     url: str | None = None
     launch: bool = False
     args: tuple[str, ...] = ()
-    env: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=FrozenEnv)
     startup_timeout_s: float = 600.0
     max_restarts: int = 3
     log_dir: str | None = None
@@ -71,7 +100,7 @@ class ServerSpec:
             raise ConfigError(f"max_restarts must be >= 0, got {self.max_restarts}")
         # Frozen means frozen: copies, so a caller mutating its dict or list later changes nothing here.
         object.__setattr__(self, "args", tuple(str(a) for a in self.args))
-        object.__setattr__(self, "env", types.MappingProxyType({str(k): str(v) for k, v in self.env.items()}))
+        object.__setattr__(self, "env", FrozenEnv(self.env))
 
     @property
     def mode(self) -> str:
@@ -140,6 +169,7 @@ class ManagedServer:
         self._log_path: str | None = None
         self._tmp_log_dir: str | None = None
         self._started = False
+        self._gave_up: str | None = None  # why the server is given up for good (max_restarts passed)
 
     # -- public -------------------------------------------------------------------------------
 
@@ -159,7 +189,8 @@ class ManagedServer:
 
     @property
     def pid(self) -> int | None:
-        """Process id of the launched server (its process group id too), None when not running."""
+        """Process group id of a running launched server (the pid of `server_guard`, which runs the
+        server command as its child), None when not running."""
         return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
     def start(self) -> ManagedServer:
@@ -190,8 +221,10 @@ class ManagedServer:
         after a request failed or timed out.
 
         Raises:
-            ServerCrashedError: More than `spec.max_restarts` crashes, or a URL server is down.
-            ServerStartError: The restarted server did not come up.
+            ServerCrashedError: More than `spec.max_restarts` crashes (then on every later call
+                too), or a URL server is down.
+            ServerStartError: The restarted server did not come up (the next call tries again,
+                counted as one more restart).
         """
         with self._lock:
             if not self._started:
@@ -203,7 +236,10 @@ class ManagedServer:
                         f"within {self._health_timeout_s:g} s; agentrl does not restart a server it did not "
                         "start: restart it (or give rollout.server.launch: true to have agentrl manage it)")
                 return False
-            assert self._proc is not None
+            if self._gave_up is not None:
+                raise ServerCrashedError(self._gave_up)
+            if self._proc is None:  # the last restart did not come up
+                return self._restart("did not come up after its last restart")
             code = self._proc.poll()
             if code is None and not (probe and not self._healthy(trust_env=False)):
                 return False
@@ -243,14 +279,18 @@ class ManagedServer:
             log.write(f"\n=== agentrl: starting {self.name}{reason} at {time.ctime()}: {shlex.join(self._argv)}\n")
             log.flush()
             try:
-                proc = subprocess.Popen(self._argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                # The guard leads the new session and stops the group if this process dies without stop().
+                # -I: the guard needs the standard library only; nothing on sys.path may shadow it.
+                guarded = [sys.executable, "-I", server_guard.__file__, str(os.getpid()),
+                           f"{self._stop_grace_s:g}", "--", *self._argv]
+                proc = subprocess.Popen(guarded, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                         env={**os.environ, **self.spec.env}, start_new_session=True)
             except OSError as exc:
                 raise ServerStartError(f"could not start engine server {self.name!r}: {exc}\n"
                                        f"command: {shlex.join(self._argv)}") from exc
         self._proc = proc
         # At interpreter exit (or when this object is collected) the group is stopped too, so a
-        # driver that dies of an exception leaves no server behind; not after SIGKILL of the driver.
+        # driver that dies of an exception leaves no server behind (after a SIGKILL, the guard does it).
         self._finalizer = weakref.finalize(self, _terminate_group, proc, self._stop_grace_s)
         try:
             self._wait_until_healthy(proc)
@@ -308,10 +348,9 @@ class ManagedServer:
             self._finalizer = None
         self._proc = None
         if self.restarts >= self.spec.max_restarts:
-            self._started = False
-            raise ServerCrashedError(
-                f"engine server {self.name!r} {why}, after {self.restarts} restart(s) already "
-                f"(max_restarts={self.spec.max_restarts}); see {self._log_path}. Last output:\n{tail}")
+            self._gave_up = (f"engine server {self.name!r} {why}, after {self.restarts} restart(s) already "
+                             f"(max_restarts={self.spec.max_restarts}); see {self._log_path}. Last output:\n{tail}")
+            raise ServerCrashedError(self._gave_up)
         self.restarts += 1
         logger.warning("engine server %r %s; restarting it (%d of at most %d)", self.name, why,
                        self.restarts, self.spec.max_restarts)
@@ -364,28 +403,3 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def group_alive(pgid: int) -> bool:
-    """Whether any process of group `pgid` is still running (zombies, which are dead, do not count)."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    if not os.path.isdir("/proc"):
-        return True
-    # killpg(0) also succeeds for zombies: orphans that an init which never reaps keeps around.
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            return True
-    return False
