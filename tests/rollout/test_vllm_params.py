@@ -145,3 +145,5 @@ def test_server_command_line():
         "--host", "127.0.0.1", "--port", "8123", "--enable-prompt-tokens-details", "--disable-uvicorn-access-log"]
     own, _ = launch.BackendOptions.split({"launcher": ["vllm", "serve"]})
     assert launch.server_argv(1, {}, own)[:2] == ["vllm", "serve"]
+    own, _ = launch.BackendOptions.split({"launcher": "/opt/venv/bin/python -m vllm.entrypoints.openai.api_server"})
+    assert own.launcher == ("/opt/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server")

@@ -120,6 +120,7 @@ class VLLMEngine:
         self._abort_epoch = 0
         self._inflight: dict[str, int] = {}  # request id -> abort epoch at submission
         self._cached_prompt_tokens = 0
+        self._control = asyncio.Lock()  # one update, sleep or wake at a time (they pause and resume vLLM)
         kwargs = launch.engine_kwargs(model_path, dtype, max_model_len, self.opts, passthrough)
         self._loop = LoopThread("agentrl-vllm")
         try:
@@ -188,11 +189,11 @@ class VLLMEngine:
         """Load new weights between two steps (see the module docstring); in-flight requests go on
         with them. With weight_sync='disk' they pass through `staging_dir` (weights.py)."""
         if self.opts.weight_sync == "nccl":
-            self._call(self._apply_nccl(state_dict, version))
+            self._call(self._locked(self._apply_nccl, state_dict, version))
             return
         path = weights.stage_weights(state_dict, self.opts.staging_dir)
         try:
-            self._call(self._apply(path, version))
+            self._call(self._locked(self._apply, path, version))
         except BaseException:
             weights.discard(path)
             raise
@@ -200,7 +201,7 @@ class VLLMEngine:
     def update_weights_from_disk(self, path: str, version: int) -> None:
         """Load the weights of the model directory `path` (as saved by `save_pretrained`)."""
         weights.check_weights_dir(path)
-        self._call(self._apply(path, version))
+        self._call(self._locked(self._apply, path, version))
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (call it between plays; refused while requests run)."""
@@ -212,14 +213,14 @@ class VLLMEngine:
         self._asleep = level  # from now on generate() is refused
         try:
             self.abort()
-            self._call(self.transport.sleep(level))
+            self._call(self._locked(self.transport.sleep, level))
         except BaseException:
             self._asleep = 0  # vLLM did not go to sleep: it still serves
             raise
 
     def wake(self) -> None:
         """Undo `sleep`; weights that arrived while asleep are loaded first."""
-        self._call(self._wake())
+        self._call(self._locked(self._wake))
         self._asleep = 0
 
     def abort(self) -> None:
@@ -247,6 +248,11 @@ class VLLMEngine:
             coro.close()
             raise EngineError("the vllm engine is closed")
         return self._loop.run(coro, timeout)
+
+    async def _locked(self, fn, *args):
+        """`await fn(*args)`, one such call at a time (updates, sleep and wake pause and resume vLLM)."""
+        async with self._control:
+            return await fn(*args)
 
     async def _abort_inflight(self) -> None:
         await self.transport.abort([rid for rid, epoch in self._inflight.items() if epoch < self._abort_epoch])

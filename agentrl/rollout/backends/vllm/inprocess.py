@@ -65,7 +65,13 @@ class InProcessTransport:
         seen = 0
         # Closing this generator early (a stop string, a cancelled caller) closes vLLM's, which aborts the request.
         async with contextlib.aclosing(self.llm.generate(api.TokensPrompt(prompt_token_ids=prompt), params, rid)) as outs:
-            async for out in outs:
+            while True:
+                try:
+                    out = await anext(outs)
+                except StopAsyncIteration:
+                    return
+                except Exception as exc:  # vLLM's request errors (ValueError, EngineDeadError, ...)
+                    raise EngineError(f"vLLM failed the request: {type(exc).__name__}: {exc}") from exc
                 c = out.outputs[0]
                 ids = tuple(c.token_ids[seen:])
                 # Each position's dict holds the sampled token's Logprob (logprobs=0 asks for no others).

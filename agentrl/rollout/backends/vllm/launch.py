@@ -10,6 +10,7 @@ trainer). Every other `rollout.engine_options` key goes to vLLM unchanged (`gpu_
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -56,8 +57,9 @@ class BackendOptions:
         """(the backend's own options, the vLLM engine arguments) from `engine_options`."""
         own = {f.name for f in fields(cls)}
         mine = {k: v for k, v in options.items() if k in own}
-        if "launcher" in mine:
-            mine["launcher"] = tuple(str(a) for a in mine["launcher"])  # type: ignore[union-attr]
+        if "launcher" in mine:  # a list of words, or one string (split as a shell would)
+            words = mine["launcher"]
+            mine["launcher"] = tuple(shlex.split(words) if isinstance(words, str) else (str(w) for w in words))
         opts = cls(**mine)  # type: ignore[arg-type]
         if opts.logprobs_mode not in LOGPROBS_MODES:
             raise EngineError(f"engine option logprobs_mode={opts.logprobs_mode!r}: the vllm backend supports "

@@ -50,8 +50,10 @@ class ServerTransport:
 
     async def start(self) -> None:
         """Open the HTTP client on the current (the backend's) loop; the server is already up."""
+        # One connection per response in flight (they stream), and as many as the agent loop sends at once.
         self.client = httpx.AsyncClient(trust_env=self.server.spec.mode == "url",
-                                        timeout=httpx.Timeout(self.request_timeout_s, connect=30.0))
+                                        timeout=httpx.Timeout(self.request_timeout_s, connect=30.0),
+                                        limits=httpx.Limits(max_connections=4096, max_keepalive_connections=256))
 
     # -- generation ------------------------------------------------------------------------------
     async def stream(self, rid: str, prompt: list[int], sampling: SamplingParams) -> AsyncIterator[Delta]:
