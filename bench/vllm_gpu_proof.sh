@@ -3,6 +3,7 @@
 # Run from a checkout whose ignored folders hold, carried by earlier device calls:
 #   .wv1 .. .wvN  the wheels of ../shared/gpu/vllm-0.24.0-device.txt  (pack_wheels.sh .wv -r ...; five calls)
 #   .wd1 .. .wdM  the wheels of ../shared/gpu/agentrl-deps-device.txt (pack_wheels.sh .wd -r ...; two calls)
+#   .wx1          the wheels of bench/vllm_server_extra_device.txt (vLLM's HTTP server; one small call)
 # each already copied to /tmp/wheels on the device (`bash .wvK/unpack.sh` in its own call), and
 #   models/tiny-conf  the conformance suite's tiny model, built on the CPU machine with
 #                     `PYTHONPATH=. python bench/vllm_proof.py --build-models models`
@@ -14,9 +15,10 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export VLLM_USE_FLASHINFER_SAMPLER=0       # flashinfer is not carried (../shared/gpu/README.md)
 export VLLM_ALLOW_LONG_MAX_MODEL_LEN=1     # the conformance suite asks 4096/8192 of a model made with 1024 positions
+export TRITON_F32_DEFAULT=ieee             # float32 dots in Triton kernels in IEEE precision, not TF32 (the float32 references)
 if [ ! -d /tmp/site/vllm ]; then
-  first=$(ls -d .wv* .wd* 2>/dev/null | head -1)
-  [ -n "$first" ] || { echo "no carried wheel folders (.wv*, .wd*) here"; exit 2; }
+  first=$(ls -d .wv* .wd* .wx* 2>/dev/null | head -1)
+  [ -n "$first" ] || { echo "no carried wheel folders (.wv*, .wd*, .wx*) here"; exit 2; }
   bash "$first/unpack.sh" --install | tail -1 || exit 2
 fi
 export PYTHONPATH=$PWD:/tmp/site

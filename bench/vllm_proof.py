@@ -330,7 +330,10 @@ def main() -> None:
     del hf
     torch.cuda.empty_cache()
     if not args.skip_server:
-        check_server(args.tiny, os.path.join(args.work, "logs"))
+        try:
+            check_server(args.tiny, os.path.join(args.work, "logs"))
+        except Exception as exc:  # a server that does not start (a missing package, say) is a result too
+            report("server", False, error=f"{type(exc).__name__}: {exc}"[-3000:])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(RESULTS, f, indent=2)
