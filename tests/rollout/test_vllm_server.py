@@ -122,3 +122,65 @@ def test_update_from_a_model_directory(tiny_model_dir, new_model, tmp_path):
         assert engine.weight_version == 9 and os.path.isdir(tmp_path / "new")  # a user's directory is never removed
     finally:
         engine.close()
+
+
+def test_colocated_training_runs_through_the_http_client(stopping_model_dir, tmp_path):
+    """Two colocated training steps (one process) with the vllm backend launching the stand-in server: episodes
+    are played over HTTP, the engine sleeps for each update, and after each step it samples with the trainer's
+    new weights (its logprobs equal a recomputation with them); the server is stopped at the end. The backend is
+    registered under a second name: `resolve_engine` asks for the vllm package for `rollout.engine: vllm`,
+    which a server needs none of."""
+    from agentrl.config import load_config
+    from agentrl.driver.loop import train_step
+    from agentrl.driver.sides import open_sides
+    from agentrl.driver.timing import StepClock
+    from agentrl.envs.registration import ENVS
+    from agentrl.rollout.agent_loop import EpisodeSpec
+    from agentrl.rollout.engine import ENGINES
+
+    if "vllm-http-test" not in ENGINES:
+        ENGINES.register("vllm-http-test", "agentrl.rollout.backends.vllm:VLLMEngine")
+    if "ray-digits-v0" not in ENVS:
+        ENVS.register("ray-digits-v0", "tests.driver.ray_parts:DigitsEnv")
+    cfg = load_config(None, [
+        f"model.path={stopping_model_dir}", "env.id=ray-digits-v0", "rollout.prompts_per_step=2",
+        "rollout.samples_per_prompt=3", "rollout.max_tokens_per_turn=16", "rollout.max_turns=1",
+        "rollout.max_total_tokens=64", "optim.lr=0.01", "train.steps=2", "train.checkpoint_every=0",
+        "eval.num_tasks=0", f"run_dir={tmp_path}", "cluster.colocate=true", "rollout.engine=vllm-http-test",
+        "rollout.server.launch=true", "rollout.server.startup_timeout_s=180",
+        f'rollout.engine_options.launcher=["{sys.executable}", "{SERVER}"]'])
+    policy = AutoModelForCausalLM.from_pretrained(stopping_model_dir, dtype=torch.float32).eval()
+    with open_sides(cfg, [("train", "env.train_split")]) as (rollout, trainer):
+        engine = rollout.engine.engine
+        assert isinstance(engine, VLLMEngine)
+        for step in range(2):
+            clock = StepClock()
+            metrics = train_step(rollout, trainer, step, clock)
+            assert metrics["trained_episodes"] == 6 and metrics["episode_errors"] == 0
+            assert "time/rollout/sleep" in clock.metrics() and engine.weight_version == step + 1
+            policy.load_state_dict(trainer.weights())
+            for traj in rollout.play([EpisodeSpec(seed=i) for i in range(3)], temperature=1.0, seed=step):
+                ids = torch.tensor([traj.token_ids])
+                with torch.no_grad():
+                    logp = torch.log_softmax(policy(ids).logits[0, :-1].float(), -1)  # [T-1, V]
+                ref = logp.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1)
+                mask = torch.tensor(traj.loss_mask[1:]).bool()
+                got = torch.tensor(traj.rollout_logprobs[1:])
+                assert mask.any() and (got - ref)[mask].abs().max() < 1e-4
+                assert set(traj.weight_versions[i + 1] for i in range(len(mask)) if mask[i]) == {step + 1}
+        pid = engine.transport.server.pid
+    assert "vllm protocol server (a test stand-in, not vLLM)" in (tmp_path / "servers" / "vllm.log").read_text()
+    assert pid is not None and not _processes_with(SERVER, stopping_model_dir)  # the launched server was stopped
+
+
+def _processes_with(*words: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = open(f"/proc/{entry}/cmdline", "rb").read().decode(errors="replace")
+            except OSError:
+                continue
+            if all(w in cmd for w in words):
+                pids.append(int(entry))
+    return pids
