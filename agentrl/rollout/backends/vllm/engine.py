@@ -123,10 +123,14 @@ class VLLMEngine:
         self._control = asyncio.Lock()  # one update, sleep or wake at a time (they pause and resume vLLM)
         kwargs = launch.engine_kwargs(model_path, dtype, max_model_len, self.opts, passthrough)
         self._loop = LoopThread("agentrl-vllm")
+        self.transport = None
         try:
             self.transport = self._open(server, device, kwargs, vllm_api)
             self._loop.run(self.transport.start(), timeout=None)
         except BaseException:
+            if self.transport is not None:  # a launched server must not outlive a failed constructor
+                with contextlib.suppress(Exception):
+                    self._loop.run(self.transport.close(), timeout=120.0)
             self._loop.close()
             raise
 
@@ -135,7 +139,7 @@ class VLLMEngine:
             if self.opts.weight_sync == "nccl":
                 raise EngineError("weight_sync='nccl' is for a vLLM server on other GPUs; in-process vLLM shares "
                                   "this process's GPU: use the default weight_sync='disk'")
-            if not str(device).startswith("cuda") or str(device) not in ("cuda", "cuda:0"):
+            if str(device) not in ("cuda", "cuda:0"):
                 raise EngineError(f"in-process vLLM runs on CUDA and picks its GPU by CUDA_VISIBLE_DEVICES; got device="
                                   f"{device!r}. Use device 'cuda' (set CUDA_VISIBLE_DEVICES), a vLLM server "
                                   "(rollout.server), or the embedded engine on the CPU")
