@@ -7,7 +7,9 @@
 # each already copied to /tmp/wheels on the device (`bash .wvK/unpack.sh` in its own call), and
 #   models/tiny-conf  the conformance suite's tiny model, built on the CPU machine with
 #                     `PYTHONPATH=. python bench/vllm_proof.py --build-models models`
-# Then, in the last call:  bash bench/vllm_gpu_proof.sh   (writes $OUT/vllm_proof.json and the server log)
+# Then:  bash bench/vllm_gpu_proof.sh [all|conformance|proof]   (writes $OUT/vllm_proof.json and the server log)
+# A device call runs at most 10 minutes: install the wheels in the last carrying call (`bash .wxK/unpack.sh --install`),
+# then run `conformance` (about 3 minutes) and `proof` (about 3-4 minutes) in one call each, or `all` in one.
 # Steps: (1) the conformance suite on vLLM in-process, float32, CUDA; (2) bench/vllm_proof.py: 3-turn
 # episodes vs the trainer's recomputation (bf16, Qwen2-0.5B shape), weight updates, and the HTTP client
 # against a launched `vllm serve`. Every check prints PASS/FAIL with its numbers; the exit code is 0 only if all pass.
@@ -26,15 +28,20 @@ OUT=${OUT:-/tmp/vllm-proof-out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 python3 -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)" || exit 2
+step=${1:-all}
 rc=0
 t0=$SECONDS
-echo "== (1) conformance suite, vllm in-process, float32 on CUDA"
-AGENTRL_TEST_DEVICE=cuda AGENTRL_TEST_MODEL_DIR=$PWD/models/tiny-conf timeout 330 python3 -m pytest -q -rA \
-  -p no:cacheprovider -o timeout=0 tests/rollout/test_conformance.py -k "vllm and not protocol" 2>&1 \
-  | tail -60 || rc=1
-echo "conformance: $((SECONDS - t0)) s"
-echo "== (2) 3-turn episodes, weight updates, the HTTP client against vllm serve"
-timeout 330 python3 bench/vllm_proof.py --tiny models/tiny-conf --work /tmp/vllm-proof --json "$OUT/vllm_proof.json" || rc=1
-cp -r /tmp/vllm-proof/logs "$OUT/" 2>/dev/null
+if [ "$step" = all ] || [ "$step" = conformance ]; then
+  echo "== (1) conformance suite, vllm in-process, float32 on CUDA"
+  AGENTRL_TEST_DEVICE=cuda AGENTRL_TEST_MODEL_DIR=$PWD/models/tiny-conf timeout 290 python3 -m pytest -q -rA \
+    -p no:cacheprovider -o timeout=0 tests/rollout/test_conformance.py -k "vllm and not protocol" 2>&1 \
+    | tail -60 || rc=1
+  echo "conformance: $((SECONDS - t0)) s"
+fi
+if [ "$step" = all ] || [ "$step" = proof ]; then
+  echo "== (2) 3-turn episodes, weight updates, the HTTP client against vllm serve"
+  timeout 290 python3 bench/vllm_proof.py --tiny models/tiny-conf --work /tmp/vllm-proof --json "$OUT/vllm_proof.json" || rc=1
+  cp -r /tmp/vllm-proof/logs "$OUT/" 2>/dev/null
+fi
 echo "total: $((SECONDS - t0)) s, exit $rc"
 exit $rc

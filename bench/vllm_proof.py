@@ -313,6 +313,7 @@ def main() -> None:
     from agentrl.rollout.backends.vllm import VLLMEngine
     from agentrl.rollout.chat import ChatRenderer
 
+    args.tiny = os.path.abspath(args.tiny)  # the launched server runs it too
     tokenizer = AutoTokenizer.from_pretrained(args.tiny)
     eot = ChatRenderer(tokenizer).end_of_turn_id
     model_dir = os.path.join(args.work, "qwen2-0.5b-random")
