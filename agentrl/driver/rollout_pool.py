@@ -123,8 +123,9 @@ class RayRolloutSide:
                             limits=EpisodeLimits(r.max_turns, r.max_total_tokens, cfg.failures.episode_timeout_s,
                                                  cfg.failures.request_timeout_s), lockstep=lockstep_on(cfg))
         actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker)
+        logs = Path(cfg.run_dir) / "servers"
         slots = [Slot(i, actor.options(max_restarts=c.max_worker_restarts, max_task_retries=0, **b.options()).remote(
-            replace(setup, engine_kwargs=_with_server_logs(plan.kwargs, Path(cfg.run_dir) / "servers" / f"worker-{i}"))))
+            replace(setup, engine_kwargs=_with_server_logs(plan.kwargs, logs / f"worker-{i}"))))
             for i, b in enumerate(bundles)]
         side = cls(cfg, path, tokenizer, slots)
         try:
