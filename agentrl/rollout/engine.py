@@ -89,3 +89,4 @@ class EngineStats:
 ENGINES: Registry[type] = Registry("engine", group="agentrl.engines")
 ENGINES.register("embedded", "agentrl.rollout.backends.embedded:EmbeddedEngine")
 ENGINES.register("sglang", "agentrl.rollout.backends.sglang:SGLangEngine")
+ENGINES.register("vllm", "agentrl.rollout.backends.vllm:VLLMEngine")
