@@ -18,12 +18,14 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export VLLM_USE_FLASHINFER_SAMPLER=0       # flashinfer is not carried (../shared/gpu/README.md)
 export VLLM_ALLOW_LONG_MAX_MODEL_LEN=1     # the conformance suite asks 4096/8192 of a model made with 1024 positions
 export TRITON_F32_DEFAULT=ieee             # float32 dots in Triton kernels in IEEE precision, not TF32 (the float32 references)
-if [ ! -d /tmp/site/vllm ]; then
-  first=$(ls -d .wv* .wd* .wx* 2>/dev/null | head -1)
-  [ -n "$first" ] || { echo "no carried wheel folders (.wv*, .wd*, .wx*) here"; exit 2; }
-  bash "$first/unpack.sh" --install | tail -1 || exit 2
+if [ -z "${AGENTRL_SITE:-}" ]; then  # not installed by bench/gpu_backends.sh: the carried folders into /tmp/site
+  if [ ! -d /tmp/site/vllm ]; then
+    first=$(ls -d .wv* .wd* .wx* 2>/dev/null | head -1)
+    [ -n "$first" ] || { echo "no carried wheel folders (.wv*, .wd*, .wx*) here"; exit 2; }
+    bash "$first/unpack.sh" --install | tail -1 || exit 2
+  fi
+  export PYTHONPATH=$PWD:/tmp/site
 fi
-export PYTHONPATH=$PWD:/tmp/site
 OUT=${OUT:-/tmp/vllm-proof-out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
