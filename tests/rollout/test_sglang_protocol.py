@@ -17,7 +17,7 @@ def test_sampling_params_greedy_without_stop_tokens_ignores_the_models_eos():
     sp = P.sampling_params(SamplingParams(temperature=0.0, max_tokens=9), max_new_tokens=9, sampling_seed=5,
                            deterministic=True)
     # Temperature 0 is sent as is: SGLang turns anything below 1e-6 into temperature 1 with top_k 1.
-    assert sp == {"max_new_tokens": 9, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
+    assert sp == {"max_new_tokens": 9, "temperature": 0.0, "top_p": 1.0, "top_k": P.WHOLE_VOCAB_SORTED, "min_p": 0.0,
                   "repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0,
                   "min_new_tokens": 0, "n": 1, "ignore_eos": True, "stream_interval": P.STREAM_INTERVAL,
                   "sampling_seed": 5}
@@ -30,6 +30,19 @@ def test_sampling_params_with_stop_tokens_and_truncation():
     assert (sp["temperature"], sp["top_p"], sp["top_k"], sp["max_new_tokens"], sp["stream_interval"]) == \
         (0.7, 0.9, 3, 12, 8)
     assert "sampling_seed" not in sp
+
+
+def test_untruncated_rows_take_sglangs_sorted_sampler_in_deterministic_mode():
+    # SGLang 0.5.17 indexes the seeded noise by token id when no row of a batch truncates, by rank
+    # otherwise: an untruncated row must not depend on which of the two its batch takes. One less
+    # than SGLang's "no top-k" (1 << 30) keeps every token yet always sorts; without deterministic
+    # mode seeds are not honoured and -1 (SGLang's faster unsorted sampler) is sent.
+    s = SamplingParams(temperature=1.0)
+    assert P.WHOLE_VOCAB_SORTED == (1 << 30) - 1
+    assert P.sampling_params(s, max_new_tokens=4, sampling_seed=3, deterministic=True)["top_k"] == (1 << 30) - 1
+    assert P.sampling_params(s, max_new_tokens=4, sampling_seed=None, deterministic=False)["top_k"] == -1
+    assert P.sampling_params(SamplingParams(top_k=5), max_new_tokens=4, sampling_seed=3,
+                             deterministic=True)["top_k"] == 5
 
 
 def test_min_p_is_refused_in_deterministic_mode_and_passed_otherwise():

@@ -39,6 +39,9 @@ SEED_RANGE = 2**63  # SGLang keeps sampling seeds in an int64 tensor
 STREAM_INTERVAL = 64  # tokens between two progress chunks of a request (the first token always comes at once)
 STOP_STRING_STREAM_INTERVAL = 8  # finer for requests with stop strings: the client checks them per chunk
 RETURN_ORIGINAL_LOGPROB = "SGLANG_RETURN_ORIGINAL_LOGPROB"
+# SGLang 0.5.17 spells "no top-k" as 1 << 30; one less still keeps every token, but sends the row
+# through the sorted (top-k/top-p) sampler, whatever else shares the batch (see `sampling_params`).
+WHOLE_VOCAB_SORTED = (1 << 30) - 1
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:
@@ -83,6 +86,15 @@ def sampling_params(s: SamplingParams, *, max_new_tokens: int, sampling_seed: in
     `ignore_eos` keeps SGLang from stopping at the model's own EOS ids; with stop tokens SGLang also
     stops at those EOS ids, and the client continues the response past one it did not ask for.
 
+    Seeded sampling in SGLang 0.5.17 is batch-invariant only if a row always takes the same one of
+    its two samplers (`srt/layers/sampler.py`): a batch in which no request has top-k, top-p or
+    min-p draws Gumbel noise indexed by token id (`sampling_from_probs_torch`); any other batch,
+    including one that merely shares a step with a greedy request (greedy is top_k=1 there), sorts
+    every row's probabilities and indexes the noise by rank (`top_k_top_p_min_p_sampling_from_probs_torch`).
+    Same seed, same position, different token. So in deterministic mode an untruncated request
+    sends `top_k = WHOLE_VOCAB_SORTED` (every token kept) and always takes the sorted sampler. Its
+    reported logprobs do not change (they come from `log_softmax(logits / T)` before sampling).
+
     Raises:
         EngineError: a parameter out of range, or min-p in deterministic mode (SGLang 0.5.17's
             seeded sampler asserts on min-p, which would kill its scheduler process).
@@ -97,7 +109,7 @@ def sampling_params(s: SamplingParams, *, max_new_tokens: int, sampling_seed: in
         "max_new_tokens": int(max_new_tokens),
         "temperature": float(s.temperature),  # 0 is greedy: SGLang makes it temperature 1, top_k 1
         "top_p": float(s.top_p),
-        "top_k": int(s.top_k) if s.top_k > 0 else -1,  # -1: the whole vocabulary
+        "top_k": int(s.top_k) if s.top_k > 0 else WHOLE_VOCAB_SORTED if deterministic else -1,
         "min_p": float(s.min_p),
         "repetition_penalty": 1.0,
         "frequency_penalty": 0.0,
