@@ -11,7 +11,8 @@ How each part of the contract is met (details in docs/backends.md):
   is agentrl's contract (see `protocol.py` for where in its sampler; the one environment variable
   that changes it is refused).
 - Seeds: SGLang honours per-request seeds only with `enable_deterministic_inference`, which is on
-  by default here (it also makes results independent of what shares a batch). Unseeded requests
+  by default here (it also makes results independent of what shares a batch, given that every
+  untruncated request is sent through SGLang's sorted sampler: `protocol.sampling_params`). Unseeded requests
   get a fresh random seed; without deterministic mode a seeded request is refused unless
   `allow_unseeded=True`.
 - Stop tokens: SGLang also stops at the model's own EOS ids; a response that stops at one the
