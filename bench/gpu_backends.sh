@@ -86,7 +86,7 @@ PY
     ;;
   collect)
     mkdir -p "$OUT/bg"
-    for f in /tmp/bg/*; do [ -e "$f" ] && cp "$f" "$OUT/bg/"; done
+    cp -r /tmp/bg/. "$OUT/bg/" 2>/dev/null
     for f in /tmp/bg/*.status; do [ -e "$f" ] && echo "$(basename "$f" .status): $(cat "$f")"; done
     for f in /tmp/bg/*.log; do [ -e "$f" ] && { echo "== $f (tail)"; tail -25 "$f"; }; done
     ;;

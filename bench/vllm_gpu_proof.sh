@@ -35,14 +35,16 @@ rc=0
 t0=$SECONDS
 if [ "$step" = all ] || [ "$step" = conformance ]; then
   echo "== (1) conformance suite, vllm in-process, float32 on CUDA"
-  AGENTRL_TEST_DEVICE=cuda AGENTRL_TEST_MODEL_DIR=$PWD/models/tiny-conf timeout 290 python3 -m pytest -q -rA \
-    -p no:cacheprovider -o timeout=0 tests/rollout/test_conformance.py -k "vllm and not protocol" 2>&1 \
-    | tail -60 || rc=1
+  # Every failure's traceback in full (-rfE, --tb=long), nothing cut; the whole output also in $OUT/conformance.log.
+  AGENTRL_TEST_DEVICE=cuda AGENTRL_TEST_MODEL_DIR=$PWD/models/tiny-conf timeout 290 python3 -m pytest -q -rfE \
+    --tb=long -p no:cacheprovider -o timeout=0 tests/rollout/test_conformance.py -k "vllm and not protocol" 2>&1 \
+    | tee "$OUT/conformance.log" || rc=1
   echo "conformance: $((SECONDS - t0)) s"
 fi
 if [ "$step" = all ] || [ "$step" = proof ]; then
   echo "== (2) 3-turn episodes, weight updates, the HTTP client against vllm serve"
-  timeout 290 python3 bench/vllm_proof.py --tiny models/tiny-conf --work /tmp/vllm-proof --json "$OUT/vllm_proof.json" || rc=1
+  timeout 290 python3 bench/vllm_proof.py --tiny models/tiny-conf --work /tmp/vllm-proof --json "$OUT/vllm_proof.json" 2>&1 \
+    | tee "$OUT/vllm_proof.log" || rc=1
   cp -r /tmp/vllm-proof/logs "$OUT/" 2>/dev/null
 fi
 echo "total: $((SECONDS - t0)) s, exit $rc"

@@ -73,40 +73,57 @@ QWEN2_HALF_B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=1
 
 def qwen2_half_b(out: str, tokenizer_dir: str, eot: int, seed: int = 0, p_eot: float = 0.2,
                  shape: dict = QWEN2_HALF_B, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
-    """A random Qwen2-0.5B-shaped model (bf16, on CUDA) whose end-of-turn token has probability ~p_eot.
-
-    Embedding dimension 0 is 1 for every token, so the final normed hidden state has a large,
-    always-positive component there; the (untied) head row of `eot` reads only that component,
-    scaled so that its logit sits log(p / (1 - p)) above the log-sum-exp of the others.
-    """
+    """A random Qwen2-0.5B-shaped model (bf16) whose end-of-turn token has probability ~p_eot; saved to `out`."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     config = Qwen2Config(**shape, tie_word_embeddings=False, eos_token_id=eot, pad_token_id=0, bos_token_id=None)
     model = Qwen2ForCausalLM(config).to(device=device, dtype=dtype).eval()
-    with torch.no_grad():
-        model.model.embed_tokens.weight[:, 0] = 1.0
-        model.lm_head.weight[eot] = 0.0
-        ids = torch.randint(3, 400, (4, 96), device=device)
-        h = model.model(ids).last_hidden_state.float()  # [4, 96, hidden], after the final norm
-        logits = model.lm_head(h.to(dtype)).float()
-        logits[..., eot] = -math.inf
-        level = torch.logsumexp(logits, -1).mean() + math.log(p_eot / (1 - p_eot))
-        model.lm_head.weight[eot, 0] = level / h[..., 0].mean()
+    boost_end_of_turn(model, eot, p_eot)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
     return model
 
 
-def perturbed(model, seed: int, scale: float):
-    """A copy of `model` with noise of `scale` times each weight's own std added (all on the GPU)."""
+def boost_end_of_turn(model, eot: int, p_eot: float) -> None:
+    """Make `eot` likely (~p_eot a step) at every position, in a way bf16 rounding cannot swing.
+
+    Residual dimension 0 is a constant channel: every embedding has 1 there and no layer writes to
+    it (row 0 of each o_proj and down_proj is zero), so after the final norm h[0] = 1 / rms(h) is
+    positive and nearly constant (its spread over positions is ~2%). The head row of `eot` reads
+    only h[0], scaled so its logit sits log(p / (1 - p)) above the log-sum-exp of the others.
+    (The first version let the layers write into dimension 0: h[0] then changed sign between
+    positions, the scale came out near -190, and a bf16 rounding of h[0] moved the end-of-turn
+    logit by tens of nats: the first GPU run's 37-nat outliers.)
+    """
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0] = 0.0
+            layer.mlp.down_proj.weight[0] = 0.0
+        model.lm_head.weight[eot] = 0.0
+        device = model.lm_head.weight.device
+        ids = torch.randint(3, 400, (4, 96), generator=torch.Generator().manual_seed(0)).to(device)
+        h = model.model(ids).last_hidden_state.float()  # [4, 96, hidden], after the final norm
+        logits = model.lm_head(h.to(model.lm_head.weight.dtype)).float()
+        logits[..., eot] = -math.inf
+        level = torch.logsumexp(logits, -1).mean() + math.log(p_eot / (1 - p_eot))
+        model.lm_head.weight[eot, 0] = level / h[..., 0].mean()
+
+
+def perturbed(model, seed: int, scale: float, eot: int, p_eot: float = 0.2):
+    """A copy of `model` with noise of `scale` times each weight's own std added (on the model's device),
+    then the end-of-turn construction re-imposed: another model of the same kind, whose logits are in
+    the same range as the original's (so bf16 rounding moves them as little)."""
     import copy
 
     new = copy.deepcopy(model)
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for w in new.parameters():
-            w.add_(torch.randn(w.shape, generator=gen, device="cuda", dtype=w.dtype) * w.float().std() * scale)
+            w.add_(torch.randn(w.shape, generator=gen, device=device, dtype=w.dtype) * w.float().std() * scale)
+    boost_end_of_turn(new, eot, p_eot)
     return new
 
 
@@ -132,6 +149,23 @@ class ThreeTurns(Env):
         return (() if done else (Message("user", f"Turn {self.turn} done. Go on."),)), 0.0, done, False, {}
 
 
+def turn_tokens(traj, ref: torch.Tensor, eot: int) -> list[dict]:
+    """One row per sampled token of `traj`: where it is (turn, index in the turn), what it is, both logprobs.
+
+    `ref` is `recompute` of the whole episode ([T-1], entry i is token i + 1's logprob).
+    """
+    return [dict(turn=turn, k=i - start, pos=i, token=int(traj.token_ids[i]), eot=int(traj.token_ids[i]) == eot,
+                 rollout=float(traj.rollout_logprobs[i]), ref=float(ref[i - 1]), version=int(traj.weight_versions[i]))
+            for turn, (start, end) in enumerate(traj.turn_spans) for i in range(max(start, 1), end)]
+
+
+def print_worst(rows: list[dict], n: int = 8) -> None:
+    """The `n` rows with the largest |rollout - ref|, one line each."""
+    for r in sorted(rows, key=lambda r: -abs(r["rollout"] - r["ref"]))[:n]:
+        print("   ", "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()),
+              f"diff={abs(r['rollout'] - r['ref']):.4g}", flush=True)
+
+
 def check_three_turns(engine, hf, tokenizer) -> None:
     from agentrl.rollout.agent_loop import EnvPool, EpisodeLimits, EpisodeSpec, run_episodes
     from agentrl.rollout.chat import ChatRenderer
@@ -145,20 +179,25 @@ def check_three_turns(engine, hf, tokenizer) -> None:
     seconds = time.perf_counter() - t0
     failed = [t.error for t in trajs if t.failure is not None]
     turns = [t.num_turns for t in trajs]
-    diffs = []
-    for t in trajs:
-        mask = torch.tensor(t.loss_mask[1:], device="cuda").bool()
-        ref = recompute(hf, list(t.token_ids))
-        diffs.append((torch.tensor(t.rollout_logprobs[1:], device="cuda") - ref)[mask])
-    s = diff_stats(torch.cat(diffs))
+    rows = []
+    for e, t in enumerate(trajs):
+        rows += [dict(episode=e, **r) for r in turn_tokens(t, recompute(hf, list(t.token_ids)), renderer.end_of_turn_id)]
+    s = diff_stats(torch.tensor([r["rollout"] - r["ref"] for r in rows]))
     hit = engine.stats.extra.get("prefix_cache_hit_rate", 0.0)
     ok = (not failed and all(n == 3 for n in turns) and s["mean"] < BF16["mean"] and s["p99"] < BF16["p99"]
           and s["max"] < BF16["max"])
+    # Where the differences sit: first token of a turn, end-of-turn tokens, the rest; turns 2-3 (prefix hits).
+    parts = {"first_of_turn": [r for r in rows if r["k"] == 0], "end_of_turn": [r for r in rows if r["eot"]],
+             "other": [r for r in rows if r["k"] > 0 and not r["eot"]], "later_turns": [r for r in rows if r["turn"] > 0]}
+    detail = {f"{name}_max": max((abs(r["rollout"] - r["ref"]) for r in rs), default=0.0) for name, rs in parts.items()}
     report("three_turn_logprobs_vs_trainer", ok, episodes=len(trajs), three_turn_episodes=turns.count(3),
            failed=len(failed), sampled_tokens=s["n"], mean_abs=s["mean"], median_abs=s["median"], p99_abs=s["p99"],
-           max_abs=s["max"], prefix_cache_hit_rate=hit, seconds=seconds)
+           max_abs=s["max"], **detail, end_of_turn_share=len(parts["end_of_turn"]) / max(1, len(rows)),
+           prefix_cache_hit_rate=hit, seconds=seconds)
     if failed:
         print("first failure:", failed[0], flush=True)
+    if not ok:
+        print_worst(rows)
 
 
 # -- (iv) weight updates ------------------------------------------------------------------------------
@@ -177,56 +216,73 @@ def sample(engine, prompts=PROMPTS, n: int = 16, temperature: float = 1.0):
     return asyncio.run(go())
 
 
-def agreement(hf, outs, prompts=PROMPTS) -> tuple[float, float]:
-    """(mean |engine - HF| logprob over the engine's tokens, share of them that are HF's argmax), T = 1."""
-    diffs, same = [], []
-    for p, g in zip(prompts, outs):
+def token_rows(hf, outs, prompts=PROMPTS) -> list[dict]:
+    """Per engine token: prompt index, position, token, the engine's logprob, HF's (T = 1), HF's argmax."""
+    rows = []
+    for j, (p, g) in enumerate(zip(prompts, outs)):
         ids = list(p) + list(g.token_ids)
         with torch.no_grad():
-            logits = hf(torch.tensor([ids], device="cuda")).logits[0, len(p) - 1:-1].float()
-        lp = torch.log_softmax(logits, -1)
-        tok = torch.tensor(g.token_ids, device="cuda")
-        diffs.append((lp.gather(-1, tok.unsqueeze(-1)).squeeze(-1) - torch.tensor(g.logprobs, device="cuda")).abs())
-        same.append((lp.argmax(-1) == tok).float())
-    return float(torch.cat(diffs).mean()), float(torch.cat(same).mean())
+            lp = torch.log_softmax(hf(torch.tensor([ids], device="cuda")).logits[0, len(p) - 1:-1].float(), -1)
+        for k, tok in enumerate(g.token_ids):
+            rows.append(dict(prompt=j, k=k, token=int(tok), rollout=float(g.logprobs[k]), ref=float(lp[k, tok]),
+                             hf_argmax=int(lp[k].argmax()), version=g.weight_version, finish=g.finish_reason))
+    return rows
 
 
-def check_updates(engine, hf_old, model_dir: str) -> None:
+def agreement(hf, outs, prompts=PROMPTS) -> tuple[float, float]:
+    """(mean |engine - HF| logprob over the engine's tokens, share of them that are HF's argmax), T = 1."""
+    rows = token_rows(hf, outs, prompts)
+    return (sum(abs(r["rollout"] - r["ref"]) for r in rows) / len(rows),
+            sum(r["token"] == r["hf_argmax"] for r in rows) / len(rows))
+
+
+def report_update(name: str, ok: bool, rows: list[dict], **numbers) -> None:
+    """`report` plus, on failure, the tokens where the engine and HF part most."""
+    report(name, ok, max_abs=max(abs(r["rollout"] - r["ref"]) for r in rows), **numbers)
+    if not ok:
+        print_worst(rows)
+
+
+def check_updates(engine, hf_old, model_dir: str, eot: int) -> None:
     """Seeded sampling at T = 1 (greedy would pick the boosted end-of-turn token every step on this model)."""
     before = sample(engine)
     d_old, _ = agreement(hf_old, before)
-    new = perturbed(hf_old, seed=1, scale=1.0)
+    new = perturbed(hf_old, seed=1, scale=1.0, eot=eot)
     t0 = time.perf_counter()
     engine.update_weights(new.state_dict(), version=1)
     seconds = time.perf_counter() - t0
     after = sample(engine)
-    d_new, _ = agreement(new, after)
+    rows = token_rows(new, after)
+    d_new = sum(abs(r["rollout"] - r["ref"]) for r in rows) / len(rows)
     d_stale, _ = agreement(hf_old, after)
     changed = sum(a.token_ids != b.token_ids for a, b in zip(after, before))
-    report("update_weights_changes_outputs", changed == len(PROMPTS) and d_old < BF16["mean"]
-           and d_new < BF16["mean"] and d_stale > 10 * d_new and all(g.weight_version == 1 for g in after),
-           prompts_changed=changed, before_vs_old_mean_abs=d_old, after_vs_new_mean_abs=d_new,
-           after_vs_old_mean_abs=d_stale, update_seconds=seconds)
+    report_update("update_weights_changes_outputs", changed == len(PROMPTS) and d_old < BF16["mean"]
+                  and d_new < BF16["mean"] and d_stale > 10 * d_new and all(g.weight_version == 1 for g in after),
+                  rows, prompts_changed=changed, before_vs_old_mean_abs=d_old, after_vs_new_mean_abs=d_new,
+                  after_vs_old_mean_abs=d_stale, versions=sorted({g.weight_version for g in after}),
+                  update_seconds=seconds)
 
-    newer = perturbed(hf_old, seed=2, scale=1.0)
+    newer = perturbed(hf_old, seed=2, scale=1.0, eot=eot)
     engine.sleep()
     engine.update_weights(newer.state_dict(), version=2)
     engine.wake()
     woke = sample(engine)
-    d_woke, _ = agreement(newer, woke)
+    rows = token_rows(newer, woke)
+    d_woke = sum(abs(r["rollout"] - r["ref"]) for r in rows) / len(rows)
     d_woke_stale, _ = agreement(new, woke)
-    report("sleep_update_wake", d_woke < BF16["mean"] and d_woke_stale > 10 * d_woke
-           and all(g.weight_version == 2 for g in woke), after_vs_new_mean_abs=d_woke,
-           after_vs_previous_mean_abs=d_woke_stale)
+    report_update("sleep_update_wake", d_woke < BF16["mean"] and d_woke_stale > 10 * d_woke
+                  and all(g.weight_version == 2 for g in woke), rows, after_vs_new_mean_abs=d_woke,
+                  after_vs_previous_mean_abs=d_woke_stale, versions=sorted({g.weight_version for g in woke}))
 
     engine.update_weights_from_disk(model_dir, version=3)  # back to the weights saved with the model
     back = sample(engine)
-    d_back, _ = agreement(hf_old, back)
+    rows = token_rows(hf_old, back)
+    d_back = sum(abs(r["rollout"] - r["ref"]) for r in rows) / len(rows)
     d_back_stale, _ = agreement(newer, back)
-    report("update_weights_from_disk", d_back < BF16["mean"] and d_back_stale > 10 * d_back
-           and all(g.weight_version == 3 for g in back), after_vs_saved_mean_abs=d_back,
-           after_vs_previous_mean_abs=d_back_stale,
-           same_tokens_as_first_run=sum(a.token_ids == b.token_ids for a, b in zip(back, before)))
+    report_update("update_weights_from_disk", d_back < BF16["mean"] and d_back_stale > 10 * d_back
+                  and all(g.weight_version == 3 for g in back), rows, after_vs_saved_mean_abs=d_back,
+                  after_vs_previous_mean_abs=d_back_stale,
+                  same_tokens_as_first_run=sum(a.token_ids == b.token_ids for a, b in zip(back, before)))
 
 
 # -- (v) the HTTP client against a real vLLM server ---------------------------------------------------------
@@ -269,14 +325,26 @@ def check_server(tiny_dir: str, log_dir: str) -> None:
                tokens=len(cut.token_ids), expected=end)
 
         async def aborted():
+            # Wait for this request's own tokens: the engine's counter already holds the earlier checks' tokens
+            # (the first run waited on a threshold they had passed, so abort() came before this request
+            # existed, and abort() ends only the requests already in flight).
+            base = engine.stats.generated_tokens
             task = asyncio.ensure_future(engine.generate([5, 6, 7, 8], SamplingParams(max_tokens=1000)))
-            while engine.stats.generated_tokens < 20 + sum(len(g.token_ids) for g in outs):
-                await asyncio.sleep(0.01)
+            deadline = time.perf_counter() + 30
+            while engine.stats.generated_tokens < base + 20 and not task.done() and time.perf_counter() < deadline:
+                await asyncio.sleep(0.005)
+            seen = engine.stats.generated_tokens - base
+            t_abort = time.perf_counter()
             await asyncio.to_thread(engine.abort)
-            return await asyncio.wait_for(task, 60)
-        part = asyncio.run(aborted())
-        report("server_abort_partial", part.finish_reason == "abort" and 1 <= len(part.token_ids) < 1000
-               and len(part.logprobs) == len(part.token_ids), tokens=len(part.token_ids))
+            out = await asyncio.wait_for(task, 60)
+            return out, seen, time.perf_counter() - t_abort
+        part, seen, latency = asyncio.run(aborted())
+        report("server_abort_partial", part.finish_reason == "abort" and seen <= len(part.token_ids) < 1000
+               and len(part.logprobs) == len(part.token_ids), tokens=len(part.token_ids), tokens_seen_at_abort=seen,
+               finish_reason=part.finish_reason, seconds_abort_to_return=latency)
+        after_abort = greedy(engine, prompts[:1], 4)[0]  # the server serves on after the abort
+        report("server_after_abort", after_abort.finish_reason == "length" and len(after_abort.token_ids) == 4,
+               tokens=len(after_abort.token_ids), finish_reason=after_abort.finish_reason)
 
         new = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).to("cuda").eval()
         torch.manual_seed(0)
@@ -325,7 +393,7 @@ def main() -> None:
     print(f"vLLM engine on the 0.5B model ready in {time.perf_counter() - t0:.1f} s", flush=True)
     try:
         check_three_turns(engine, hf, tokenizer)
-        check_updates(engine, hf, model_dir)
+        check_updates(engine, hf, model_dir, eot)
     finally:
         engine.close()
     del hf

@@ -27,3 +27,30 @@ def strict_roles_model_dir(tiny_model_dir, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def split_marker_model_dir(tiny_model_dir, tmp_path_factory) -> str:
     return model_with_template(tiny_model_dir, tmp_path_factory.mktemp("split") / "m", "split_marker")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_server_left_behind(request):
+    """After each module: no engine server (or its guard) started by this process is still running.
+
+    A module that leaves one breaks later modules that count this process's children (the sandbox and
+    tool tests), far from the cause; this names the module that leaked."""
+    yield
+    import time
+
+    import psutil
+
+    def leftovers() -> list[str]:
+        found = []
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    found.append(" ".join(p.cmdline())[:160])
+            except psutil.Error:
+                pass
+        return found
+
+    deadline = time.monotonic() + 10  # a server being stopped gets its grace period
+    while (left := leftovers()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"{request.module.__name__} left processes running: {left}"

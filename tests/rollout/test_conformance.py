@@ -80,10 +80,33 @@ def backend(request) -> str:
     return request.param
 
 
+def close_engine(engine: Engine) -> None:
+    """Stop what an engine runs beside this process (a server, an engine core): a test leaves none."""
+    close = getattr(engine, "close", None)
+    if close is not None:
+        close()
+
+
 @pytest.fixture(scope="module")
 def engine(backend, tiny_model_dir) -> Engine:
     """One engine per backend, shared by the read-only cases (they never change weights)."""
-    return make_engine(backend, tiny_model_dir, max_model_len=4096)
+    shared = make_engine(backend, tiny_model_dir, max_model_len=4096)
+    yield shared
+    close_engine(shared)
+
+
+@pytest.fixture
+def open_engine(backend, tiny_model_dir):
+    """A fresh engine of the backend for one test (it changes the engine's state), closed after it."""
+    opened: list[Engine] = []
+
+    def make(**kwargs) -> Engine:
+        opened.append(make_engine(backend, tiny_model_dir, **kwargs))
+        return opened[-1]
+
+    yield make
+    for e in opened:
+        close_engine(e)
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +218,8 @@ def test_truncation_keeps_sampled_tokens_in_the_allowed_set(backend, engine, hf,
             assert (ahead < value + TOL / 10).all()
 
 
-def test_abort_returns_partial_outputs(backend, tiny_model_dir):
-    engine = make_engine(backend, tiny_model_dir, max_model_len=8192)
+def test_abort_returns_partial_outputs(open_engine):
+    engine = open_engine(max_model_len=8192)
 
     async def go():
         task = asyncio.ensure_future(engine.generate([5, 6, 7, 8], SamplingParams(max_tokens=6000)))
@@ -214,8 +237,8 @@ def test_abort_returns_partial_outputs(backend, tiny_model_dir):
     assert again.finish_reason == "length" and len(again.token_ids) == 3
 
 
-def test_update_weights_changes_outputs_and_drops_cached_kv(backend, tiny_model_dir, prompts):
-    engine = make_engine(backend, tiny_model_dir, max_model_len=4096)
+def test_update_weights_changes_outputs_and_drops_cached_kv(open_engine, tiny_model_dir, prompts):
+    engine = open_engine(max_model_len=4096)
     p = prompts[2]  # longer than two blocks: a stale prefix cache would be hit
     before = run(engine, [p], SamplingParams(temperature=0.0, max_tokens=12))[0]
     new = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
@@ -233,8 +256,8 @@ def test_update_weights_changes_outputs_and_drops_cached_kv(backend, tiny_model_
     assert after.weight_version == 7 and after.prompt_cached_tokens == 0
 
 
-def test_identical_prompts_share_their_prefill(backend, tiny_model_dir):
-    engine = make_engine(backend, tiny_model_dir, max_model_len=4096)
+def test_identical_prompts_share_their_prefill(backend, open_engine):
+    engine = open_engine(max_model_len=4096)
     n, prompt = 8, list(range(10, 50))  # 40 tokens: 2 full blocks of 16
     outs = run(engine, [prompt] * n, SamplingParams(max_tokens=8))
     full_block_tokens = len(prompt) // BLOCK * BLOCK

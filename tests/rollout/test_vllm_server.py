@@ -92,6 +92,31 @@ def plain_server(tiny_model_dir):
         yield server.url
 
 
+def test_abort_before_the_reader_starts_still_ends_the_request(tiny_model_dir):
+    """An abort that cancels a request's HTTP reader before the reader's first step (its handler never
+    runs) still ends the response with `abort`, and an abort after the last chunk keeps the response."""
+    engine = protocol_engine(tiny_model_dir)
+    transport = engine.transport
+
+    async def race():
+        stream = transport.stream("r1", PROMPT, SamplingParams(max_tokens=500))
+        first = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0)  # `first` ran up to its queue wait; the reader task is created, not started
+        assert not transport._readers["r1"][0].done()
+        await transport.abort(["r1"])
+        delta = await asyncio.wait_for(first, 10)
+        await stream.aclose()
+        return delta
+
+    try:
+        delta = engine._loop.run(race(), timeout=30)
+        assert delta.finish_reason == "abort" and delta.token_ids == ()
+        done = greedy(engine)  # the server serves on; a late abort of a finished request changes nothing
+        assert done.finish_reason == "length" and len(done.token_ids) == GREEDY.max_tokens
+    finally:
+        engine.close()
+
+
 def test_server_without_dev_endpoints(tiny_model_dir, new_model, plain_server):
     engine = VLLMEngine(tiny_model_dir, device="cpu", dtype=torch.float32, server=ServerSpec(url=plain_server))
     try:

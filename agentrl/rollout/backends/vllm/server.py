@@ -45,7 +45,7 @@ class ServerTransport:
         self.server = server
         self.request_timeout_s = request_timeout_s
         self.client: httpx.AsyncClient | None = None
-        self._readers: dict[str, asyncio.Task] = {}
+        self._readers: dict[str, tuple[asyncio.Task, asyncio.Queue]] = {}  # request id -> (reader, its queue)
         self._nccl_group = None
 
     async def start(self) -> None:
@@ -62,7 +62,7 @@ class ServerTransport:
         for attempt in (0, 1):
             queue: asyncio.Queue = asyncio.Queue()
             reader = asyncio.create_task(self._read(body, queue))
-            self._readers[rid] = reader
+            self._readers[rid] = (reader, queue)
             received, retry, final = False, False, None
             try:
                 while True:
@@ -72,8 +72,8 @@ class ServerTransport:
                             raise EngineError("the vLLM server ended the stream without a finish reason")
                         yield final
                         return
-                    if item is _ABORTED:
-                        yield Delta(finish_reason="abort")
+                    if item is _ABORTED:  # a response that had completed keeps its last tokens and reason
+                        yield final if final is not None else Delta(finish_reason="abort")
                         return
                     if isinstance(item, BaseException):
                         if final is not None:  # the connection went after the response was complete
@@ -135,9 +135,15 @@ class ServerTransport:
         raise EngineError(f"request to the vLLM server failed: {type(exc).__name__}: {exc}") from exc
 
     async def abort(self, rids: list[str]) -> None:
+        """End these requests with what they have: the consumer gets `_ABORTED` after the chunks already
+        queued, and the reader is cancelled (closing the connection, which makes vLLM abort the request).
+        `_ABORTED` is queued here, not only by the reader: a reader cancelled before its first step never
+        runs its handler, and the consumer would wait forever."""
         for rid in rids:
-            reader = self._readers.get(rid)
-            if reader is not None:
+            entry = self._readers.get(rid)
+            if entry is not None:
+                reader, queue = entry
+                queue.put_nowait(_ABORTED)
                 reader.cancel()
 
     # -- control ---------------------------------------------------------------------------------
