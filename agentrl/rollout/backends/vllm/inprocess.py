@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import types
 from collections.abc import AsyncIterator, Mapping
 
@@ -52,6 +53,11 @@ class InProcessTransport:
         self.llm = None
 
     async def start(self) -> None:
+        # vLLM forks its engine-core process unless it sees CUDA initialised here; on the H200 a second engine
+        # in one process (the conformance suite) was forked after CUDA was in use without vLLM noticing, and
+        # its core died with "CUDA error: initialization error". agentrl's trainer initialises CUDA before a
+        # colocated engine starts, so spawn always (the user's own VLLM_WORKER_MULTIPROC_METHOD still wins).
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         try:
             self.llm = self.api.AsyncLLM.from_engine_args(self.api.AsyncEngineArgs(**self.engine_kwargs))
         except (ValueError, TypeError, RuntimeError) as exc:  # vLLM's config checks raise ValueError
