@@ -351,6 +351,8 @@ def tiny_model(
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed."),
     corpus_episodes: Optional[int] = typer.Option(None, min=1, max=10_000_000,
                                                   help="Scripted episodes the tokenizer is trained on (default 3000)."),
+    demo_turns: Optional[int] = typer.Option(None, min=1, max=10_000,
+                                             help="Turns per demonstration (default 4; more for many-turn games)."),
 ) -> None:
     """Build a tiny tool-calling model from scratch (tokenizer, transformer, warm start).
 
@@ -360,7 +362,8 @@ def tiny_model(
 
     from agentrl.errors import ConfigError
 
-    given = {"demos": demos, "tool_use_prob": tool_use_prob, "sft_steps": sft_steps, "corpus_episodes": corpus_episodes}
+    given = {"demos": demos, "tool_use_prob": tool_use_prob, "sft_steps": sft_steps, "corpus_episodes": corpus_episodes,
+             "demo_turns": demo_turns}
     _quiet_loaders()
     with _errors_reported():
         if out.exists() and not out.is_dir():

@@ -3,8 +3,9 @@
 The env is CliffWalking through the Gymnasium text adapter (`gym-cliffwalking-v0`: a random safe
 start cell per task, -1 per step, -100 and back to the start for a step onto the cliff, the episode
 ends at the goal), with one change, registered here as `cliffwalking-stepcost-v0`: a reply that is
-not a readable action costs -1 like a step (the adapter gives it 0, which would pay the policy to
-stop moving). For the same reason every run sets `algorithm.truncation_penalty` (100, a fall): a
+not a readable action costs -1 like a step (the adapter gave it 0, which would pay the policy to
+stop moving; `gym-cliffwalking-v0` now charges the -1 itself and says so in its reply, so the
+subclass changes nothing any more and a rerun sees that one extra sentence the published runs did not). For the same reason every run sets `algorithm.truncation_penalty` (100, a fall): a
 turn that never ends never reaches the env, so without it the best policy writes on until the token
 budget. Each run trains the same tiny model (built here by the tiny-model recipe from the adapter's
 scripted demonstrator, which plays the optimal action half of the time and a random one otherwise)

@@ -14,7 +14,8 @@ An action can be written four ways (names are case-insensitive, numbers are the 
 * the bare name or number as the whole turn.
 
 Anything else is an invalid action: the model gets a message naming the valid actions, the
-episode goes on (the turn still counts towards `max_turns`), and `info["invalid_actions"]` counts it.
+episode goes on (the turn still counts towards `max_turns`), `info["invalid_actions"]` counts it,
+and it earns `invalid_action_reward` (0 unless the game sets a cost).
 
 Splits: a task is the inner env reset with a seed. Each split draws its Gymnasium seeds from its
 own range, and a task belongs to `test` iff a hash of its rendered initial state falls in one
@@ -72,6 +73,7 @@ class GymTextEnv(Env):
         max_turns: Turns (valid or not) after which the episode is truncated.
         parser: Tool-call parser used for the tool-call form of an action.
         system_prompt: Optional system message placed before the first observation.
+        invalid_action_reward: Reward for an unreadable reply (default: the class's, 0 in the adapter).
         **gym_kwargs: Passed to `gymnasium.make`.
 
     Example:
@@ -86,10 +88,18 @@ class GymTextEnv(Env):
     tool_name: str = "act"
     tool_argument: str = "action"
     test_buckets: int = 5
+    #: Reward for a reply that is not a readable action. 0 is right only where no move can lose
+    #: reward; a game whose moves cost something (a step, a lost hand) sets at least that cost,
+    #: or RL learns to write invalid replies instead of playing.
+    invalid_action_reward: float = 0.0
 
     def __init__(self, gym_id: str | None = None, *, max_turns: int = 100, parser: str = "hermes",
-                 system_prompt: str | None = None, **gym_kwargs: Any):
+                 system_prompt: str | None = None, invalid_action_reward: float | None = None, **gym_kwargs: Any):
         self.gym_id = gym_id or self.gym_id
+        if invalid_action_reward is not None:
+            if not np.isfinite(invalid_action_reward):
+                raise EnvError(f"invalid_action_reward must be a finite number, got {invalid_action_reward}")
+            self.invalid_action_reward = float(invalid_action_reward)
         if not self.gym_id:
             raise EnvError(f"{type(self).__name__} needs a Gymnasium id, e.g. GymTextEnv('FrozenLake-v1')")
         if max_turns < 1:
@@ -207,11 +217,12 @@ class GymTextEnv(Env):
             self._invalid += 1
             truncated = self._turns >= self.max_turns
             self._done = truncated
-            text = f"Invalid action: {error}. {self._action_help()}"
+            cost = f" Reward: {self.invalid_action_reward:g}." if self.invalid_action_reward else ""
+            text = f"Invalid action: {error}.{cost} {self._action_help()}"
             if truncated:
-                text += "\n" + self.describe_end(0.0, False)
+                text += "\n" + self.describe_end(self.invalid_action_reward, False)
             info = {"action": None, "invalid_action": True, "invalid_actions": self._invalid, "turn": self._turns}
-            return (Message(role, text, name=name),), 0.0, False, truncated, info
+            return (Message(role, text, name=name),), self.invalid_action_reward, False, truncated, info
         obs, reward, terminated, truncated, gym_info = self.inner.step(index)
         reward, terminated = float(reward), bool(terminated)
         truncated = bool(truncated) or self._turns >= self.max_turns

@@ -86,8 +86,11 @@ def train_tokenizer(corpus: list[str], vocab_size: int):
 
 
 def scripted_episode(env: Env, renderer: ChatRenderer, seed: int, rng: random.Random, tool_use_prob: float,
-                     max_turns: int = 4) -> tuple[list[int], list[int], list[Message]]:
-    """Run the env's scripted solver once: (token ids, loss mask, messages)."""
+                     max_turns: int = 4, max_tokens: int | None = None) -> tuple[list[int], list[int], list[Message]]:
+    """Run the env's scripted solver for up to `max_turns` turns: (token ids, loss mask, messages).
+
+    The ids and mask are cut at `max_tokens` (the model's positions), the messages are not.
+    """
     obs, _ = env.reset(seed=seed, options={"split": "train"})
     messages = list(obs)
     ids = renderer.prompt_ids(messages)
@@ -107,6 +110,8 @@ def scripted_episode(env: Env, renderer: ChatRenderer, seed: int, rng: random.Ra
         suffix = renderer.observation_ids(obs)
         ids += suffix
         mask += [0] * len(suffix)
+    if max_tokens is not None:
+        ids, mask = ids[:max_tokens], mask[:max_tokens]
     return ids, mask, messages
 
 
@@ -165,13 +170,15 @@ def supervised_warm_start(model, examples: list[tuple[list[int], list[int]]], *,
 
 def build_tiny_model(out: str | Path, env_id: str = "calculator-v0", *, shape: TinyModelShape = TinyModelShape(),
                      demos: int | None = None, tool_use_prob: float = 0.5, sft_steps: int = 2000, lr: float = 1e-3,
-                     batch_seqs: int = 16, seed: int = 0, corpus_episodes: int = 3000) -> Path:
+                     batch_seqs: int = 16, seed: int = 0, corpus_episodes: int = 3000, demo_turns: int = 4) -> Path:
     """Make tokenizer + model + supervised warm start and save them (HF format) under `out`.
 
     `demos` defaults to `sft_steps * batch_seqs`: every step sees fresh demonstrations. With a few
     thousand demonstrations repeated for several epochs the tiny model memorises answers instead of
     learning to copy numbers, and never succeeds on held-out tasks. `corpus_episodes` scripted
     episodes train the tokenizer (fewer for envs whose tools are slow, e.g. a sandbox per call).
+    Each demonstration plays up to `demo_turns` turns (more for many-turn games, whose goal is
+    further than four moves away), cut at the model's `shape.max_positions` tokens.
     """
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -185,8 +192,8 @@ def build_tiny_model(out: str | Path, env_id: str = "calculator-v0", *, shape: T
     renderer = ChatRenderer(tokenizer, env.tool_schemas())
     rng = random.Random(seed)
     demos = demos if demos is not None else sft_steps * batch_seqs
-    examples = [scripted_episode(env, renderer, seed=i, rng=rng, tool_use_prob=tool_use_prob)[:2]
-                for i in range(demos)]
+    examples = [scripted_episode(env, renderer, seed=i, rng=rng, tool_use_prob=tool_use_prob, max_turns=demo_turns,
+                                 max_tokens=shape.max_positions)[:2] for i in range(demos)]
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
         num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads,

@@ -87,6 +87,17 @@ def test_turn_limit_truncates_and_counts_invalid_turns():
         env.step("<action>down</action>")
 
 
+def test_invalid_action_reward_is_given_and_said():
+    env = make("gym-frozenlake-v0", random_map=False, max_turns=2, invalid_action_reward=-0.5)
+    env.reset(seed=0)
+    obs, reward, _, truncated, _ = env.step("nope")
+    assert (reward, truncated) == (-0.5, False) and "Reward: -0.5." in obs[0].content
+    _, reward, _, truncated, _ = env.step("nope")  # the last turn: truncated, and still costed
+    assert (reward, truncated) == (-0.5, True)
+    with pytest.raises(EnvError, match="finite"):
+        make("gym-frozenlake-v0", invalid_action_reward=float("nan"))
+
+
 def _bfs_steps(desc: list[str]) -> int:
     """Reference: the fewest moves from S to G on a FrozenLake map, around the holes."""
     n = len(desc)

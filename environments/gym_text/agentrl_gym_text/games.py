@@ -89,6 +89,7 @@ class CliffWalkingTextEnv(GymTextEnv):
     gym_id = "CliffWalking-v1"
     action_names = ("up", "right", "down", "left")
     tool_name, tool_argument = "move", "direction"
+    invalid_action_reward = -1.0  # a step's cost: an unreadable reply must not beat moving
 
     def __init__(self, random_start: bool = True, **kwargs: Any):
         self.random_start = random_start
@@ -128,6 +129,7 @@ class TaxiTextEnv(GymTextEnv):
 
     gym_id = "Taxi-v4"
     action_names = ("south", "north", "east", "west", "pickup", "dropoff")
+    invalid_action_reward = -1.0  # a move's cost: an unreadable reply must not beat driving
     _STANDS = "RGYB"
 
     def rules(self) -> str:
@@ -159,6 +161,8 @@ class BlackjackTextEnv(GymTextEnv):
 
     gym_id = "Blackjack-v1"
     action_names = ("stick", "hit")
+    # A lost hand's reward: playing loses on average, so a free invalid reply (0) taught RL to stop playing.
+    invalid_action_reward = -1.0
 
     def rules(self) -> str:
         return ("You play one hand of Blackjack. Cards 2-10 count their value, face cards 10, an ace 1 or 11. "

@@ -4,6 +4,7 @@ checks, and each demonstrator beats random play (what the tiny-model recipe imit
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 
@@ -40,3 +41,24 @@ def _mean_return(env_id: str, tool_use_prob: float, episodes: int = 30) -> float
 @pytest.mark.parametrize("env_id", GAMES)
 def test_the_demonstrator_beats_random_play(env_id):
     assert _mean_return(env_id, 1.0) > _mean_return(env_id, 0.0)
+
+
+
+@pytest.mark.parametrize("env_id", GAMES)
+def test_an_invalid_reply_costs_what_an_ordinary_losing_move_does(env_id):
+    """With a free invalid reply (0) GRPO on Blackjack learned within 11 steps to write `<action>`
+    and never play, as every hand played loses on average. An unreadable reply must cost what the
+    game's commonest losing move costs (a step, a lost hand: -1), and nothing where no move loses."""
+    env = make(env_id, max_turns=60)
+    rng, losses = random.Random(0), Counter()
+    for seed in range(20):
+        env.reset(seed=seed, options={"split": "train"})
+        for _ in range(60):
+            _, reward, term, trunc, _ = env.step(env.scripted_action(rng, tool_use_prob=0.0))  # random play
+            losses.update([reward] if reward < 0 else [])
+            if term or trunc:
+                break
+    commonest_loss = losses.most_common(1)[0][0] if losses else 0.0
+    env.reset(seed=0, options={"split": "train"})
+    _, reward, *_ = env.step("<action></action>")
+    assert reward == commonest_loss == {"gym-frozenlake-v0": 0.0}.get(env_id, -1.0)
