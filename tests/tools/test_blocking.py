@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,26 @@ from agentrl.tools.core import ToolCall, ToolPolicy, tool
 from agentrl.tools.executor import ToolExecutor
 
 ROOT = Path(__file__).resolve().parents[2]
+
+@pytest.fixture(autouse=True)
+def ctrl_c_as_at_start():
+    """These tests send SIGINT: give them Python's own handler and an unblocked SIGINT, as a fresh program has.
+
+    In a full CI run an earlier test left SIGINT ignored or replaced in this process (not found yet: the
+    tests pass alone); children inherit an ignored SIGINT, so these tests failed far from the cause. What
+    was found is reported as a warning, not hidden."""
+    found = signal.getsignal(signal.SIGINT)
+    blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    if found is not signal.default_int_handler or blocked:
+        warnings.warn(f"SIGINT was left {'blocked' if blocked else 'unblocked'} with handler {found!r} by an "
+                      "earlier test; reset to Python's default for this test")
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    yield
+    signal.signal(signal.SIGINT, found if found is not None else signal.SIG_DFL)
+    if blocked:
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
+
 
 
 def test_returns_and_raises_like_asyncio_run():
