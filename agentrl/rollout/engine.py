@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from agentrl.errors import EngineError
 from agentrl.registry import Registry
 
 
@@ -72,6 +73,17 @@ class Engine(Protocol):
     def wake(self) -> None: ...
 
     def abort(self) -> None: ...
+
+
+def check_prompt(prompt: Sequence[int], max_model_len: int, vocab_size: int | None) -> None:
+    """Refuse a prompt no backend can serve (empty, too long, ids outside the vocabulary), with what to do."""
+    if not prompt:
+        raise EngineError("prompt_ids is empty; a request needs at least one token")
+    if len(prompt) >= max_model_len:
+        raise EngineError(f"prompt has {len(prompt)} tokens; max_model_len is {max_model_len}. "
+                          "Shorten the prompt or raise max_model_len")
+    if min(prompt) < 0 or (vocab_size is not None and max(prompt) >= vocab_size):
+        raise EngineError(f"prompt token ids must be in [0, {vocab_size}); got min {min(prompt)}, max {max(prompt)}")
 
 
 @dataclass

@@ -54,7 +54,7 @@ from agentrl.rollout.backends.embedded.model_runner import ModelRunner
 from agentrl.rollout.backends.embedded.sampling import StopStrings, validate
 from agentrl.rollout.backends.embedded.scheduler import Scheduler
 from agentrl.rollout.backends.embedded.scheduler import Sequence as Seq
-from agentrl.rollout.engine import EngineStats, Generation, SamplingParams
+from agentrl.rollout.engine import EngineStats, Generation, SamplingParams, check_prompt
 
 _CPU_KV_BYTES = 256 * 2**20  # default KV budget on CPU
 # Engines whose thread ran; at exit each is closed, so no engine thread is still unwinding (and
@@ -246,14 +246,7 @@ class EmbeddedEngine:
 
     # -- requests ------------------------------------------------------------------------------
     def _validate(self, prompt: list[int], sampling: SamplingParams) -> None:
-        if not prompt:
-            raise EngineError("prompt_ids is empty; a request needs at least one token")
-        if len(prompt) >= self.max_model_len:
-            raise EngineError(f"prompt has {len(prompt)} tokens; max_model_len is {self.max_model_len}. "
-                              "Shorten the prompt or raise max_model_len")
-        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
-            raise EngineError(f"prompt token ids must be in [0, {self.vocab_size}); got min {min(prompt)}, "
-                              f"max {max(prompt)}")
+        check_prompt(prompt, self.max_model_len, self.vocab_size)
         validate(sampling)
 
     def _sequence(self, req: _Request) -> Seq:

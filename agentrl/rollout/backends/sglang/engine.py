@@ -58,7 +58,7 @@ from agentrl.rollout.backends.managed import ManagedServer, ServerSpec
 from agentrl.rollout.backends.sglang import protocol as P
 from agentrl.rollout.backends.sglang.transport import HttpTransport, InProcessTransport
 from agentrl.rollout.backends.sglang.weights import WeightFolder, run_alongside, tensors_for_engine
-from agentrl.rollout.engine import EngineStats, Generation, SamplingParams
+from agentrl.rollout.engine import EngineStats, Generation, SamplingParams, check_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -349,14 +349,7 @@ class SGLangEngine:
         self.stats.extra.update({k: float(v) for k, v in self._counts.items()}, prefix_cache_hit_rate=hit_rate)
 
     def _validate(self, prompt: list[int], s: SamplingParams) -> None:
-        if not prompt:
-            raise EngineError("prompt_ids is empty; a request needs at least one token")
-        if len(prompt) >= self.max_model_len:
-            raise EngineError(f"prompt has {len(prompt)} tokens; max_model_len is {self.max_model_len}. "
-                              "Shorten the prompt or raise max_model_len")
-        if self._vocab_size is not None and (min(prompt) < 0 or max(prompt) >= self._vocab_size):
-            raise EngineError(f"prompt token ids must be in [0, {self._vocab_size}); got min {min(prompt)}, "
-                              f"max {max(prompt)}")
+        check_prompt(prompt, self.max_model_len, self._vocab_size)
         P.sampling_params(s, max_new_tokens=1, sampling_seed=None, deterministic=self.deterministic)  # refuse early
         P.resolve_seed(s.seed, deterministic=self.deterministic, allow_unseeded=self.allow_unseeded, rng=self._rng)
 

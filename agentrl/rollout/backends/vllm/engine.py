@@ -39,7 +39,7 @@ from agentrl.rollout.backends.managed import ManagedServer, ServerSpec
 from agentrl.rollout.backends.vllm import launch, weights
 from agentrl.rollout.backends.vllm.loop_thread import LoopThread
 from agentrl.rollout.backends.vllm.params import Delta, check_logprob_contract
-from agentrl.rollout.engine import EngineStats, Generation, SamplingParams
+from agentrl.rollout.engine import EngineStats, Generation, SamplingParams, check_prompt
 
 _DRAIN_S = 0.05  # after a pause: time for the last step's outputs to reach the front (see the docstring)
 _CONTROL_TIMEOUT_S = 1800.0  # a reload, sleep or wake of a large model is slow, but bounded
@@ -321,14 +321,7 @@ class VLLMEngine:
             self.transport.resync(self._current)
 
     def _validate(self, prompt: list[int], sampling: SamplingParams) -> None:
-        if not prompt:
-            raise EngineError("prompt_ids is empty; a request needs at least one token")
-        if len(prompt) >= self.max_model_len:
-            raise EngineError(f"prompt has {len(prompt)} tokens; max_model_len is {self.max_model_len}. "
-                              "Shorten the prompt or raise max_model_len")
-        if min(prompt) < 0 or (self.vocab_size is not None and max(prompt) >= self.vocab_size):
-            raise EngineError(f"prompt token ids must be in [0, {self.vocab_size}); got min {min(prompt)}, "
-                              f"max {max(prompt)}")
+        check_prompt(prompt, self.max_model_len, self.vocab_size)
         validate(sampling)
         check_logprob_contract(sampling, self.opts.logprobs_mode)
 
