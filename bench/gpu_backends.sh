@@ -14,6 +14,9 @@
 #   bash bench/gpu_backends.sh wait NAME SECONDS         wait for a background job to end (at most SECONDS)
 #   bash bench/gpu_backends.sh bench ENGINE [ARGS...]    bench/rollout.py: HF generate, the built-in engine and ENGINE
 #                                                        (in-process) on the random Qwen2-0.5B shape; rows in /tmp/bg
+#   bash bench/gpu_backends.sh bench3 [ARGS...]         one bench/rollout.py run: HF, built-in, SGLang and vLLM (each
+#                                                        engine in a child process with its install folder)
+#   bash bench/gpu_backends.sh frontend                  bench/vllm_frontend.py: vLLM's own front ends on workload (a)
 #   bash bench/gpu_backends.sh table                     one table of every bench run's rows (backend columns)
 #   bash bench/gpu_backends.sh collect                  copy /tmp/bg/* into $OUT, print statuses and log tails
 set -uo pipefail
@@ -68,6 +71,22 @@ case "$what" in
     mkdir -p /tmp/bg
     python3 bench/rollout.py --random-qwen2-0.5b --device cuda --dtype bfloat16 --backends "$engine" \
       --engine-options "$opts" --hf-repeats 1 --repeats 2 --json "/tmp/bg/rollout_$engine.json" "$@"
+    ;;
+  bench3)
+    # One bench/rollout.py run, one table: HF generate and the built-in engine in this process, SGLang and
+    # vLLM each in a child process with its own install folder (--backend-site), one after the other.
+    export PYTHONPATH=$PWD:/tmp/site_common HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0
+    opts='{"sglang": {"enable_deterministic_inference": false, "allow_unseeded": true, "attention_backend": "fa3", "mem_fraction_static": 0.35}, "vllm": {"gpu_memory_utilization": 0.35}}'
+    mkdir -p /tmp/bg
+    python3 bench/rollout.py --random-qwen2-0.5b --device cuda --dtype bfloat16 --backends sglang,vllm \
+      --backend-site sglang=/tmp/site_sglang --backend-site vllm=/tmp/site_vllm \
+      --engine-options "$opts" --hf-repeats 1 --repeats 2 --json /tmp/bg/rollout_three.json "$@"
+    ;;
+  frontend)
+    # vLLM driven directly (offline LLM; AsyncLLM streams), workload (a), to place agentrl's vllm column
+    eval "$(bash "$0" env vllm)"
+    mkdir -p /tmp/bg
+    for mode in llm async; do python3 bench/vllm_frontend.py --mode $mode --json /tmp/bg/vllm_frontend.json; done
     ;;
   table)
     python3 - <<'PY'

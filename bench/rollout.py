@@ -230,20 +230,27 @@ def snapshot(engine: EmbeddedEngine) -> tuple[float, int]:
     return engine.stats.extra.get("cached_prompt_tokens", 0.0), engine.stats.prompt_tokens
 
 
-def backend_columns(args, model, longest: int) -> dict:
-    """The engines of `--backends`, by label, on `model` saved to a directory (their constructors take a path)."""
+def model_dir(args, model) -> str:
+    """`--model`, or `model` saved once to a temporary directory (engine constructors take a path)."""
     import tempfile
 
+    if not args.model:
+        args.model = tempfile.mkdtemp(prefix="agentrl-bench-model-")
+        model.save_pretrained(args.model)
+    return args.model
+
+
+def backend_columns(args, model, longest: int, sites: dict[str, str]) -> dict:
+    """The engines of `--backends` that run in this process (not in `sites`), by label, on `model`."""
     from agentrl.rollout.engine import ENGINES
 
-    if not args.backends:
+    items = [i for i in args.backends.split(",") if i and (i.rpartition("=")[0] or i) not in sites]
+    if not items:
         return {}
-    path = args.model or tempfile.mkdtemp(prefix="agentrl-bench-model-")
-    if not args.model:
-        model.save_pretrained(path)
+    path = model_dir(args, model)
     options = json.loads(args.engine_options)
     columns = {}
-    for item in args.backends.split(","):
+    for item in items:
         label, _, name = item.rpartition("=")
         label = label or name
         opts = {**({"mem_fraction_static": 0.35} if name == "sglang" else {}), **options.get(label, {})}
@@ -349,6 +356,9 @@ def main() -> None:
     ap.add_argument("--backends", default="", help="more engine columns, by registry name (label=name for a "
                     "variant), e.g. sglang,vllm")
     ap.add_argument("--engine-options", default="{}", help="JSON: constructor options by backend label")
+    ap.add_argument("--backend-site", action="append", default=[], metavar="LABEL=PATH[:PATH]",
+                    help="time that backend in a child process with PATH first on its import path (an engine's "
+                         "own install folder: SGLang and vLLM cannot share a process), after this process's columns")
     for f in fields(Sizes):
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=int, help=f"override the size {f.name}")
     args = ap.parse_args()
@@ -362,7 +372,8 @@ def main() -> None:
     sweep = [int(p) for p in args.plain_sweep.split(",")] if args.plain_sweep else [sz.prompts]
     batch = max(*sweep, sz.groups * sz.n, sz.episodes)
     graphs = not args.no_cuda_graphs
-    others = backend_columns(args, model, longest)  # first: they size their memory from what is free
+    sites = dict(item.split("=", 1) for item in args.backend_site)
+    others = backend_columns(args, model, longest, sites)  # first: they size their memory from what is free
     engine = EmbeddedEngine(model, device=args.device, dtype=DTYPES[args.dtype], max_model_len=longest + 8,
                             max_batch_size=batch, cuda_graphs=graphs)
     no_cache = EmbeddedEngine(model, device=args.device, dtype=DTYPES[args.dtype], max_model_len=longest + 8,
@@ -387,6 +398,12 @@ def main() -> None:
         other.close()
     if args.profile:
         profile_engine(model, engine, replace(sz, prompts=sweep[0], new=32))
+    if sites:
+        from rollout_backend import run_isolated
+
+        del engine, no_cache, others  # free this process's KV caches for the children's engines
+        rows += run_isolated(args, model_dir(args, model), sites, sz, sweep, longest + 8, model.config.vocab_size,
+                             rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
