@@ -96,9 +96,9 @@ def test_a_rollout_failure_reaches_the_trainer(stopping_model_dir, tmp_path):
         rollout.close()
 
 
-def _check_bounded_staleness(history: list[dict]) -> None:
+def _check_bounded_staleness(history: list[dict], overlap: bool = True) -> None:
     """Three steps with max_staleness=1: finite losses, every trained token in the staleness histogram,
-    none more than one version old, and some one version old after the first step."""
+    none more than one version old, and (`overlap`) some one version old after the first step."""
     assert len(history) == 3 and all(math.isfinite(m["loss"]) for m in history)
     for m in history:
         assert m["staleness/max"] <= 1
@@ -107,7 +107,9 @@ def _check_bounded_staleness(history: list[dict]) -> None:
         assert "time/trainer/wait_rollout" in m
     # Step 2's episodes start as soon as step 1's are handed over, while step 1 trains (a CPU update
     # takes far longer than the first tokens of a 16-token episode): they carry version 0 tokens.
-    assert history[0]["staleness/max"] == 0 and max(m["staleness/max"] for m in history[1:]) == 1
+    assert history[0]["staleness/max"] == 0
+    if overlap:
+        assert max(m["staleness/max"] for m in history[1:]) == 1
 
 
 @pytest.mark.parametrize("correction", [ASYNC[1:], ["algorithm.old_logprobs=rollout"]], ids=["tis", "rollout_ratio"])
@@ -122,7 +124,10 @@ def test_an_asynchronous_run_on_two_ray_rollout_workers_trains_with_bounded_stal
     # The producer's plays run on the workers while this process trains and pushes the weights.
     result = train(_cfg(stopping_model_dir, tmp_path, *ASYNC, "train.max_staleness=1", *RAY))
     history = result["history"]
-    _check_bounded_staleness(history)
+    # Whether a worker begins step 2's episodes before step 1's weights reach it depends on how fast Ray
+    # schedules the call (under a loaded CI machine it once did not): the overlap itself is checked in
+    # process above; here the bound, the versions and that nothing failed.
+    _check_bounded_staleness(history, overlap=False)
     assert all(m["trained_episodes"] == 4 and m["episode_errors"] == 0 for m in history)
     assert not any(k.startswith(("workers/", "episodes/")) for m in history for k in m)  # nothing failed
     assert (tmp_path / "final" / "config.json").is_file()
@@ -160,7 +165,7 @@ def test_a_ray_worker_sigkilled_mid_step_of_an_asynchronous_run(stopping_model_d
     assert hit["episodes/rerun"] == 2 and "workers/hung" not in hit and "episodes/lost" not in hit  # one group again
     # Every episode played again arrived: none recorded as failed, none trained as one.
     assert all(m["trained_episodes"] == 4 and m["episode_errors"] == 0 for m in history)
-    _check_bounded_staleness(history)
+    _check_bounded_staleness(history, overlap=False)
 
 
 def test_the_asynchronous_schedule_needs_an_importance_correction(stopping_model_dir, tmp_path):
