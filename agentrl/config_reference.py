@@ -1,6 +1,6 @@
 """The configuration reference (docs/configuration.md), written from the pydantic models themselves.
 
-`agentrl/config.py` is the one source of every key, default, bound and description; this module
+`agentrl/config/` is the one source of every key, default, bound and description; this module
 turns it into a Markdown page, so the page cannot say anything the models do not.
 `python scripts/config_reference.py` rewrites the page, and a test fails when it is stale.
 """
@@ -17,7 +17,7 @@ from pydantic_core import PydanticUndefined
 
 HEADER = """# Configuration reference
 
-Every key of a run's config, generated from `agentrl/config.py` by `python scripts/config_reference.py`
+Every key of a run's config, generated from `agentrl/config/` by `python scripts/config_reference.py`
 (do not edit by hand; `tests/test_config_reference.py` fails when this page is stale). A YAML file
 holds only the keys it changes; `agentrl train CONFIG key.sub=value` overrides any key on the
 command line. Unknown keys are refused with a "did you mean".
