@@ -399,7 +399,7 @@ def main() -> None:
     if args.profile:
         profile_engine(model, engine, replace(sz, prompts=sweep[0], new=32))
     if sites:
-        from rollout_backend import run_isolated
+        from rollout_columns import run_isolated
 
         del engine, no_cache, others  # free this process's KV caches for the children's engines
         rows += run_isolated(args, model_dir(args, model), sites, sz, sweep, longest + 8, model.config.vocab_size,

@@ -58,60 +58,6 @@ def time_backend(engine, vocab: int, sz: Sizes, workloads: list[str], sweep: lis
     return rows
 
 
-def run_isolated(args, model_path: str, sites: dict[str, str], sz: Sizes, sweep: list[int], max_model_len: int,
-                 vocab: int, rows: list[dict]) -> list[dict]:
-    """Time each backend of `sites` (label -> import path) in a child process; returns its rows with the
-    ratios to this process's HF `generate` and built-in rows, and prints every column in one table."""
-    import dataclasses
-    import gc
-    import subprocess
-    import tempfile
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    options = json.loads(args.engine_options)
-    new_rows = []
-    for item in [i for i in args.backends.split(",") if i and (i.rpartition("=")[0] or i) in sites]:
-        label = item.rpartition("=")[0] or item
-        name = item.rpartition("=")[2]
-        opts = {**({"mem_fraction_static": 0.35} if name == "sglang" else {}), **options.get(label, {})}
-        out = tempfile.mktemp(suffix=".json", prefix=f"agentrl-bench-{label}-")
-        cmd = [sys.executable, os.path.abspath(__file__), "--model", model_path, "--backend", item,
-               "--device", args.device, "--dtype", args.dtype, "--options", json.dumps(opts),
-               "--sizes", json.dumps(dataclasses.asdict(sz)), "--workloads", args.workloads,
-               "--sweep", ",".join(map(str, sweep)), "--repeats", str(args.repeats),
-               "--max-model-len", str(max_model_len), "--vocab", str(vocab), "--json", out]
-        path = os.pathsep.join(p for p in (root, sites[label], os.environ.get("PYTHONPATH", "")) if p)
-        print(f"-- {label}: a child process with PYTHONPATH={path}", flush=True)
-        done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": path})
-        if done.returncode != 0:
-            print(f"-- {label}: the child process failed with exit code {done.returncode}; no column", flush=True)
-            continue
-        with open(out) as f:
-            new_rows += json.load(f)
-        os.unlink(out)
-    by = {(r["workload"], r["backend"]): r["tok_per_s"] for r in rows}
-    for r in new_rows:
-        for base in ("hf_generate", "embedded"):
-            if (r["workload"], base) in by:
-                r[f"vs_{'hf' if base == 'hf_generate' else base}"] = round(r["tok_per_s"] / by[r["workload"], base], 2)
-    print_table(rows + new_rows)
-    return new_rows
-
-
-def print_table(rows: list[dict]) -> None:
-    """new tokens/s, one row per workload, one column per backend."""
-    cols = list(dict.fromkeys(r["backend"] for r in rows))
-    cells = {(r["workload"], r["backend"]): r["tok_per_s"] for r in rows}
-    print("| workload | " + " | ".join(cols) + " |", flush=True)
-    print("|---|" + "---:|" * len(cols), flush=True)
-    for w in dict.fromkeys(r["workload"] for r in rows):
-        print(f"| {w} | " + " | ".join(f"{cells[w, c]:,.0f}" if (w, c) in cells else "-" for c in cols) + " |",
-              flush=True)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)

@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from rollout import (DTYPES, build_model, engine_turn, episodes, hf_generate, hf_turn,  # noqa: E402
                      random_prompts)
-from rollout_backend import print_table  # noqa: E402
+from rollout_columns import print_table  # noqa: E402
 
 from agentrl.rollout.engine import SamplingParams  # noqa: E402
 

@@ -22,6 +22,7 @@ from agentrl.driver.failures import FailurePolicy
 from agentrl.driver.preflight import build_env, check_device, check_model_dir, check_splits, reported
 from agentrl.envs.core import Env
 from agentrl.envs.registration import make
+from agentrl.errors import ConfigError
 from agentrl.rollout.agent_loop import EnvPool, EpisodeLimits, EpisodeSpec, run_episodes
 from agentrl.rollout.backends.managed import ServerSpec
 from agentrl.rollout.backends.selection import engine_arguments, resolve_engine
@@ -96,10 +97,9 @@ class RolloutSide:
                 "env.train_split"); each must exist and its prompts must fit rollout.max_total_tokens.
             server_logs: Where a launched engine server writes its log; default `<run_dir>/servers`.
         """
-        if len(cfg.envs) > 1:  # several envs: one side per env on one engine (`agentrl.driver.tasks`)
-            from agentrl.driver.tasks import MixedRolloutSide
-
-            return MixedRolloutSide.open(cfg, model_path, splits, server_logs)  # type: ignore[return-value]
+        if len(cfg.envs) > 1:
+            raise ConfigError(f"RolloutSide plays one env and this config lists {len(cfg.envs)}: open it with "
+                              "agentrl.driver.tasks.open_rollout_side (one side per env on one engine)")
         path = model_path or cfg.model.path
         field = "--model" if model_path else "model.path"
         check_device(engine_device(cfg), "rollout.device" if cfg.rollout.device else "model.device")

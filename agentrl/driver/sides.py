@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 
 from agentrl.config import Config
 from agentrl.driver.preflight import check_device
-from agentrl.driver.rollout_side import RolloutSide
+from agentrl.driver.tasks import open_rollout_side
 from agentrl.driver.trainer_side import TrainerSide
 
 
@@ -28,7 +28,7 @@ def open_sides(cfg: Config, splits: Sequence[tuple[str, str]]) -> Iterator[tuple
         splits: (split, where it was given) pairs the run will play (checked before anything loads).
     """
     if cfg.cluster.mode == "local":
-        rollout = RolloutSide.open(cfg, splits=splits)
+        rollout = open_rollout_side(cfg, splits=splits)
         try:
             yield rollout, TrainerSide.open(cfg, rollout.path)
         finally:

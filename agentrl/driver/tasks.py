@@ -26,6 +26,7 @@ from agentrl.config import AlgorithmConfig, Config, EnvConfig
 from agentrl.driver.failures import FailurePolicy
 from agentrl.driver.metrics import rollout_metrics
 from agentrl.driver.preflight import build_env
+from agentrl.driver.rollout_side import RolloutSide, load_renderer
 from agentrl.envs.registration import ENVS, make
 from agentrl.errors import ConfigError
 from agentrl.rollout.agent_loop import EnvPool, EpisodeSpec
@@ -108,6 +109,15 @@ def scale_advantages_per_env(batch: TrainBatch, trajectories: Sequence[Trajector
     return batch.with_(advantages=scale_per_task(batch.advantages, batch.mask, env_ids))
 
 
+def open_rollout_side(cfg: Config, model_path: str | None = None, splits: Sequence[tuple[str, str]] = (),
+                      server_logs: str | None = None) -> RolloutSide | MixedRolloutSide:
+    """The in-process rollout side of `cfg`: one `RolloutSide`, or for several envs a `MixedRolloutSide`
+    (one side per env on one engine). Arguments as `RolloutSide.open`."""
+    if len(cfg.envs) > 1:
+        return MixedRolloutSide.open(cfg, model_path, splits, server_logs)
+    return RolloutSide.open(cfg, model_path, splits, server_logs)
+
+
 @dataclass
 class MixedRolloutSide:
     """The rollout side of a multi-task run: one `RolloutSide` per env, all on the first one's engine.
@@ -123,8 +133,6 @@ class MixedRolloutSide:
     def open(cls, cfg: Config, model_path: str | None = None,
              splits: Sequence[tuple[str, str]] = (), server_logs: str | None = None) -> MixedRolloutSide:
         """Check every env (its failure policy, that it builds, its splits' prompts), then load the model once."""
-        from agentrl.driver.rollout_side import RolloutSide, load_renderer
-
         run_failure_policy(cfg)
         envs = list(cfg.envs)
         probes = {}
