@@ -86,7 +86,10 @@ case "$what" in
     # vLLM driven directly (offline LLM; AsyncLLM streams), workload (a), to place agentrl's vllm column
     eval "$(bash "$0" env vllm)"
     mkdir -p /tmp/bg
-    for mode in llm async; do python3 bench/vllm_frontend.py --mode $mode --json /tmp/bg/vllm_frontend.json; done
+    python3 bench/vllm_frontend.py --mode llm --json /tmp/bg/vllm_frontend.json
+    for ctx in ENGINE_CONTEXT LLM_CLASS; do
+      python3 bench/vllm_frontend.py --mode async --usage-context $ctx --json /tmp/bg/vllm_frontend.json
+    done
     ;;
   table)
     python3 - <<'PY'

@@ -6,7 +6,8 @@ vLLM's own front ends, to tell the engine's speed from the cost of how agentrl d
 - `--mode llm`: the offline `vllm.LLM.generate` on all prompts at once, without logprobs and with
   `logprobs=0` (the sampled token's logprob, what agentrl asks for);
 - `--mode async`: `AsyncLLM` with one request stream per prompt (what agentrl's backend does), with
-  `CUMULATIVE` outputs (agentrl's choice) and `FINAL_ONLY` (one output per request).
+  `CUMULATIVE` outputs (agentrl's choice) and `FINAL_ONLY` (one output per request), its batch sized by
+  `--usage-context` (vLLM's defaults differ by who starts the engine; see docs/benchmarks.md).
 Both with `logprobs_mode=processed_logprobs` and prefix caching, as agentrl configures them. vLLM only (GPU);
 each mode in its own process (`bench/gpu_backends.sh frontend` runs both).
 """
@@ -67,13 +68,15 @@ def run_llm(prompts, new, repeats, path) -> list[dict]:
     return rows
 
 
-def run_async(prompts, new, repeats, path) -> list[dict]:
+def run_async(prompts, new, repeats, path, usage: str) -> list[dict]:
     import vllm
     from vllm.sampling_params import RequestOutputKind
+    from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 
     async def main() -> list[dict]:
-        llm = AsyncLLM.from_engine_args(vllm.AsyncEngineArgs(**engine_kwargs(path, len(prompts[0]) + new + 8)))
+        llm = AsyncLLM.from_engine_args(vllm.AsyncEngineArgs(**engine_kwargs(path, len(prompts[0]) + new + 8)),
+                                        usage_context=UsageContext[usage])
         rows = []
         try:
             for name, kind in (("async_cumulative", RequestOutputKind.CUMULATIVE),
@@ -115,11 +118,19 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--usage-context", default="LLM_CLASS", choices=["ENGINE_CONTEXT", "LLM_CLASS", "OPENAI_API_SERVER"],
+                    help="async mode: the UsageContext vLLM sizes its batch by (agentrl's backend: LLM_CLASS; "
+                         "AsyncLLM's own default ENGINE_CONTEXT gives 128 sequences, 2,048 tokens a step)")
     ap.add_argument("--json", help="append the rows to this JSON list")
     args = ap.parse_args()
     path = saved_model()
     prompts = random_prompts(args.prompts, args.prompt_len, 151936, 0)  # workload (a)'s prompts
-    rows = (run_llm if args.mode == "llm" else run_async)(prompts, args.new, args.repeats, path)
+    if args.mode == "llm":
+        rows = run_llm(prompts, args.new, args.repeats, path)
+    else:
+        rows = run_async(prompts, args.new, args.repeats, path, args.usage_context)
+        for r in rows:
+            r["variant"] += f"_{args.usage_context.lower()}"
     for r in rows:
         print(f"{r['variant']:20s} {r['tokens']:8d} tok {r['seconds']:8.2f} s {r['tok_per_s']:10.1f} tok/s", flush=True)
     if args.json:

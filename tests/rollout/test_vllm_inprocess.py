@@ -64,8 +64,10 @@ class FakeLLM:
         self.step.set()
 
     @classmethod
-    def from_engine_args(cls, args):
-        return cls(args)
+    def from_engine_args(cls, args, usage_context=None):
+        llm = cls(args)
+        llm.usage_context = usage_context
+        return llm
 
     async def generate(self, prompt, params, request_id):
         self.calls.append(("generate", request_id, dict(params.kwargs), dict(prompt)))
@@ -127,8 +129,14 @@ class FakeLLM:
         self.calls.append(("shutdown",))
 
 
+class Usage(enum.Enum):  # vllm.usage.usage_lib.UsageContext's members that matter here
+    ENGINE_CONTEXT = "ENGINE_CONTEXT"
+    LLM_CLASS = "LLM_CLASS"
+    OPENAI_API_SERVER = "OPENAI_API_SERVER"
+
+
 API = types.SimpleNamespace(AsyncEngineArgs=FakeEngineArgs, AsyncLLM=FakeLLM, SamplingParams=FakeSamplingParams,
-                            TokensPrompt=lambda **kw: kw, RequestOutputKind=Kind)
+                            TokensPrompt=lambda **kw: kw, RequestOutputKind=Kind, UsageContext=Usage)
 
 
 class CharTokenizer:
@@ -159,6 +167,8 @@ def test_engine_arguments(engine):
         model="/no/such/model", dtype="bfloat16", max_model_len=512, skip_tokenizer_init=True,
         enable_prefix_caching=True, logprobs_mode="processed_logprobs", enable_sleep_mode=True,
         gpu_memory_utilization=0.3, enforce_eager=True)
+    # The offline batch defaults (max_num_seqs, max_num_batched_tokens), not AsyncLLM's generic 128 / 2,048.
+    assert llm(engine).usage_context is Usage.LLM_CLASS
     with pytest.raises(EngineError, match="Did you mean 'enforce_eager'"):
         VLLMEngine("/m", vllm_api=API, enforce_eagre=True)
     with pytest.raises(EngineError, match="CUDA_VISIBLE_DEVICES"):

@@ -33,13 +33,14 @@ def vllm_api() -> types.SimpleNamespace:
     try:
         from vllm import AsyncEngineArgs, SamplingParams, TokensPrompt
         from vllm.sampling_params import RequestOutputKind
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
     except ImportError as exc:
         raise EngineError(f"rollout.engine 'vllm' needs the vllm package ({exc}); install it with "
                           "`pip install agentrl[vllm]` (vllm 0.24), or give rollout.server.url of a running "
                           "vLLM server") from exc
     return types.SimpleNamespace(AsyncEngineArgs=AsyncEngineArgs, AsyncLLM=AsyncLLM, SamplingParams=SamplingParams,
-                                 TokensPrompt=TokensPrompt, RequestOutputKind=RequestOutputKind)
+                                 TokensPrompt=TokensPrompt, RequestOutputKind=RequestOutputKind, UsageContext=UsageContext)
 
 
 class InProcessTransport:
@@ -58,8 +59,14 @@ class InProcessTransport:
         # its core died with "CUDA error: initialization error". agentrl's trainer initialises CUDA before a
         # colocated engine starts, so spawn always (the user's own VLLM_WORKER_MULTIPROC_METHOD still wins).
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        # vLLM sizes its batch by who starts it: `AsyncLLM.from_engine_args` alone gets the generic 128
+        # sequences and 2,048 tokens per step (on the H200 the 256-prompt benchmark ran in two waves), `vllm
+        # serve` 1,024 and 8,192 on a large GPU, the offline `LLM` 1,024 and 16,384. A rollout engine is an
+        # offline batch job, so it asks for the offline defaults; engine_options max_num_seqs and
+        # max_num_batched_tokens still win.
         try:
-            self.llm = self.api.AsyncLLM.from_engine_args(self.api.AsyncEngineArgs(**self.engine_kwargs))
+            self.llm = self.api.AsyncLLM.from_engine_args(self.api.AsyncEngineArgs(**self.engine_kwargs),
+                                                          usage_context=self.api.UsageContext.LLM_CLASS)
         except (ValueError, TypeError, RuntimeError) as exc:  # vLLM's config checks raise ValueError
             raise EngineError(f"vLLM could not start on {self.engine_kwargs.get('model')!r}: "
                               f"{type(exc).__name__}: {exc}") from exc
