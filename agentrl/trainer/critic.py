@@ -31,7 +31,7 @@ from agentrl.trainer.algos import clipped_value_loss
 from agentrl.trainer.batch import TrainBatch
 from agentrl.trainer.fsdp import all_reduce_sum, world_size
 from agentrl.trainer.packing import PackedBatch, pack_sequences
-from agentrl.trainer.policy import PACKED_CHECK_TOLERANCE
+from agentrl.trainer.policy import PACKED_CHECK_TOLERANCE, enable_activation_checkpointing
 from agentrl.trainer.update import autocast, micro_batch_plan, pack_rows, step_if_finite
 
 HEAD_FILE = "value_head.safetensors"
@@ -89,7 +89,7 @@ def load_critic(path: str, *, dtype: torch.dtype, device: str, attn_implementati
                            f"{sorted(info['missing_keys'])[0]!r}); critic.path must hold a model of the policy's "
                            "architecture (a causal LM directory or a critic agentrl saved)")
     if gradient_checkpointing:
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(backbone)
     critic = ValueModel(backbone)
     head = Path(path) / HEAD_FILE
     if head.is_file():

@@ -21,6 +21,19 @@ _PEFT_PREFIX = "base_model.model."
 PACKED_CHECK_TOLERANCE = {torch.float32: 2e-2, torch.bfloat16: 0.25, torch.float16: 0.1}
 
 
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each layer's activations in the backward pass (non-reentrant checkpoints).
+
+    transformers renamed `gradient_checkpointing_enable` to `activation_checkpointing_enable` after 5.17
+    (the GPU machines' version) and warns on the old name since; use whichever the installed one has.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
 def load_policy(path: str, *, dtype: torch.dtype, device: str, attn_implementation: str,
                 lora_rank: int = 0, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
                 lora_targets: tuple[str, ...] = (), gradient_checkpointing: bool = False) -> torch.nn.Module:
@@ -31,7 +44,7 @@ def load_policy(path: str, *, dtype: torch.dtype, device: str, attn_implementati
     if attn_implementation == "agentrl_varlen":
         check_packed_forward(model.to(device))
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if lora_rank > 0:
         try:
             from peft import LoraConfig, get_peft_model

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from agentrl.trainer.batch import TrainBatch
+from agentrl.trainer.policy import enable_activation_checkpointing
 from agentrl.trainer.update import LossSettings, policy_update
 
 
@@ -78,7 +79,7 @@ class _Worker:
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype,
                                                      attn_implementation=register_varlen_attention())
         if self.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         if self.compile:
             compile_blocks(model)
         self.model = shard_policy(model.to(self.device), mixed_precision=self.mixed_precision)
