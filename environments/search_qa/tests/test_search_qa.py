@@ -114,3 +114,16 @@ def test_an_answer_that_lists_every_candidate_scores_nothing():
             assert env.score(task, "I do not know.") == 0.0
     finally:
         env.close()
+
+
+def test_a_client_that_hangs_up_leaves_no_traceback_but_other_errors_do(capsys):
+    httpd = server.acquire().httpd
+    try:
+        for error, printed in ((BrokenPipeError(32, "Broken pipe"), False), (ValueError("a real bug"), True)):
+            try:
+                raise error
+            except Exception:
+                httpd.handle_error(None, ("127.0.0.1", 1))
+            assert (type(error).__name__ in capsys.readouterr().err) == printed
+    finally:
+        server.release()
