@@ -25,8 +25,8 @@ _LAST = ("Castell", "Varga", "Holloway", "Quist", "Marrow", "Ebbing", "Tallis", 
          "Pemberly", "Ravel", "Stroud", "Thackery", "Voss", "Whitlock", "Ardent", "Bellamy", "Corbin", "Drayton")
 _PROFESSIONS = ("violinist", "cartographer", "glassblower", "botanist", "clockmaker", "poet", "surveyor",
                 "beekeeper", "astronomer", "bookbinder")
-_RIVERS = ("Elm", "Sorrow", "Anwen", "Tarn", "Brisk", "Moyle", "Calder", "Ouse", "Lethe", "Wend", "Kesh", "Ravel")
-_PROVINCES = ("Varn", "Ostmark", "Hale", "Corrin", "Belmaris", "Tyde", "Wexmoor", "Auldon")
+RIVERS = ("Elm", "Sorrow", "Anwen", "Tarn", "Brisk", "Moyle", "Calder", "Ouse", "Lethe", "Wend", "Kesh", "Ravel")
+PROVINCES = ("Varn", "Ostmark", "Hale", "Corrin", "Belmaris", "Tyde", "Wexmoor", "Auldon")
 TOWNS, PEOPLE = 48, 160
 
 
@@ -58,8 +58,8 @@ def build() -> tuple[tuple[Document, ...], tuple[Question, ...]]:
     towns: dict[str, dict] = {}
     while len(towns) < TOWNS:
         name = (rng.choice(_SYLLABLES) + rng.choice(_SYLLABLES)).capitalize()
-        if name not in towns and name not in _RIVERS:
-            towns[name] = {"province": rng.choice(_PROVINCES), "river": rng.choice(_RIVERS),
+        if name not in towns and name not in RIVERS:
+            towns[name] = {"province": rng.choice(PROVINCES), "river": rng.choice(RIVERS),
                            "founded": rng.randint(900, 1850), "people": rng.randint(2, 90) * 1000}
     names = [f"{f} {s}" for f in _FIRST for s in _LAST]
     rng.shuffle(names)

@@ -4,7 +4,7 @@ A question asks for a fact of the town where a (fictional) person was born. The 
 the collection (`search`, BM25 from `bm25s`: ids, titles and the first sentence of the best
 documents), reads whole documents (`fetch`, through agentrl's SSRF-safe HTTP client from a document
 server the env runs on 127.0.0.1), and answers. Reward 1 when the answer names the right river,
-province or year, else 0.
+province or year and no other one, else 0.
 
 Splits are by person: a person belongs to `test` iff a hash of their name falls in one bucket of
 five, so a test question is never about anyone a training question mentions.
@@ -23,7 +23,7 @@ from agentrl.tools.builtin.http_fetch import format_response
 from agentrl.tools.core import ToolPolicy, env_tool, tool
 from agentrl.tools.http import FetchPolicy, fetch
 from agentrl_search_qa import server
-from agentrl_search_qa.corpus import build
+from agentrl_search_qa.corpus import PROVINCES, RIVERS, build
 
 TEST_BUCKETS = 5
 SYSTEM_PROMPT = "Search the documents, fetch the ones you need, then answer in a few words."
@@ -92,7 +92,15 @@ class SearchQAEnv(ToolEnv):
         return await super().astep(action)
 
     def score(self, task: Task, answer: str) -> float:
-        return 1.0 if re.search(rf"\b{re.escape(task.answer)}\b", answer, re.I) else 0.0
+        """1 when the answer names the right value and no other of its kind (river, province, year):
+        naming every river would otherwise be right on every river question. The person's name is
+        left out first, as some surnames are also rivers (Ravel)."""
+        answer = re.sub(re.escape(task.metadata["person"]), " ", answer, flags=re.I)
+        kind = next((k for k in (RIVERS, PROVINCES) if task.answer in k), None)
+        if kind is None:  # a year: the only number of the answer
+            return 1.0 if re.findall(r"\d+", answer) == [task.answer] else 0.0
+        named = {v for v in kind if re.search(rf"\b{re.escape(v)}\b", answer, re.I)}
+        return 1.0 if named == {task.answer} else 0.0
 
     def scripted_action(self, rng: random.Random, tool_use_prob: float = 1.0,
                         last_tool_output: str | None = None) -> str:

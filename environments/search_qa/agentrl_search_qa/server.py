@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import sys
 import threading
 from urllib.parse import unquote
 
@@ -35,14 +36,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that hung up (a fetch past its deadline, under load) is not the server's error:
+        say nothing; anything else is printed as `socketserver` does."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class DocServer:
     """One HTTP server on 127.0.0.1, serving the collection (use `acquire`/`release`)."""
 
     def __init__(self):
         docs, _ = build()
         handler = type("Handler", (_Handler,), {"docs": {d.id: d for d in docs}})
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _Server(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), name="search-qa-docs",
                                        daemon=True)  # a short poll: shutdown() waits for one

@@ -12,7 +12,7 @@ import pytest
 
 from agentrl.envs import check_env, make
 from agentrl_search_qa import server
-from agentrl_search_qa.corpus import build
+from agentrl_search_qa.corpus import PROVINCES, RIVERS, build
 from agentrl_search_qa.env import _is_test
 
 
@@ -96,3 +96,34 @@ def test_check_env_passes():
     report = check_env("search-qa-v0", episodes=5, max_turns=6)
     assert report.ok, [(r.name, r.detail) for r in report.failures]
     assert not server.running()
+
+
+def test_an_answer_that_lists_every_candidate_scores_nothing():
+    env = make("search-qa-v0")
+    try:
+        kinds = {}
+        for seed in range(60):
+            task = env.sample_task("test", seed)
+            kinds.setdefault(task.prompt.split()[2], task)  # "which river", "which province", "which year"
+        assert len(kinds) == 3
+        for task in kinds.values():
+            pool = RIVERS if task.answer in RIVERS else PROVINCES if task.answer in PROVINCES else ("1500", "1800")
+            assert env.score(task, f"The answer is {task.answer}.") == 1.0
+            assert env.score(task, f"It is {task.answer.lower()}, as {task.metadata['person']} said.") == 1.0
+            assert env.score(task, "It is " + " or ".join((*pool, task.answer))) == 0.0
+            assert env.score(task, "I do not know.") == 0.0
+    finally:
+        env.close()
+
+
+def test_a_client_that_hangs_up_leaves_no_traceback_but_other_errors_do(capsys):
+    httpd = server.acquire().httpd
+    try:
+        for error, printed in ((BrokenPipeError(32, "Broken pipe"), False), (ValueError("a real bug"), True)):
+            try:
+                raise error
+            except Exception:
+                httpd.handle_error(None, ("127.0.0.1", 1))
+            assert (type(error).__name__ in capsys.readouterr().err) == printed
+    finally:
+        server.release()
