@@ -372,7 +372,9 @@ def main() -> None:
     sweep = [int(p) for p in args.plain_sweep.split(",")] if args.plain_sweep else [sz.prompts]
     batch = max(*sweep, sz.groups * sz.n, sz.episodes)
     graphs = not args.no_cuda_graphs
-    sites = dict(item.split("=", 1) for item in args.backend_site)
+    from rollout_columns import parse_sites, run_isolated
+
+    sites = parse_sites(args.backend_site)
     others = backend_columns(args, model, longest, sites)  # first: they size their memory from what is free
     engine = EmbeddedEngine(model, device=args.device, dtype=DTYPES[args.dtype], max_model_len=longest + 8,
                             max_batch_size=batch, cuda_graphs=graphs)
@@ -399,8 +401,6 @@ def main() -> None:
     if args.profile:
         profile_engine(model, engine, replace(sz, prompts=sweep[0], new=32))
     if sites:
-        from rollout_columns import run_isolated
-
         del engine, no_cache, others  # free this process's KV caches for the children's engines
         rows += run_isolated(args, model_dir(args, model), sites, sz, sweep, longest + 8, model.config.vocab_size,
                              rows)

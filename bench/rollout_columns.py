@@ -14,6 +14,17 @@ import sys
 
 import torch
 
+def parse_sites(items: list[str]) -> dict[str, str]:
+    """`--backend-site LABEL=PATH` arguments as {label: path}; a malformed one stops the run saying so."""
+    sites = {}
+    for item in items:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise SystemExit(f"--backend-site {item!r}: expected LABEL=PATH[:PATH...], e.g. sglang=/tmp/site_sglang")
+        sites[label] = path
+    return sites
+
+
 def run_isolated(args, model_path: str, sites: dict[str, str], sz, sweep: list[int], max_model_len: int,
                  vocab: int, rows: list[dict]) -> list[dict]:
     """Time each backend of `sites` (label -> import path) in a child process (`sz`: bench/rollout.py's Sizes);

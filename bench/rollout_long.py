@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from rollout import (DTYPES, build_model, engine_turn, episodes, hf_generate, hf_turn,  # noqa: E402
                      random_prompts)
-from rollout_columns import print_table  # noqa: E402
+from rollout_columns import parse_sites, print_table  # noqa: E402
 
 from agentrl.rollout.engine import SamplingParams  # noqa: E402
 
@@ -209,7 +209,7 @@ def run_parent(args, shapes, longest, sync, tflops) -> list[dict]:
         del engine
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    sites = dict(item.split("=", 1) for item in args.backend_site)
+    sites = parse_sites(args.backend_site)
     items = [i for i in args.backends.split(",") if i]
     if items:
         path = tempfile.mkdtemp(prefix="agentrl-bench-long-model-")

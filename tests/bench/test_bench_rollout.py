@@ -32,3 +32,9 @@ def test_backend_site_runs_the_column_in_a_child_with_that_path(tmp_path):
     assert by["b:1x2", "emb2"]["prompt_cache_hit_rate"] == by["b:1x2", "embedded"]["prompt_cache_hit_rate"] == 0.5
     assert f"PYTHONPATH={ROOT}{os.pathsep}{site}" in done.stdout
     assert "| workload | hf_generate | embedded | emb2 |" in done.stdout
+
+
+def test_a_malformed_backend_site_stops_with_what_to_write():
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "rollout.py"), "--cpu-small", "--backend-site", "sglang"],
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "expected LABEL=PATH" in done.stderr
