@@ -42,6 +42,7 @@ import asyncio
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from agentrl.envs import Env, Message
@@ -82,10 +83,15 @@ class DigitsEnv(Env):
 
 
 class StallingEngine(EmbeddedEngine):
+    """The engine of the worker that claims `arm` never answers; with `hold-for-push` in the fault folder the
+    others pause after their first 20 tokens until weights of version 1 arrive (at most a minute), so that a
+    push lands mid-play however slow the machine is."""
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.stall = False
         folder = os.environ.get("AGENTRL_FAULT_DIR")
+        self.hold_for_push = bool(folder) and (Path(folder) / "hold-for-push").exists()
         if folder:
             try:
                 os.rename(Path(folder) / "arm", Path(folder) / f"armed-{os.getpid()}")
@@ -99,6 +105,14 @@ class StallingEngine(EmbeddedEngine):
             (Path(os.environ["AGENTRL_FAULT_DIR"]) / "stalled").write_text(str(os.getpid()))
             await asyncio.Event().wait()  # never set: the request is never answered
         return await super().generate(prompt_ids, sampling)
+
+    def _step(self, new, epoch):
+        # On the engine's thread, outside its lock (update_weights takes it): wait for the push.
+        if self.hold_for_push and self.weight_version == 0 and self.stats.generated_tokens >= 20:
+            deadline = time.monotonic() + 60
+            while self.weight_version == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        super()._step(new, epoch)
 
 
 class LateStallingEngine(EmbeddedEngine):

@@ -211,12 +211,15 @@ def _sampled_versions(trajectory) -> list[int]:
 
 
 def test_weights_pushed_while_a_play_runs_reach_it_and_a_worker_restarted_mid_play(ray_session, tiny_model_dir,
-                                                                                  fault_dir, monkeypatch):
+                                                                                  fault_dir, monkeypatch, request):
     """The asynchronous schedule pushes weights from the trainer's thread while the producer's thread
     plays. One worker's engine never answers its first request (its slice holds the play open); the
-    other is mid-turn when the weights are pushed, then the stuck worker is SIGKILLed. Last, `abort()`
-    ends a play (the producer's, when the run stops) and leaves the pool ready for the next one. (The
-    tiny model here barely ever ends a turn early, so its 160-token turns outlast the push.)"""
+    other is mid-turn when the weights are pushed (its engine pauses after 20 tokens until they arrive:
+    on a loaded machine its 160-token turns once ended before the push), then the stuck worker is
+    SIGKILLed. Last, `abort()` ends a play (the producer's, when the run stops) and leaves the pool ready
+    for the next one."""
+    (fault_dir / "hold-for-push").write_text("")
+    request.addfinalizer(lambda: (fault_dir / "hold-for-push").unlink(missing_ok=True))  # the folder is the module's
     cfg = _cfg(tiny_model_dir, "rollout.engine=test-stalling", "cluster.health_timeout_s=600", "rollout.max_turns=1",
                "rollout.max_tokens_per_turn=160", "rollout.max_total_tokens=1024")
     stalled = _stall_then(fault_dir, lambda pid: None)
