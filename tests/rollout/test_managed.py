@@ -221,19 +221,23 @@ def test_a_crashed_servers_children_are_killed_before_the_restart(tmp_path):
     assert not alive(second["pid"]) and not alive(second["child_pid"])
 
 
-def test_interpreter_exit_stops_a_server_nobody_stopped(tmp_path):
-    # A driver that ends (here: by an exception) without calling stop() leaves no server behind.
+def _run_driver(tmp_path, name: str, ending: str) -> subprocess.CompletedProcess:
+    """A driver process that starts server `name` (which spawns a child), prints its /info, then runs `ending`."""
     script = textwrap.dedent(f"""
-        import json, sys, httpx
+        import json, os, signal, sys, httpx
         sys.path.insert(0, {str(ROOT)!r})
         from agentrl.rollout.backends.managed import ManagedServer, ServerSpec
         cmd = lambda port: [sys.executable, "-u", {STANDIN!r}, "--port", str(port), "--spawn-child"]
-        server = ManagedServer("leak", cmd, ServerSpec(launch=True, log_dir={str(tmp_path)!r}), stop_grace_s=1.0)
+        server = ManagedServer({name!r}, cmd, ServerSpec(launch=True, log_dir={str(tmp_path)!r}), stop_grace_s=1.0)
         server.start()
         print(json.dumps(httpx.get(server.url + "/info", trust_env=False).json()), flush=True)
-        raise SystemExit("driver failed")
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    """) + ending + "\n"
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+
+
+def test_interpreter_exit_stops_a_server_nobody_stopped(tmp_path):
+    # A driver that ends (here: by an exception) without calling stop() leaves no server behind.
+    out = _run_driver(tmp_path, "leak", 'raise SystemExit("driver failed")')
     assert out.returncode == 1 and "driver failed" in out.stderr, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert not alive(got["pid"]) and not alive(got["child_pid"])
@@ -242,17 +246,7 @@ def test_interpreter_exit_stops_a_server_nobody_stopped(tmp_path):
 def test_a_killed_driver_leaves_no_server_behind(tmp_path):
     # SIGKILL runs no atexit handler (Ray kills a hung worker so): the guard leading the server's
     # session sees its parent gone and stops the group, the server's own child included.
-    script = textwrap.dedent(f"""
-        import json, os, signal, sys, httpx
-        sys.path.insert(0, {str(ROOT)!r})
-        from agentrl.rollout.backends.managed import ManagedServer, ServerSpec
-        cmd = lambda port: [sys.executable, "-u", {STANDIN!r}, "--port", str(port), "--spawn-child"]
-        server = ManagedServer("killed", cmd, ServerSpec(launch=True, log_dir={str(tmp_path)!r}), stop_grace_s=1.0)
-        server.start()
-        print(json.dumps(httpx.get(server.url + "/info", trust_env=False).json()), flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    out = _run_driver(tmp_path, "killed", "os.kill(os.getpid(), signal.SIGKILL)")
     assert out.returncode == -signal.SIGKILL, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
     wait_exit(got["pid"], 10.0)  # the guard checks its parent every 0.5 s, then SIGTERM, 1 s, SIGKILL
