@@ -10,6 +10,12 @@ when seqlen_k > seqlen_q, and whether it takes a paged cache (`block_table`) at 
 
 Run: `PYTHONPATH=. python3 bench/paged_attention.py`.
 
+`--long` times the shapes of long contexts instead (issue 14): prefill chunks of 4k-16k new tokens over
+prefixes up to 28k, each prefill tile configuration (BLOCK_M, BLOCK_N, warps, stages, diagonal split)
+in TFLOP/s of causal attention, against torch's FlashAttention (`varlen_attn`) on the same K/V already
+gathered densely (its kernel alone, the FA2-class yardstick); and decode at 4k-32k contexts for every
+split count and inner tile.
+
 Measured on an H100 80GB HBM3 (torch 2.11.0+cu130, triton 3.6.0; 2.98 TB/s copy), context 512,
 per layer call, graph-replayed:
 
@@ -287,8 +293,96 @@ def varlen_decode_rows(varlen_attn, params, bandwidth, gen) -> list[tuple]:
     return rows
 
 
+PREFILL_CONFIGS = (  # BLOCK_M, BLOCK_N, warps, stages, split diagonal; the first is the kernel as it was
+    (64, 64, 4, 2, False), (64, 64, 4, 2, True), (64, 64, 4, 3, True), (128, 64, 8, 3, True),
+    (128, 64, 4, 3, True), (128, 128, 8, 3, True), (64, 128, 4, 3, True), (128, 32, 4, 3, True),
+    (128, 64, 8, 2, True), (128, 128, 8, 2, True))
+
+
+def long_prefill_rows(varlen_attn, params, gen) -> list[tuple]:
+    rows = []
+    scale = D ** -0.5
+    saved = (pa._PREFILL_BLOCK_M, pa._PREFILL_BLOCK_N, pa._PREFILL_WARPS, pa._PREFILL_STAGES,
+             pa._PREFILL_SPLIT_DIAGONAL)
+    for batch, prefix, new in ((1, 0, 4096), (1, 12288, 4096), (1, 28000, 4000), (1, 0, 16384), (4, 0, 4096),
+                               (1, 16000, 16000), (64, 0, 256)):
+        lens = [prefix + new] * batch
+        caches, table, seq_lens = make_layers(lens, -(-(prefix + new) // PAGE), gen)
+        k_cache, v_cache = caches[0]
+        cu_q = torch.arange(0, (batch + 1) * new, new, dtype=torch.int32, device="cuda")
+        q = torch.randn(batch * new, HQ, D, device="cuda", dtype=DT)
+        args = (q, k_cache, v_cache, table, cu_q, seq_lens, scale)
+        label = f"prefill B={batch} prefix={prefix} new={new}"
+        flops = 4 * batch * HQ * D * (new * prefix + new * (new + 1) / 2)
+        ref = pa.paged_prefill_attention_reference(*args) if batch * (prefix + new) <= 32768 else None
+        for cfg in PREFILL_CONFIGS:
+            (pa._PREFILL_BLOCK_M, pa._PREFILL_BLOCK_N, pa._PREFILL_WARPS, pa._PREFILL_STAGES,
+             pa._PREFILL_SPLIT_DIAGONAL) = cfg
+            try:
+                out = pa.paged_prefill_attention(*args, new, prefix + new)
+                diff = float("nan") if ref is None else (out.float() - ref.float()).abs().max().item()
+                t = time_eager(lambda: pa.paged_prefill_attention(*args, new, prefix + new), reps=5, inner=5)
+                rows.append((label, f"triton M{cfg[0]} N{cfg[1]} w{cfg[2]} s{cfg[3]}{' diag' if cfg[4] else ''}",
+                             t, flops / t / 1e12, diff, float("nan")))
+            except Exception as exc:  # noqa: BLE001 - a configuration that does not compile is reported
+                print(f"  {label} {cfg}: failed: {str(exc)[:200]}")
+            finally:
+                (pa._PREFILL_BLOCK_M, pa._PREFILL_BLOCK_N, pa._PREFILL_WARPS, pa._PREFILL_STAGES,
+                 pa._PREFILL_SPLIT_DIAGONAL) = saved
+        if varlen_attn is None:
+            continue
+        pos = torch.arange(prefix + new, device="cuda")
+        blocks = table[:, pos // PAGE].long()
+        k = k_cache[blocks, pos % PAGE].flatten(0, 1).repeat_interleave(HQ // HKV, 1)
+        v = v_cache[blocks, pos % PAGE].flatten(0, 1).repeat_interleave(HQ // HKV, 1)
+        cu_k = torch.arange(0, (batch + 1) * (prefix + new), prefix + new, dtype=torch.int32, device="cuda")
+        try:
+            t = time_eager(lambda: varlen_attn(q, k, v, cu_q, cu_k, new, prefix + new, scale=scale,
+                                               **_causal_kwargs(params)), reps=5, inner=5)
+            rows.append((label, "varlen_attn (K/V dense, kernel only)", t, flops / t / 1e12, float("nan"),
+                         float("nan")))
+        except Exception as exc:  # noqa: BLE001
+            print(f"  {label}: varlen_attn failed: {str(exc)[:300]}")
+    return rows
+
+
+def long_decode_rows(bandwidth, gen) -> list[tuple]:
+    rows = []
+    scale = D ** -0.5
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for batch, context in ((16, 16256), (8, 32256), (64, 4352), (32, 7700), (256, 768)):
+        kv_bytes = batch * context * HKV * D * 2 * 2
+        floor = kv_bytes / bandwidth
+        width = -(-context // PAGE)
+        caches, table, seq_lens = make_layers([context] * batch, width, gen)
+        q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
+        case = f"decode B={batch} ctx={context}"
+        default = pa.default_num_splits(batch, HKV, width * PAGE, sms)
+        for block_n, warps, stages in ((64, 2, 2), (64, 4, 2), (128, 4, 2), (64, 4, 3), (32, 2, 3)):
+            for splits in (1, 2, 4, 8, 16, 32):
+                pa._DECODE_BLOCK_N, pa._DECODE_WARPS, pa._DECODE_STAGES = block_n, warps, stages
+                try:
+                    t = time_graph(lambda s=splits: [pa.paged_decode_attention(q, k, v, table, seq_lens, scale,
+                                                                               num_splits=s) for k, v in caches],
+                                   reps=7, inner=10) / LAYERS
+                    mark = "*" if (splits, block_n, warps, stages) == (default, 64, 2, 2) else ""
+                    rows.append((case, f"S={splits}{mark} BN={block_n} w={warps} st={stages}", t,
+                                 kv_bytes / t / 1e9, t / floor, float("nan")))
+                except Exception as exc:  # noqa: BLE001
+                    print(f"  {case} S={splits} BN={block_n}: failed: {str(exc)[:200]}")
+                finally:
+                    pa._DECODE_BLOCK_N, pa._DECODE_WARPS, pa._DECODE_STAGES = 64, 2, 2
+    return rows
+
+
 def main() -> None:
+    import argparse
+
     import triton
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--long", action="store_true", help="the long-context shapes and the tile sweep")
+    long_mode = ap.parse_args().long
 
     props = torch.cuda.get_device_properties(0)
     print(f"torch {torch.__version__}, triton {triton.__version__}, {props.name}, {props.multi_processor_count} SMs")
@@ -302,14 +396,18 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001
             print(f"varlen_attn alignment probe failed: {str(exc)[:300]}")
     rows = []
-    for batch in (64, 256):
+    if long_mode:
+        rows += long_prefill_rows(varlen_attn, params, gen)
+        rows += long_decode_rows(bandwidth, gen)
+    for batch in () if long_mode else (64, 256):
         rows += decode_rows(batch, 512, bandwidth, gen)
         rows += ragged_rows(batch, bandwidth, gen)
-    rows += write_rows(gen)
-    rows += prefill_rows(varlen_attn, params, gen)
-    if "block_table" in params:  # last: a failed graph capture could spoil what follows
+    if not long_mode:
+        rows += write_rows(gen)
+        rows += prefill_rows(varlen_attn, params, gen)
+    if "block_table" in params and not long_mode:  # last: a failed graph capture could spoil what follows
         rows += varlen_decode_rows(varlen_attn, params, bandwidth, gen)
-    print(f"\n{'case':34} {'impl':32} {'us/call':>9} {'GB/s|TF/s':>10} {'x floor':>8} {'x 3TB/s':>8}")
+    print(f"\n{'case':34} {'impl':32} {'us/call':>9} {'GB/s|TF/s':>10} {'x floor|diff':>8} {'x 3TB/s':>8}")
     for case, impl, t, rate, x_meas, x_nom in rows:
         print(f"{case:34} {impl:32} {t * 1e6:9.1f} {rate:10.1f} {x_meas:8.2f} {x_nom:8.2f}")
 

@@ -113,6 +113,37 @@ def best(fn, repeats: int, sync) -> tuple[float, int]:
     return min(runs)
 
 
+def profile_shapes(engine, shapes, vocab: int) -> None:
+    """Device time of the built-in engine by kernel family, per shape: the prefill alone and the whole run."""
+    from profile_decode import device_gaps, kernel_seconds
+
+    families = (("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas")), ("attn prefill", ("prefill",)),
+                ("attn decode", ("decode_split", "decode_merge")), ("write_kv", ("write_kv",)),
+                ("rotary", ("rotary",)), ("sampling", ("sample", "argmax", "topk", "softmax")))
+    for s in shapes:
+        starts = random_prompts(s.prompts, s.prompt_len, vocab, 0 if s.turns == 1 else 2)
+        runs = ([("prefill", lambda: engine_tokens(engine, starts, 1))] if s.turns == 1 else []) + [
+            ("whole", (lambda: engine_tokens(engine, starts, s.new)) if s.turns == 1 else
+             (lambda: episodes(engine_turn(engine), starts, s.turns, s.obs, s.new, vocab)))]
+        for name, fn in runs:
+            fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+            kern = kernel_seconds(fn)
+            by = {}
+            for k, sec in kern.items():
+                fam = next((f for f, keys in families if any(x in k.lower() for x in keys)), "other")
+                by[fam] = by.get(fam, 0.0) + sec
+            print(f"profile {s.name} {name}: wall {wall * 1e3:.0f} ms, kernels {sum(kern.values()) * 1e3:.0f} ms: "
+                  + ", ".join(f"{f} {v * 1e3:.0f}" for f, v in sorted(by.items(), key=lambda kv: -kv[1])), flush=True)
+            for k, sec in sorted(kern.items(), key=lambda kv: -kv[1])[:8]:
+                print(f"    {sec * 1e3:8.1f} ms  {k[:100]}")
+            device_gaps(fn, threshold_us=500.0)
+
+
 def time_shapes(label: str, engine, shapes, vocab: int, repeats: int, sync, config, tflops: float) -> list[dict]:
     """Rows of one engine (or HF `generate` when `engine` is the string "hf" and config's model is given)."""
     rows = []
@@ -162,6 +193,7 @@ def main() -> None:
     ap.add_argument("--backend-site", action="append", default=[], metavar="LABEL=PATH")
     ap.add_argument("--engine-options", default="{}", help="JSON: constructor options by backend label")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--profile", action="store_true", help="CUDA: device time by kernel family per shape (built-in)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # label=name: time only that engine (a child process)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -203,6 +235,8 @@ def run_parent(args, shapes, longest, sync, tflops) -> list[dict]:
         opts = {} if step_tokens is None else {"max_step_tokens": step_tokens}
         engine = EmbeddedEngine(model, device=args.device, dtype=DTYPES[args.dtype], max_model_len=longest,
                                 max_batch_size=batch, **opts)
+        if args.profile:
+            profile_shapes(engine, shapes, vocab)
         rows += time_shapes(label, engine, shapes, vocab, args.repeats, sync, config, tflops)
         print(f"{label} stats:", {k: round(v, 3) for k, v in engine.stats.extra.items()}, flush=True)
         engine.close()

@@ -212,6 +212,29 @@ def test_triton_prefill_matches_reference(batch, max_len, heads):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("tile", [(64, 64, 4, 2, False), (64, 64, 4, 2, True), (128, 64, 8, 3, True),
+                                  (128, 128, 8, 3, True), (64, 128, 4, 3, True), (128, 32, 4, 3, True)])
+def test_triton_prefill_tiles_match_reference_at_long_prefixes(tile, monkeypatch):
+    # Every tile shape the bench sweeps, over chunks that start mid-block after long cached prefixes
+    # (the unmasked blocks below the diagonal and the masked ones on it both in play).
+    from agentrl.rollout.backends.embedded.kernels import paged_attention as pa
+    for name, value in zip(("_PREFILL_BLOCK_M", "_PREFILL_BLOCK_N", "_PREFILL_WARPS", "_PREFILL_STAGES",
+                            "_PREFILL_SPLIT_DIAGONAL"), tile):
+        monkeypatch.setattr(pa, name, value)
+    gen = torch.Generator().manual_seed(sum(tile[:4]))
+    lens, q_lens = [12001, 5000, 700, 4133], [3001, 5000, 1, 77]
+    k_cache, v_cache, table, _, _ = build_paged_cache(lens, 2, 64, 16, gen, torch.bfloat16)
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    q = torch.randn(sum(q_lens), 14, 64, generator=gen).to(torch.bfloat16)
+    q, k_cache, v_cache, table, cu, seq_lens = _to_cuda(q, k_cache, v_cache, table, cu,
+                                                        torch.tensor(lens, dtype=torch.int32))
+    out = paged_prefill_attention(q, k_cache, v_cache, table, cu, seq_lens, 0.125, max(q_lens), max(lens))
+    ref = paged_prefill_attention_reference(q, k_cache, v_cache, table, cu, seq_lens, 0.125)
+    _assert_close_bf16(out, ref, f"prefill tile {tile}")
+
+
+@gpu
+@needs_cuda
 def test_triton_write_kv_matches_reference():
     gen = torch.Generator().manual_seed(4)
     k_cache = torch.randn(50, 16, 2, 64, generator=gen).to(torch.bfloat16).cuda()

@@ -75,15 +75,62 @@ def decode_merge(part_ptr, lse_ptr, out_ptr, stride_pb, stride_ph, stride_ps, st
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 @triton.jit
+def _prefill_keys(acc, m, l, q, q_pos, k_ptr, v_ptr, table_row, n0, kv_end, kv_h, qk_scale,
+                  stride_kb, stride_kt, stride_kh, d, d_ok,
+                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                  EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # One block of BLOCK_N keys [n0, n0 + BLOCK_N) folded into the online softmax of a query tile.
+    # MASKED=False: every key is below every query row's position and below kv_end (no masks at all).
+    n = n0 + tl.arange(0, BLOCK_N)
+    if MASKED:
+        n_ok = n < kv_end
+        block = tl.load(table_row + n // BLOCK_SIZE, mask=n_ok, other=0)
+    else:
+        block = tl.load(table_row + n // BLOCK_SIZE)
+    row = block.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_kt + kv_h * stride_kh  # [BLOCK_N]
+    ptrs = row[:, None] + d[None, :]
+    if MASKED:
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + ptrs, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_ptr + ptrs, mask=kv_mask, other=0.0)
+    elif EVEN_D:
+        k = tl.load(k_ptr + ptrs)
+        v = tl.load(v_ptr + ptrs)
+    else:
+        k = tl.load(k_ptr + ptrs, mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_ptr + ptrs, mask=d_ok[None, :], other=0.0)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+    if MASKED:
+        scores = tl.where(n_ok[None, :] & (n[None, :] <= q_pos[:, None]), scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
+    else:
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        m_use = m_new
+    p = tl.exp2(scores - m_use[:, None])
+    alpha = tl.exp2(m - m_use)
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l
+
+
+@triton.jit
 def prefill(q_ptr, k_ptr, v_ptr, table_ptr, cu_q_ptr, lens_ptr, out_ptr, qk_scale,
             stride_qn, stride_qh, stride_kb, stride_kt, stride_kh, stride_tb, stride_on, stride_oh,
             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # One program: BLOCK_M new tokens of sequence b, query head h.
-    mb, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    kv_h = h // GROUP
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_DIAGONAL: tl.constexpr,
+            DOT_PRECISION: tl.constexpr):
+    # One program: query head h of BLOCK_M new tokens (tile mb) of sequence b. The grid is
+    # (Hq, B, tiles): consecutive programs are the query heads of one KV head (they read the same
+    # K/V at about the same time, so it is served from L2), and the last tiles of every sequence,
+    # which see the most keys, are launched first (mb counts down) so the long programs start early.
+    h, b = tl.program_id(0), tl.program_id(1)
+    mb = tl.num_programs(2) - 1 - tl.program_id(2)
     q_start = tl.load(cu_q_ptr + b)
     q_len = tl.load(cu_q_ptr + b + 1) - q_start
+    if mb * BLOCK_M >= q_len:
+        return
+    kv_h = h // GROUP
     seq_len = tl.load(lens_ptr + b)
     prefix = seq_len - q_len
     rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -92,28 +139,25 @@ def prefill(q_ptr, k_ptr, v_ptr, table_ptr, cu_q_ptr, lens_ptr, out_ptr, qk_scal
     q = tl.load(q_ptr + (q_start + rows)[:, None].to(tl.int64) * stride_qn + h * stride_qh + d[None, :],
                 mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
     q_pos = prefix + rows  # [BLOCK_M]
-    # Causal: this tile's last row sees up to position prefix + mb*BLOCK_M + BLOCK_M - 1.
-    kv_end = tl.where(mb * BLOCK_M < q_len, tl.minimum(seq_len, prefix + (mb + 1) * BLOCK_M), 0)
+    # Keys below the tile's first position are visible to all its rows; the causal mask is needed
+    # only from there to the tile's last row (or the sequence's end).
+    kv_end = tl.minimum(seq_len, prefix + (mb + 1) * BLOCK_M)
+    if SPLIT_DIAGONAL:
+        open_end = ((prefix + mb * BLOCK_M) // BLOCK_N) * BLOCK_N
+    else:
+        open_end = 0
+    table_row = table_ptr + b * stride_tb
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for n0 in range(0, kv_end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = n < kv_end
-        block = tl.load(table_ptr + b * stride_tb + n // BLOCK_SIZE, mask=n_ok, other=0)
-        row = block.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_kt + kv_h * stride_kh
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        scores = tl.where(n_ok[None, :] & (n[None, :] <= q_pos[:, None]), scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padding rows may see nothing
-        p = tl.exp2(scores - m_safe[:, None])
-        alpha = tl.exp2(m - m_safe)
-        l = l * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m = m_new
+    for n0 in range(0, open_end, BLOCK_N):
+        acc, m, l = _prefill_keys(acc, m, l, q, q_pos, k_ptr, v_ptr, table_row, n0, kv_end, kv_h, qk_scale,
+                                  stride_kb, stride_kt, stride_kh, d, d_ok, BLOCK_SIZE, BLOCK_N, False,
+                                  HEAD_DIM == BLOCK_D, DOT_PRECISION)
+    for n0 in range(open_end, kv_end, BLOCK_N):
+        acc, m, l = _prefill_keys(acc, m, l, q, q_pos, k_ptr, v_ptr, table_row, n0, kv_end, kv_h, qk_scale,
+                                  stride_kb, stride_kt, stride_kh, d, d_ok, BLOCK_SIZE, BLOCK_N, True,
+                                  HEAD_DIM == BLOCK_D, DOT_PRECISION)
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(out_ptr + (q_start + rows)[:, None].to(tl.int64) * stride_on + h * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])

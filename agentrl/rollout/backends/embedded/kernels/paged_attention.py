@@ -180,7 +180,10 @@ def paged_prefill_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_
 _DECODE_BLOCK_N = 64  # tokens per inner step of the decode kernel
 _DECODE_WARPS = 2  # H100 sweep: 2 warps ~1% faster than 4 at B=64 and B=256
 _DECODE_STAGES = 2
-_PREFILL_BLOCK_M, _PREFILL_BLOCK_N = 64, 64
+# Prefill tile: BLOCK_M query rows x BLOCK_N keys per inner step; `bench/paged_attention.py --long`
+# sweeps these (and SPLIT_DIAGONAL: unmasked key blocks below the diagonal, masked ones on it).
+_PREFILL_BLOCK_M, _PREFILL_BLOCK_N, _PREFILL_WARPS, _PREFILL_STAGES = 64, 64, 4, 2
+_PREFILL_SPLIT_DIAGONAL = True
 
 
 @functools.cache
@@ -245,14 +248,15 @@ def _triton_prefill(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, sc
     batch = seq_lens.shape[0]
     if q.shape[0] == 0 or max_seqlen_q == 0:
         return out
-    grid = (_cdiv(max_seqlen_q, _PREFILL_BLOCK_M), batch, num_q_heads)
+    grid = (num_q_heads, batch, _cdiv(max_seqlen_q, _PREFILL_BLOCK_M))
     kern.prefill[grid](
         q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_table.stride(0), out.stride(0), out.stride(1),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=_next_pow2(head_dim),
-        BLOCK_SIZE=block_size, BLOCK_M=_PREFILL_BLOCK_M, BLOCK_N=_PREFILL_BLOCK_N, DOT_PRECISION=_dot_precision(q),
-        num_warps=4, num_stages=2)
+        BLOCK_SIZE=block_size, BLOCK_M=_PREFILL_BLOCK_M, BLOCK_N=_PREFILL_BLOCK_N,
+        SPLIT_DIAGONAL=_PREFILL_SPLIT_DIAGONAL, DOT_PRECISION=_dot_precision(q),
+        num_warps=_PREFILL_WARPS, num_stages=_PREFILL_STAGES)
     return out
 
 
