@@ -382,7 +382,9 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--long", action="store_true", help="the long-context shapes and the tile sweep")
-    long_mode = ap.parse_args().long
+    ap.add_argument("--no-decode", action="store_true", help="with --long: the prefill rows only")
+    cli = ap.parse_args()
+    long_mode = cli.long
 
     props = torch.cuda.get_device_properties(0)
     print(f"torch {torch.__version__}, triton {triton.__version__}, {props.name}, {props.multi_processor_count} SMs")
@@ -398,7 +400,7 @@ def main() -> None:
     rows = []
     if long_mode:
         rows += long_prefill_rows(varlen_attn, params, gen)
-        rows += long_decode_rows(bandwidth, gen)
+        rows += [] if cli.no_decode else long_decode_rows(bandwidth, gen)
     for batch in () if long_mode else (64, 256):
         rows += decode_rows(batch, 512, bandwidth, gen)
         rows += ragged_rows(batch, bandwidth, gen)

@@ -352,6 +352,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="after the workloads, profile one engine run of (a) "
                     "with 32 new tokens (torch profiler, top ops by device time)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--step-tokens", type=int, help="the built-in engine's max_step_tokens (its default if unset)")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--backends", default="", help="more engine columns, by registry name (label=name for a "
                     "variant), e.g. sglang,vllm")
@@ -376,10 +377,11 @@ def main() -> None:
 
     sites = parse_sites(args.backend_site)
     others = backend_columns(args, model, longest, sites)  # first: they size their memory from what is free
+    step = {} if args.step_tokens is None else {"max_step_tokens": args.step_tokens}
     engine = EmbeddedEngine(model, device=args.device, dtype=DTYPES[args.dtype], max_model_len=longest + 8,
-                            max_batch_size=batch, cuda_graphs=graphs)
+                            max_batch_size=batch, cuda_graphs=graphs, **step)
     no_cache = EmbeddedEngine(model, device=args.device, dtype=DTYPES[args.dtype], max_model_len=longest + 8,
-                              max_batch_size=batch, enable_prefix_caching=False, cuda_graphs=graphs)
+                              max_batch_size=batch, enable_prefix_caching=False, cuda_graphs=graphs, **step)
     hf_runs = {"hf_generate": args.hf_repeats or args.repeats}
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     print(f"family={model.config.model_type} device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} "

@@ -127,6 +127,14 @@ def test_prefill_of_one_token_equals_decode():
     torch.testing.assert_close(prefill, decode, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("batch,max_tokens,expected", [(8, 32768, 32), (16, 16384, 16), (64, 4352, 4),
+                                                        (256, 768, 1), (64, 512, 4), (1, 64, 1)])
+def test_default_split_count_keeps_about_four_programs_per_sm(batch, max_tokens, expected):
+    # 132 SMs (an H200), 2 KV heads: the counts the H200 sweep of bench/paged_attention.py --long chose.
+    from agentrl.rollout.backends.embedded.kernels.paged_attention import default_num_splits
+    assert default_num_splits(batch, 2, max_tokens, 132) == expected
+
+
 def test_mismatched_heads_are_rejected_with_the_shapes():
     k_cache = torch.zeros(2, 4, 3, 8)
     with pytest.raises(ValueError, match="multiple of the cache's KV heads"):
@@ -159,7 +167,7 @@ def _assert_close_bf16(out, ref, what):
 @pytest.mark.parametrize("batch,max_len,heads", [
     (1, 4096, (14, 2, 64)), (3, 37, (14, 2, 64)), (64, 512, (14, 2, 64)), (256, 700, (14, 2, 64)),
     (17, 4096, (14, 2, 64)), (8, 1000, (32, 8, 128)), (5, 300, (8, 8, 64))])
-@pytest.mark.parametrize("num_splits", [None, 1, 4])
+@pytest.mark.parametrize("num_splits", [None, 1, 4, 32])
 def test_triton_decode_matches_reference(batch, max_len, heads, num_splits):
     num_q_heads, num_kv_heads, head_dim = heads
     gen = torch.Generator().manual_seed(batch * 7 + max_len)

@@ -99,15 +99,17 @@ def _prefill_keys(acc, m, l, q, q_pos, k_ptr, v_ptr, table_row, n0, kv_end, kv_h
     else:
         k = tl.load(k_ptr + ptrs, mask=d_ok[None, :], other=0.0)
         v = tl.load(v_ptr + ptrs, mask=d_ok[None, :], other=0.0)
-    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+    # Raw scores; the scale (log2 units) is folded into the exponent's multiply-add, and into the max
+    # (qk_scale > 0, so max(s) * qk_scale = max(s * qk_scale)).
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
     if MASKED:
         scores = tl.where(n_ok[None, :] & (n[None, :] <= q_pos[:, None]), scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, 1))
+        m_new = tl.maximum(m, tl.max(scores, 1) * qk_scale)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
     else:
-        m_new = tl.maximum(m, tl.max(scores, 1))
+        m_new = tl.maximum(m, tl.max(scores, 1) * qk_scale)
         m_use = m_new
-    p = tl.exp2(scores - m_use[:, None])
+    p = tl.exp2(scores * qk_scale - m_use[:, None])
     alpha = tl.exp2(m - m_use)
     l = l * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
