@@ -158,6 +158,25 @@ def test_sampled_logprobs_match_trainer_recompute(engine, hf, prompts):
         assert (got - expect).abs().max() < TOL
 
 
+def test_long_prompts_in_chunks_match_hf(backend, open_engine, hf, prompts):
+    # Prompts near the model's 1,024 positions; the built-in engine prefills them in 96-token chunks, so
+    # each chunk attends over a cached prefix of earlier chunks (the paged prefill's unmasked blocks).
+    # A second turn then extends the first from the prefix cache.
+    kwargs = {"max_step_tokens": 96} if backend.startswith("embedded") else {}
+    engine = open_engine(max_model_len=1024, **kwargs)
+    longs = [(prompts[i % 3] * 80)[:n] for i, n in enumerate((1000, 777, 530))]
+    outs = run(engine, longs, SamplingParams(temperature=0.0, max_tokens=12))
+    for p, out in zip(longs, outs):
+        assert_greedy_matches(hf, p, out.token_ids, out.logprobs, TOL, TIE_TOL, f"{len(p)}-token prompt: ")
+    sps = [SamplingParams(temperature=0.8, max_tokens=12, seed=i) for i in range(3)]
+    nxt = [p[:-5] + list(o.token_ids) for p, o in zip(longs, outs)]  # about the first turn, shorter
+    for p, out in zip(nxt, run(engine, nxt, sps)):
+        ref = recompute_logprobs(hf, p, out.token_ids, 0.8)
+        expect = ref.gather(-1, torch.tensor(out.token_ids).unsqueeze(-1)).squeeze(-1)
+        assert (torch.tensor(out.logprobs) - expect).abs().max() < TOL
+        assert out.prompt_cached_tokens >= (len(p) - 20) // BLOCK * BLOCK - BLOCK
+
+
 def test_stop_tokens_and_max_tokens(engine, prompts):
     p = prompts[0]
     greedy = run(engine, [p], SamplingParams(temperature=0.0, max_tokens=12))[0]
