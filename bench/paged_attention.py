@@ -383,7 +383,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--long", action="store_true", help="the long-context shapes and the tile sweep")
     ap.add_argument("--no-decode", action="store_true", help="with --long: the prefill rows only")
+    ap.add_argument("--tiles", help="with --long: prefill tiles to sweep, 'M,N,warps,stages;...' (diagonal split on)")
     cli = ap.parse_args()
+    if cli.tiles:
+        global PREFILL_CONFIGS
+        PREFILL_CONFIGS = tuple((*map(int, t.split(",")), True) for t in cli.tiles.split(";"))
     long_mode = cli.long
 
     props = torch.cuda.get_device_properties(0)

@@ -24,10 +24,11 @@ def server_env() -> dict[str, str]:
 
 
 def make_engine(model_dir: str, *, device: str = "cpu", log_dir: str | None = None, **kwargs):
-    """An `SGLangEngine` talking HTTP to a launched stand-in server (float32 on CPU, like the suite)."""
+    """An `SGLangEngine` talking HTTP to a launched stand-in server (float32 weights on every device, like the
+    rest of the conformance suite: its tolerances are float32's; on an H200 a bf16 stand-in missed them)."""
     from agentrl.rollout.backends.managed import ServerSpec
     from agentrl.rollout.backends.sglang import SGLangEngine
 
-    kwargs.setdefault("dtype", torch.float32 if device == "cpu" else torch.bfloat16)
+    kwargs.setdefault("dtype", torch.float32)
     spec = ServerSpec(launch=True, env=server_env(), startup_timeout_s=120.0, log_dir=log_dir)
     return SGLangEngine(model_dir, device=device, server=spec, **kwargs)
