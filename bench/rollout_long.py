@@ -193,6 +193,8 @@ def main() -> None:
     ap.add_argument("--backend-site", action="append", default=[], metavar="LABEL=PATH")
     ap.add_argument("--engine-options", default="{}", help="JSON: constructor options by backend label")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--compare-async-prefill", action="store_true",
+                    help="also time the built-in engine with async_prefill off (its own column)")
     ap.add_argument("--profile", action="store_true", help="CUDA: device time by kernel family per shape (built-in)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # label=name: time only that engine (a child process)
@@ -230,9 +232,11 @@ def run_parent(args, shapes, longest, sync, tflops) -> list[dict]:
     if args.hf_repeats:
         rows += time_shapes("hf_generate", ("hf", model), shapes, vocab, args.hf_repeats, sync, config, tflops)
     batch = max(s.prompts for s in shapes)
-    for step_tokens in [int(t) for t in args.step_tokens.split(",") if t] or [None]:
-        label = "embedded" if step_tokens is None else f"embedded_step{step_tokens}"
-        opts = {} if step_tokens is None else {"max_step_tokens": step_tokens}
+    columns = [("embedded" if t is None else f"embedded_step{t}", {} if t is None else {"max_step_tokens": t})
+               for t in [int(t) for t in args.step_tokens.split(",") if t] or [None]]
+    if args.compare_async_prefill:
+        columns.append(("embedded_no_async_prefill", {**columns[0][1], "async_prefill": False}))
+    for label, opts in columns:
         engine = EmbeddedEngine(model, device=args.device, dtype=DTYPES[args.dtype], max_model_len=longest,
                                 max_batch_size=batch, **opts)
         if args.profile:

@@ -64,6 +64,32 @@ def test_async_steps_give_the_same_outputs_as_sync_steps(tiny_model_dir):
     assert spec.stats.generated_tokens == sum(len(o.token_ids) for o in b)
 
 
+@pytest.mark.parametrize("max_batch_size", [6, 32])
+def test_speculative_prefill_chunks_and_admissions_give_the_same_outputs(tiny_model_dir, max_batch_size):
+    # Prompts longer than a step (48 tokens) are prefilled over several steps, requests wait for a
+    # row (6 rows) or for budget, identical prompts fork, stop tokens end rows at different steps:
+    # the speculative step t+1 carries prefill chunks and admissions planned before step t is read.
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 400) for _ in range(rng.randrange(20, 130))] for _ in range(14)]
+    prompts += [prompts[2], prompts[2], prompts[5][:40]]  # forks, and a prompt sharing a cached prefix
+    samplings = [SamplingParams(max_tokens=rng.randrange(1, 30), seed=77 + i, temperature=rng.choice([0.0, 1.0]),
+                                stop_token_ids=(rng.randrange(3, 400),) if i % 2 else ())
+                 for i in range(len(prompts))]
+    kw = dict(block_size=8, max_step_tokens=48, max_batch_size=max_batch_size)
+    sync = EmbeddedEngine(tiny_model_dir, DEVICE, async_steps=False, **kw)
+    spec = EmbeddedEngine(tiny_model_dir, DEVICE, async_steps=True, **kw)
+    a, b = _run(sync, prompts, samplings), _run(spec, prompts, samplings)
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids and x.finish_reason == y.finish_reason
+        assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5 if DEVICE == "cpu" else 2e-3)
+    assert spec.stats.extra["speculative_prefills"] > 0
+    assert max_batch_size < 32 or spec.stats.extra["forks"] > 0  # with 6 rows the copies wait their turn
+    off = EmbeddedEngine(tiny_model_dir, DEVICE, async_steps=True, async_prefill=False, **kw)
+    c = _run(off, prompts, samplings)
+    assert [o.token_ids for o in c] == [o.token_ids for o in a]
+    assert off.stats.extra["speculative_prefills"] == 0
+
+
 def test_requests_arriving_mid_run_and_aborts_with_async_steps(tiny_model_dir):
     engine = EmbeddedEngine(tiny_model_dir, DEVICE, async_steps=True)
     ref = EmbeddedEngine(tiny_model_dir, DEVICE, async_steps=False)

@@ -180,3 +180,42 @@ def test_without_admit_wait_steps_every_request_is_admitted_at_once():
     late = seq(1, [4, 5, 6])
     s.add(late)
     assert late in [c.seq for c in step(s)[0].chunks] and s.counters["held_admissions"] == 0
+
+
+def test_speculative_step_continues_prefills_and_admits_without_the_last_tokens():
+    # speculate() plans step t+1 before step t is read back: decodes of t's sampled rows (fed on the
+    # device), the next chunk of a prompt t left unfinished, and an admission of a waiting request.
+    s = make(block_size=4, step_tokens=8)
+    s.prefill_speculation = True
+    a, b = seq(0, list(range(6)), max_new=3), seq(1, list(range(100, 120)), max_new=2)
+    s.add(a)
+    s.add(b)
+    t = s.schedule()  # a whole (6, samples), b's first 2 tokens
+    assert [(c.seq, c.start, c.n, c.sample) for c in t.chunks] == [(a, 0, 6, True), (b, 0, 2, False)]
+    late = seq(2, [5, 5, 5])
+    s.add(late)
+    spec, src = s.speculate(t)
+    assert src == [0]
+    assert [(c.seq, c.start, c.n, c.sample) for c in spec.chunks] == [(a, 6, 1, True), (b, 2, 7, False)]
+    s.finish_step(t, [7], [-0.5], version=0)  # t is read back after t+1 was launched
+    assert a.tokens == list(range(6)) + [7] and b.num_computed == 2
+    s.finish_step(spec, [8], [-0.5], version=0)
+    assert a.output == [7, 8] and b.num_computed == 9 and late in s.waiting  # no budget left for late
+    t2, _ = step(s)
+    assert [(c.seq, c.start, c.n) for c in t2.chunks] == [(a, 7, 1), (b, 9, 7)]
+
+
+def test_a_speculative_decode_row_is_no_parent_for_a_fork():
+    # A request whose tokens equal a running sequence's tokens so far must not sample from that
+    # sequence's speculative row: that row follows one more token (the one being fed on the device).
+    s = make(block_size=4, step_tokens=64)
+    s.prefill_speculation = True
+    a = seq(0, list(range(10)), max_new=5)
+    s.add(a)
+    t, _ = step(s)  # a prefilled, token 7 sampled
+    t = s.schedule()  # a decodes token 7 (position 10) and samples
+    twin = seq(1, list(a.tokens))  # the same 11 tokens a has now
+    s.add(twin)
+    spec, src = s.speculate(t)
+    assert s.counters["forks"] == 0 and all(c.logits_from is None for c in spec.chunks)
+    assert [(c.seq, c.n) for c in spec.chunks] == [(a, 1), (twin, 3)]  # 2 blocks from the prefix cache

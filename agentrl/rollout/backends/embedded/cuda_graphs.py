@@ -95,16 +95,16 @@ class DecodeGraphs:
     def run(self, chunks: list[Chunk], block_table: np.ndarray, fed: torch.Tensor | None = None) -> torch.Tensor:
         """Replay the decode forward of `chunks` (all `n == 1`); returns logits [n, V] (a view).
 
-        `block_table` is the scheduler's `[rows, M]` int32 table. `fed`: the step's token ids as a
-        device tensor [n] (a speculative step, whose tokens the host does not have yet).
+        `block_table` is the scheduler's `[rows, M]` int32 table. `fed`: the token ids of the first
+        `len(fed)` rows as a device tensor (a speculative step, whose tokens the host does not have yet).
         """
         n = len(chunks)
         b = self.bucket(n)
         self._select_host()
-        self._stage(chunks, block_table, b, fed is not None)
+        self._stage(chunks, block_table, b, 0 if fed is None else fed.shape[0])
         self._upload()
         if fed is not None:
-            self.ids[:n].copy_(fed)
+            self.ids[:fed.shape[0]].copy_(fed)
         if b not in self.graphs:
             self._capture(b)
         self.graphs[b].replay()
@@ -122,12 +122,14 @@ class DecodeGraphs:
         h, B = host.numpy(), self.B
         return (*(h[i * B:(i + 1) * B] for i in range(4)), h[4 * B:].reshape(B, self.M))
 
-    def _stage(self, chunks: list[Chunk], block_table: np.ndarray, b: int, fed: bool = False) -> None:
-        """Write the step's inputs into the pinned host buffer; rows n..b-1 become padding."""
+    def _stage(self, chunks: list[Chunk], block_table: np.ndarray, b: int, fed: int = 0) -> None:
+        """Write the step's inputs into the pinned host buffer; rows n..b-1 become padding, and the
+        ids of the first `fed` rows are written on the device later."""
         n, P = len(chunks), self.P
         pos = np.fromiter((c.start for c in chunks), np.int64, n)
         rows = np.fromiter((c.seq.row for c in chunks), np.int64, n)
-        self.h_ids[:n] = 0 if fed else [c.seq.tokens[c.start] for c in chunks]
+        self.h_ids[:fed] = 0
+        self.h_ids[fed:n] = [c.seq.tokens[c.start] for c in chunks[fed:]]
         self.h_pos[:n] = pos
         self.h_slots[:n] = block_table[rows, pos // P].astype(np.int64) * P + pos % P
         self.h_lens[:n] = pos + 1

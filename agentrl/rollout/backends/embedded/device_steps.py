@@ -8,9 +8,10 @@ The engine thread (`embedded.py`) decides what runs; `DeviceSteps` runs it:
 
 A launched step is an `InFlight`: nothing waits for it until `complete`.
 
-Async steps: `speculate` launches the decode step that follows a launched one before that one's
-tokens are on the host (`Scheduler.speculate` plans it). Its input ids are copied on the device
-from the launched step's sampled ids. The host's bookkeeping of step t (stop checks, finished
+Async steps: `speculate` launches the step that follows a launched one before that one's tokens
+are on the host (`Scheduler.speculate` plans it: the decodes of the sequences the launched step
+samples, and with prefill speculation the next prefill chunks and admissions too). The decodes'
+input ids are copied on the device from the launched step's sampled ids. The host's bookkeeping of step t (stop checks, finished
 requests, the next launch) then runs while the device computes step t+1, instead of the device
 idling through it.
 """
@@ -60,7 +61,8 @@ class DeviceSteps:
         self.cuda_graphs = cuda_graphs
         self.cache: PagedKVCache | None = None
         self.graphs: DecodeGraphs | None = None  # built with the cache; they read its addresses
-        self.counts = {"steps": 0, "graph_steps": 0, "speculative_steps": 0, "dropped_rows": 0}
+        self.counts = {"steps": 0, "graph_steps": 0, "speculative_steps": 0, "speculative_prefills": 0,
+                       "dropped_rows": 0}
 
     def allocate(self, num_blocks: int, table_width: int) -> None:
         """Create the KV cache (and the graphs, which read its addresses) unless it exists."""
@@ -76,7 +78,8 @@ class DeviceSteps:
     def launch(self, plan: StepPlan, sched: Scheduler, version: int, fed: torch.Tensor | None = None) -> InFlight:
         """Queue the forward and the sampling of `plan` on the device; nothing waits for them here.
 
-        `fed`: the step's token ids as a device tensor (a speculative step: the host has not seen them).
+        `fed`: the token ids of the plan's first `len(fed)` chunks (decodes) as a device tensor (a
+        speculative step: the host has not seen them).
         """
         rows = [c for c in plan.chunks if c.sample]
         graphs = self.graphs
@@ -87,7 +90,8 @@ class DeviceSteps:
                 logits = logits.index_select(0, to_device(torch.tensor(keep), self.device))
             self.counts["graph_steps"] += 1
         else:
-            inputs = build_step_inputs(plan, sched.block_table, self.block_size, self.device, fed is not None)
+            inputs = build_step_inputs(plan, sched.block_table, self.block_size, self.device,
+                                       0 if fed is None else fed.shape[0])
             if fed is not None:
                 inputs.input_ids[:fed.shape[0]].copy_(fed)
             logits = self.runner.forward(inputs, self.cache)  # [S, V]
@@ -116,6 +120,7 @@ class DeviceSteps:
         fed = current.tokens[:len(src)] if src == list(range(len(src))) else \
             current.tokens.index_select(0, to_device(torch.tensor(src), self.device))
         self.counts["speculative_steps"] += 1
+        self.counts["speculative_prefills"] += len(src) < len(plan.chunks)
         return self.launch(plan, sched, version, fed)
 
     def complete(self, step: InFlight, sched: Scheduler) -> tuple[list[Seq], int]:

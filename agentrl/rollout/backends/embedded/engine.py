@@ -20,9 +20,10 @@ loop while the model computes.
 
 Async steps (default on CUDA): after launching step t the thread launches step t+1 at once
 (`Scheduler.speculate`: every sequence decodes one more token, fed on the device from step t's
-sampled ids) and only then waits for step t's tokens, so stop checks, bookkeeping and the next
-launch run on the host while the device computes. A row launched for a sequence that turned out
-to stop at step t is dropped; outputs are the same as one step at a time.
+sampled ids; long prompts go on with their next chunk and waiting requests are admitted) and only
+then waits for step t's tokens, so stop checks, bookkeeping and the next launch run on the host
+while the device computes. A row launched for a sequence that turned out to stop at step t is
+dropped; seeded outputs are the same as one step at a time.
 
 Partial rollouts: `abort()` ends every request in flight at the next step boundary; each returns
 what it has (`finish_reason="abort"`, its tokens and logprobs). `update_weights()` copies new
@@ -118,6 +119,10 @@ class EmbeddedEngine:
         async_steps: Launch decode step t+1 before step t's tokens reach the host, so the host's
             bookkeeping overlaps the device's compute (default: on for CUDA; on CPU the host is
             the device and it gains nothing). Outputs are the same either way for seeded requests.
+        async_prefill: With async steps, the speculative step t+1 also carries what needs no token
+            of step t: the next chunks of long prompts, and new requests' prefills (default: on
+            with async steps). Off, a step that prefills waits for the step before it to be read
+            back, leaving the device idle for the host's bookkeeping between chunks.
         admit_wait_steps: While every running sequence decodes, hold new requests back up to this
             many steps so they are prefilled together (`Scheduler`); default 8 when decode steps
             replay CUDA graphs, else 0. Seeded outputs do not depend on it.
@@ -131,7 +136,8 @@ class EmbeddedEngine:
                  max_batch_size: int = 256, max_model_len: int = 4096, *, block_size: int = 16,
                  kv_cache_tokens: int | None = None, max_step_tokens: int | None = None,
                  enable_prefix_caching: bool = True, tokenizer=None, cuda_graphs: bool = True,
-                 async_steps: bool | None = None, admit_wait_steps: int | None = None):
+                 async_steps: bool | None = None, async_prefill: bool | None = None,
+                 admit_wait_steps: int | None = None):
         if isinstance(model, str):
             from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -152,6 +158,7 @@ class EmbeddedEngine:
         self.max_step_tokens = max(max_step_tokens, max_batch_size)
         self.enable_prefix_caching = enable_prefix_caching
         self.async_steps = self.device.type == "cuda" if async_steps is None else async_steps
+        self.async_prefill = self.async_steps if async_prefill is None else async_prefill
         self.runner = ModelRunner(self.model, max_model_len)
         # Families whose layers need the torch attention path or MoE routing replay no graphs (model_runner.py).
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and self.runner.graph_safe
@@ -360,6 +367,8 @@ class EmbeddedEngine:
                 current, self._pending = self._pending, None
                 if self.async_steps and self._abort_seen():  # runs on the device while the host finishes `current`
                     self._pending = steps.speculate(current, sched, self.weight_version)
+                    if self._pending is not None:
+                        self.stats.batches += self._pending.plan.admitted > 0
                 finished, kept = steps.complete(current, sched)
                 self.stats.generated_tokens += kept
                 done += finished
@@ -402,7 +411,9 @@ class EmbeddedEngine:
     def _new_scheduler(self) -> Scheduler:
         blocks = -(-self.kv_cache_tokens // self.block_size) + 1  # + the reserved null block
         alloc = BlockAllocator(blocks, self.block_size, self.enable_prefix_caching)
-        return Scheduler(alloc, self.max_batch_size, self.max_step_tokens, self.max_model_len, self.admit_wait_steps)
+        sched = Scheduler(alloc, self.max_batch_size, self.max_step_tokens, self.max_model_len, self.admit_wait_steps)
+        sched.prefill_speculation = self.async_prefill
+        return sched
 
     def _update_extra(self) -> None:
         s, graphs = self._sched, self._steps.graphs

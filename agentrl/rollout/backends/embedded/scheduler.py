@@ -117,7 +117,8 @@ class Scheduler:
         self._inflight: dict[int, Sequence] = {}  # hash of a block being prefilled -> its owner
         self.counters = {"preemptions": 0, "forks": 0, "deferrals": 0, "held_admissions": 0}
         self.admit_wait_steps = admit_wait_steps
-        self.steps = 0  # schedule() calls
+        self.prefill_speculation = False  # speculate(): also plan prefill chunks and admissions
+        self.steps = 0  # schedule() calls and speculative steps that admit
 
     @property
     def has_work(self) -> bool:
@@ -183,7 +184,9 @@ class Scheduler:
             return
         finishing: dict[int, list[Sequence]] = {}  # sequences whose last token is computed in this step
         for c in plan.chunks:
-            if c.sample and c.n:
+            # (A speculative decode row computes a token the host has not seen: its logits follow
+            # len(tokens) + 1 tokens, so it is no parent for a fork of `tokens`.)
+            if c.sample and c.n and c.start + c.n == len(c.seq.tokens):
                 finishing.setdefault(len(c.seq.tokens), []).append(c.seq)
         deferred: list[Sequence] = []
         while self.waiting and len(self.running) < self.max_num_seqs:
@@ -258,30 +261,40 @@ class Scheduler:
         return True
 
     def speculate(self, plan: StepPlan) -> tuple[StepPlan, list[int]] | None:
-        """The decode step after `plan`, planned before `plan`'s sampled tokens are known.
+        """The step after `plan`, planned before `plan`'s sampled tokens are known.
 
         Lets the engine launch step t+1 while step t is still on the device. Every sequence that
         samples in `plan` and will still be running afterwards decodes one token: the one `plan`
-        samples, which the engine feeds on the device. A sequence whose `plan` token is its last by
-        length is left out; one that stops on a stop token or string is only known later, so its
-        row is computed and then dropped by `finish_step`. Returns None where the next step is not
-        such a decode step: requests are waiting to be admitted, a prompt is still being prefilled,
-        or a new block would need a preemption.
+        samples, which the engine feeds on the device (these rows come first). A sequence whose
+        `plan` token is its last by length is left out; one that stops on a stop token or string is
+        only known later, so its row is computed and then dropped by `finish_step`.
+
+        With `prefill_speculation` on, the step also goes on with what needs no sampled token: the
+        next chunks of prompts being prefilled (their tokens are on the host), running sequences
+        `plan` left out, and admissions of waiting requests, within `max_step_tokens`, as
+        `schedule` would. Without it, it returns None where requests wait or a prompt is still
+        being prefilled. Either way it returns None where a new block would need a preemption.
 
         Returns:
             (the plan, `src`): `src[j]` is the index among `plan`'s sampled rows of the token that
-            chunk j computes.
+            chunk j computes, for the first `len(src)` chunks (the fed ones).
         """
-        if self.waiting:
+        prefill = self.prefill_speculation
+        if self.waiting and not prefill:
             return None
-        chunks, src, row, bs = [], [], -1, self.bs
+        chunks, src, rest, row, bs = [], [], [], -1, self.bs
         for c in plan.chunks:
-            if not c.sample:
-                return None
-            row += 1
             seq = c.seq
-            start = c.start + c.n  # index of the token `plan` samples
-            if seq.finish_reason is not None or start + 1 - seq.prompt_len >= seq.max_new:
+            row += c.sample
+            if seq.finish_reason is not None:
+                continue
+            start = c.start + c.n  # the first token `plan` does not compute
+            if not c.sample:  # a prompt still being prefilled
+                if not prefill:
+                    return None
+                rest.append((seq, start))
+                continue
+            if start + 1 - seq.prompt_len >= seq.max_new:
                 continue
             if start + 1 > len(seq.blocks) * bs:
                 if self.alloc.num_free < 1:
@@ -289,6 +302,25 @@ class Scheduler:
                 self._append_blocks(seq, self.alloc.allocate(1))
             chunks.append(Chunk(seq, start, 1, True))
             src.append(row)
+        if prefill:
+            spec = StepPlan(chunks)
+            in_plan = {id(c.seq) for c in plan.chunks}
+            rest += [(seq, seq.num_computed) for seq in self.running if id(seq) not in in_plan]
+            budget = self.max_step_tokens - len(chunks)
+            for seq, start in rest:
+                n = min(len(seq.tokens) - start, budget)
+                if n <= 0:
+                    continue
+                if start + n > len(seq.blocks) * bs:
+                    need = -(-(start + n) // bs) - len(seq.blocks)
+                    if self.alloc.num_free < need:
+                        return None
+                    self._append_blocks(seq, self.alloc.allocate(need))
+                chunks.append(Chunk(seq, start, n, start + n == len(seq.tokens)))
+                budget -= n
+            self.steps += 1
+            self._admit(spec, budget)
+            return (spec, src) if spec.chunks else None
         if not chunks:
             return None
         return StepPlan(chunks), src

@@ -70,16 +70,16 @@ def _prefill_meta(chunks: list[Chunk], block_table: np.ndarray, P: int, pack: _P
 
 
 def build_step_inputs(plan: StepPlan, block_table: np.ndarray, block_size: int, device: torch.device,
-                      fed: bool = False) -> StepInputs:
+                      fed: int = 0) -> StepInputs:
     """Tensors for `plan`; `block_table` is the scheduler's `[rows, M]` int32 table.
 
-    `fed`: the decode tokens are not on the host yet (a speculative step): their ids are left 0
-    for the caller to write on the device.
+    `fed`: the first `fed` chunks are decodes whose tokens are not on the host yet (a speculative
+    step): their ids are left 0 for the caller to write on the device.
     """
     P = block_size
     dec = [c for c in plan.chunks if c.n == 1]
     pre = [c for c in plan.chunks if c.n > 1]
-    ids = [0] * len(dec) if fed else [c.seq.tokens[c.start] for c in dec]
+    ids = [0] * fed + [c.seq.tokens[c.start] for c in dec[fed:]]
     pos = [c.start for c in dec]
     last = {c.seq: i for i, c in enumerate(dec)}
     row_of_token = [c.seq.row for c in dec]
