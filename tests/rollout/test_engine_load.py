@@ -33,3 +33,7 @@ def test_two_thousand_requests_on_a_tenth_of_the_memory(tiny_model_dir):
     assert extra["preemptions"] > 0  # growing decodes ran the pool dry; preempted requests still finished
     assert engine.stats.requests == REQUESTS and engine.stats.generated_tokens == sum(max_new)
     assert engine._sched.alloc.num_used == 0 and not engine._sched.has_work
+    # KV tokens per GiB, as reported, from the cache tensors themselves (all layers' K and V).
+    cache = engine._cache
+    per_token = sum(t.numel() * t.element_size() for t in [*cache.k, *cache.v]) // (601 * 16)
+    assert extra["kv_tokens_per_gib"] == 2**30 // per_token

@@ -398,6 +398,12 @@ class EmbeddedEngine:
             self._post(seq.payload, exc)
 
     # -- sizing and metrics --------------------------------------------------------------------
+    @property
+    def _kv_tokens_per_gib(self) -> int:
+        """Tokens of KV cache one GiB holds for this model (all layers' K and V, the engine's dtype)."""
+        r = self.runner
+        return 2**30 // PagedKVCache.bytes_per_token(r.num_layers, r.num_kv_heads, r.head_dim, r.dtype)
+
     def _default_kv_tokens(self) -> int:
         r = self.runner
         per_token = PagedKVCache.bytes_per_token(r.num_layers, r.num_kv_heads, r.head_dim, r.dtype)
@@ -423,6 +429,7 @@ class EmbeddedEngine:
             cached_prompt_tokens=float(self._cached_prompt_tokens),
             prefix_cache_hit_rate=self._cached_prompt_tokens / max(1, self.stats.prompt_tokens),
             kv_blocks=float(s.alloc.capacity), kv_block_size=float(self.block_size),
+            kv_tokens_per_gib=float(self._kv_tokens_per_gib),
             kv_blocks_peak=float(max(s.alloc.peak_used, self.stats.extra.get("kv_blocks_peak", 0.0))),
             **{k: float(v) for k, v in s.counters.items()},
         )
