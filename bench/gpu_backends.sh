@@ -16,6 +16,7 @@
 #                                                        (in-process) on the random Qwen2-0.5B shape; rows in /tmp/bg
 #   bash bench/gpu_backends.sh bench3 [ARGS...]         one bench/rollout.py run: HF, built-in, SGLang and vLLM (each
 #                                                        engine in a child process with its install folder)
+#   bash bench/gpu_backends.sh long [ARGS...]           bench/rollout_long.py: the built-in engine and SGLang at 4k-32k
 #   bash bench/gpu_backends.sh frontend                  bench/vllm_frontend.py: vLLM's own front ends on workload (a)
 #   bash bench/gpu_backends.sh table                     one table of every bench run's rows (backend columns)
 #   bash bench/gpu_backends.sh collect                  copy /tmp/bg/* into $OUT, print statuses and log tails
@@ -81,6 +82,15 @@ case "$what" in
     python3 bench/rollout.py --random-qwen2-0.5b --device cuda --dtype bfloat16 --backends sglang,vllm \
       --backend-site sglang=/tmp/site_sglang --backend-site vllm=/tmp/site_vllm \
       --engine-options "$opts" --hf-repeats 1 --repeats 2 --json /tmp/bg/rollout_three.json "$@"
+    ;;
+  long)
+    # bench/rollout_long.py (issue 14's shapes): the built-in engine in this process, SGLang in a child process
+    # with its install folder, one table; run it detached (`background long bash bench/gpu_backends.sh long`)
+    export PYTHONPATH=$PWD:/tmp/site_common HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    opts='{"sglang": {"enable_deterministic_inference": false, "allow_unseeded": true, "attention_backend": "fa3", "mem_fraction_static": 0.35}}'
+    mkdir -p /tmp/bg
+    python3 bench/rollout_long.py --device cuda --hf-repeats 0 --repeats 2 --backends sglang \
+      --backend-site sglang=/tmp/site_sglang --engine-options "$opts" --json /tmp/bg/long.json "$@"
     ;;
   frontend)
     # vLLM driven directly (offline LLM; AsyncLLM streams), workload (a), to place agentrl's vllm column
