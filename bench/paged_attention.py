@@ -223,21 +223,23 @@ def varlen_paged_call(varlen_attn, params, q, k_cache, v_cache, table, cu_q, seq
                        seqused_k=seq_lens, block_table=table, **_causal_kwargs(params))
 
 
+def prefill_case(batch: int, prefix: int, new: int, gen):
+    """One prefill call: `batch` sequences of `prefix` cached tokens + `new` ones. (args, label, causal FLOPs)."""
+    caches, table, seq_lens = make_layers([prefix + new] * batch, -(-(prefix + new) // PAGE), gen)
+    cu_q = torch.arange(0, (batch + 1) * new, new, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch * new, HQ, D, device="cuda", dtype=DT)
+    args = (q, *caches[0], table, cu_q, seq_lens, D ** -0.5)
+    return args, f"prefill B={batch} prefix={prefix} new={new}", 4 * batch * HQ * D * (new * prefix + new * (new + 1) / 2)
+
+
 def prefill_rows(varlen_attn, params, gen) -> list[tuple]:
     rows = []
-    scale = D ** -0.5
     for batch, prefix, new in ((64, 0, 256), (32, 256, 32), (4, 0, 2048)):
-        lens = [prefix + new] * batch
-        caches, table, seq_lens = make_layers(lens, -(-(prefix + new) // PAGE), gen)
-        k_cache, v_cache = caches[0]
-        cu_q = torch.arange(0, (batch + 1) * new, new, dtype=torch.int32, device="cuda")
-        q = torch.randn(batch * new, HQ, D, device="cuda", dtype=DT)
-        args = (q, k_cache, v_cache, table, cu_q, seq_lens, scale)
+        args, label, flops = prefill_case(batch, prefix, new, gen)
+        q, k_cache, v_cache, table, cu_q, seq_lens, scale = args
         ref = pa.paged_prefill_attention_reference(*args)
-        label = f"prefill B={batch} prefix={prefix} new={new}"
         out = pa.paged_prefill_attention(*args, new, prefix + new)
         print(f"  {label}: triton max abs diff vs reference {(out.float() - ref.float()).abs().max().item():.3g}")
-        flops = 4 * batch * HQ * D * (new * prefix + new * (new + 1) / 2)
         t = time_eager(lambda: pa.paged_prefill_attention(*args, new, prefix + new))
         rows.append((label, "triton, eager", t, flops / t / 1e12, float("nan"), float("nan")))
         t = time_graph(lambda: pa.paged_prefill_attention(*args, new, prefix + new))
@@ -301,19 +303,12 @@ PREFILL_CONFIGS = (  # BLOCK_M, BLOCK_N, warps, stages, split diagonal; the firs
 
 def long_prefill_rows(varlen_attn, params, gen) -> list[tuple]:
     rows = []
-    scale = D ** -0.5
     saved = (pa._PREFILL_BLOCK_M, pa._PREFILL_BLOCK_N, pa._PREFILL_WARPS, pa._PREFILL_STAGES,
              pa._PREFILL_SPLIT_DIAGONAL)
     for batch, prefix, new in ((1, 0, 4096), (1, 12288, 4096), (1, 28000, 4000), (1, 0, 16384), (4, 0, 4096),
                                (1, 16000, 16000), (64, 0, 256)):
-        lens = [prefix + new] * batch
-        caches, table, seq_lens = make_layers(lens, -(-(prefix + new) // PAGE), gen)
-        k_cache, v_cache = caches[0]
-        cu_q = torch.arange(0, (batch + 1) * new, new, dtype=torch.int32, device="cuda")
-        q = torch.randn(batch * new, HQ, D, device="cuda", dtype=DT)
-        args = (q, k_cache, v_cache, table, cu_q, seq_lens, scale)
-        label = f"prefill B={batch} prefix={prefix} new={new}"
-        flops = 4 * batch * HQ * D * (new * prefix + new * (new + 1) / 2)
+        args, label, flops = prefill_case(batch, prefix, new, gen)
+        q, k_cache, v_cache, table, cu_q, seq_lens, scale = args
         ref = pa.paged_prefill_attention_reference(*args) if batch * (prefix + new) <= 32768 else None
         for cfg in PREFILL_CONFIGS:
             (pa._PREFILL_BLOCK_M, pa._PREFILL_BLOCK_N, pa._PREFILL_WARPS, pa._PREFILL_STAGES,
