@@ -295,35 +295,38 @@ def varlen_decode_rows(varlen_attn, params, bandwidth, gen) -> list[tuple]:
     return rows
 
 
-PREFILL_CONFIGS = (  # BLOCK_M, BLOCK_N, warps, stages, split diagonal; the first is the kernel as it was
-    (64, 64, 4, 2, False), (64, 64, 4, 2, True), (64, 64, 4, 3, True), (128, 64, 8, 3, True),
-    (128, 64, 4, 3, True), (128, 128, 8, 3, True), (64, 128, 4, 3, True), (128, 32, 4, 3, True),
-    (128, 64, 8, 2, True), (128, 128, 8, 2, True))
+PREFILL_CONFIGS = (  # BLOCK_M, BLOCK_N, warps, stages, split diagonal, accumulate in the dot (pa.PREFILL_KNOBS);
+    # the first is the kernel as it was before the diagonal split
+    (64, 64, 4, 2, False, False), (64, 64, 4, 2, True, False), (64, 64, 4, 2, True, True),
+    (128, 64, 8, 3, True, False), (128, 64, 8, 3, True, True), (128, 64, 8, 2, True, True),
+    (128, 128, 8, 3, True, True), (64, 128, 4, 3, True, True), (64, 64, 4, 3, True, True))
+
+
+def _tile_name(cfg) -> str:
+    return f"triton M{cfg[0]} N{cfg[1]} w{cfg[2]} s{cfg[3]}{' diag' if cfg[4] else ''}{' acc' if cfg[5] else ''}"
 
 
 def long_prefill_rows(varlen_attn, params, gen) -> list[tuple]:
     rows = []
-    saved = (pa._PREFILL_BLOCK_M, pa._PREFILL_BLOCK_N, pa._PREFILL_WARPS, pa._PREFILL_STAGES,
-             pa._PREFILL_SPLIT_DIAGONAL)
+    saved = tuple(getattr(pa, k) for k in pa.PREFILL_KNOBS)
     for batch, prefix, new in ((1, 0, 4096), (1, 12288, 4096), (1, 28000, 4000), (1, 0, 16384), (4, 0, 4096),
                                (1, 16000, 16000), (64, 0, 256)):
         args, label, flops = prefill_case(batch, prefix, new, gen)
         q, k_cache, v_cache, table, cu_q, seq_lens, scale = args
         ref = pa.paged_prefill_attention_reference(*args) if batch * (prefix + new) <= 32768 else None
         for cfg in PREFILL_CONFIGS:
-            (pa._PREFILL_BLOCK_M, pa._PREFILL_BLOCK_N, pa._PREFILL_WARPS, pa._PREFILL_STAGES,
-             pa._PREFILL_SPLIT_DIAGONAL) = cfg
+            for knob, value in zip(pa.PREFILL_KNOBS, cfg):
+                setattr(pa, knob, value)
             try:
                 out = pa.paged_prefill_attention(*args, new, prefix + new)
                 diff = float("nan") if ref is None else (out.float() - ref.float()).abs().max().item()
                 t = time_eager(lambda: pa.paged_prefill_attention(*args, new, prefix + new), reps=5, inner=5)
-                rows.append((label, f"triton M{cfg[0]} N{cfg[1]} w{cfg[2]} s{cfg[3]}{' diag' if cfg[4] else ''}",
-                             t, flops / t / 1e12, diff, float("nan")))
+                rows.append((label, _tile_name(cfg), t, flops / t / 1e12, diff, float("nan")))
             except Exception as exc:  # noqa: BLE001 - a configuration that does not compile is reported
                 print(f"  {label} {cfg}: failed: {str(exc)[:200]}")
             finally:
-                (pa._PREFILL_BLOCK_M, pa._PREFILL_BLOCK_N, pa._PREFILL_WARPS, pa._PREFILL_STAGES,
-                 pa._PREFILL_SPLIT_DIAGONAL) = saved
+                for knob, value in zip(pa.PREFILL_KNOBS, saved):
+                    setattr(pa, knob, value)
         if varlen_attn is None:
             continue
         pos = torch.arange(prefix + new, device="cuda")
@@ -378,11 +381,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--long", action="store_true", help="the long-context shapes and the tile sweep")
     ap.add_argument("--no-decode", action="store_true", help="with --long: the prefill rows only")
-    ap.add_argument("--tiles", help="with --long: prefill tiles to sweep, 'M,N,warps,stages;...' (diagonal split on)")
+    ap.add_argument("--tiles", help="with --long: prefill tiles to sweep, 'M,N,warps,stages,acc;...' (diagonal "
+                                    "split on; acc 1 accumulates P @ V in the dot)")
     cli = ap.parse_args()
     if cli.tiles:
         global PREFILL_CONFIGS
-        PREFILL_CONFIGS = tuple((*map(int, t.split(",")), True) for t in cli.tiles.split(";"))
+        PREFILL_CONFIGS = tuple((m, n, w, st, True, bool(acc)) for m, n, w, st, acc in
+                                (map(int, t.split(",")) for t in cli.tiles.split(";")))
     long_mode = cli.long
 
     props = torch.cuda.get_device_properties(0)

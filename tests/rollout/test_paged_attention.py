@@ -220,14 +220,15 @@ def test_triton_prefill_matches_reference(batch, max_len, heads):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("tile", [(64, 64, 4, 2, False), (64, 64, 4, 2, True), (128, 64, 8, 3, True),
-                                  (128, 128, 8, 3, True), (64, 128, 4, 3, True), (128, 32, 4, 3, True)])
+@pytest.mark.parametrize("tile", [(64, 64, 4, 2, False, False), (64, 64, 4, 2, True, False),
+                                  (64, 64, 4, 2, True, True), (128, 64, 8, 3, True, True),
+                                  (128, 128, 8, 3, True, False), (64, 128, 4, 3, True, True),
+                                  (128, 32, 4, 3, True, False)])
 def test_triton_prefill_tiles_match_reference_at_long_prefixes(tile, monkeypatch):
     # Every tile shape the bench sweeps, over chunks that start mid-block after long cached prefixes
     # (the unmasked blocks below the diagonal and the masked ones on it both in play).
     from agentrl.rollout.backends.embedded.kernels import paged_attention as pa
-    for name, value in zip(("_PREFILL_BLOCK_M", "_PREFILL_BLOCK_N", "_PREFILL_WARPS", "_PREFILL_STAGES",
-                            "_PREFILL_SPLIT_DIAGONAL"), tile):
+    for name, value in zip(pa.PREFILL_KNOBS, tile):
         monkeypatch.setattr(pa, name, value)
     gen = torch.Generator().manual_seed(sum(tile[:4]))
     lens, q_lens = [12001, 5000, 700, 4133], [3001, 5000, 1, 77]

@@ -78,7 +78,7 @@ def decode_merge(part_ptr, lse_ptr, out_ptr, stride_pb, stride_ph, stride_ps, st
 def _prefill_keys(acc, m, l, q, q_pos, k_ptr, v_ptr, table_row, n0, kv_end, kv_h, qk_scale,
                   stride_kb, stride_kt, stride_kh, d, d_ok,
                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                  EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  EVEN_D: tl.constexpr, ACC_IN_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # One block of BLOCK_N keys [n0, n0 + BLOCK_N) folded into the online softmax of a query tile.
     # MASKED=False: every key is below every query row's position and below kv_end (no masks at all).
     n = n0 + tl.arange(0, BLOCK_N)
@@ -112,7 +112,10 @@ def _prefill_keys(acc, m, l, q, q_pos, k_ptr, v_ptr, table_row, n0, kv_end, kv_h
     p = tl.exp2(scores * qk_scale - m_use[:, None])
     alpha = tl.exp2(m - m_use)
     l = l * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    if ACC_IN_DOT:  # the rescaled accumulator goes into the matrix multiply-accumulate itself
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l
 
 
@@ -121,7 +124,7 @@ def prefill(q_ptr, k_ptr, v_ptr, table_ptr, cu_q_ptr, lens_ptr, out_ptr, qk_scal
             stride_qn, stride_qh, stride_kb, stride_kt, stride_kh, stride_tb, stride_on, stride_oh,
             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_DIAGONAL: tl.constexpr,
-            DOT_PRECISION: tl.constexpr):
+            ACC_IN_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # One program: query head h of BLOCK_M new tokens (tile mb) of sequence b. The grid is
     # (Hq, B, tiles): consecutive programs are the query heads of one KV head (they read the same
     # K/V at about the same time, so it is served from L2), and the last tiles of every sequence,
@@ -155,11 +158,11 @@ def prefill(q_ptr, k_ptr, v_ptr, table_ptr, cu_q_ptr, lens_ptr, out_ptr, qk_scal
     for n0 in range(0, open_end, BLOCK_N):
         acc, m, l = _prefill_keys(acc, m, l, q, q_pos, k_ptr, v_ptr, table_row, n0, kv_end, kv_h, qk_scale,
                                   stride_kb, stride_kt, stride_kh, d, d_ok, BLOCK_SIZE, BLOCK_N, False,
-                                  HEAD_DIM == BLOCK_D, DOT_PRECISION)
+                                  HEAD_DIM == BLOCK_D, ACC_IN_DOT, DOT_PRECISION)
     for n0 in range(open_end, kv_end, BLOCK_N):
         acc, m, l = _prefill_keys(acc, m, l, q, q_pos, k_ptr, v_ptr, table_row, n0, kv_end, kv_h, qk_scale,
                                   stride_kb, stride_kt, stride_kh, d, d_ok, BLOCK_SIZE, BLOCK_N, True,
-                                  HEAD_DIM == BLOCK_D, DOT_PRECISION)
+                                  HEAD_DIM == BLOCK_D, ACC_IN_DOT, DOT_PRECISION)
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(out_ptr + (q_start + rows)[:, None].to(tl.int64) * stride_on + h * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])

@@ -181,9 +181,13 @@ _DECODE_BLOCK_N = 64  # tokens per inner step of the decode kernel
 _DECODE_WARPS = 2  # H100 sweep: 2 warps ~1% faster than 4 at B=64 and B=256
 _DECODE_STAGES = 2
 # Prefill tile: BLOCK_M query rows x BLOCK_N keys per inner step; `bench/paged_attention.py --long`
-# sweeps these (and SPLIT_DIAGONAL: unmasked key blocks below the diagonal, masked ones on it).
+# sweeps these (and SPLIT_DIAGONAL: unmasked key blocks below the diagonal, masked ones on it; and
+# ACC_IN_DOT: the P @ V product accumulates into the rescaled output in the dot itself, not yet
+# measured on a GPU, so off).
 _PREFILL_BLOCK_M, _PREFILL_BLOCK_N, _PREFILL_WARPS, _PREFILL_STAGES = 64, 64, 4, 2
-_PREFILL_SPLIT_DIAGONAL = True
+_PREFILL_SPLIT_DIAGONAL, _PREFILL_ACC_IN_DOT = True, False
+PREFILL_KNOBS = ("_PREFILL_BLOCK_M", "_PREFILL_BLOCK_N", "_PREFILL_WARPS", "_PREFILL_STAGES",
+                 "_PREFILL_SPLIT_DIAGONAL", "_PREFILL_ACC_IN_DOT")  # what the bench and the tests set
 
 
 @functools.cache
@@ -257,7 +261,7 @@ def _triton_prefill(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, sc
         block_table.stride(0), out.stride(0), out.stride(1),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=_next_pow2(head_dim),
         BLOCK_SIZE=block_size, BLOCK_M=_PREFILL_BLOCK_M, BLOCK_N=_PREFILL_BLOCK_N,
-        SPLIT_DIAGONAL=_PREFILL_SPLIT_DIAGONAL, DOT_PRECISION=_dot_precision(q),
+        SPLIT_DIAGONAL=_PREFILL_SPLIT_DIAGONAL, ACC_IN_DOT=_PREFILL_ACC_IN_DOT, DOT_PRECISION=_dot_precision(q),
         num_warps=_PREFILL_WARPS, num_stages=_PREFILL_STAGES)
     return out
 
