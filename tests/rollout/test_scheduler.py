@@ -9,8 +9,10 @@ from agentrl.rollout.backends.embedded.kv_cache import BlockAllocator
 from agentrl.rollout.backends.embedded.scheduler import Scheduler, Sequence
 
 
-def make(blocks: int = 64, block_size: int = 4, max_seqs: int = 8, step_tokens: int = 64) -> Scheduler:
-    return Scheduler(BlockAllocator(blocks + 1, block_size), max_seqs, step_tokens, max_model_len=256)
+def make(blocks: int = 64, block_size: int = 4, max_seqs: int = 8, step_tokens: int = 64,
+         prefill_speculation: bool = False) -> Scheduler:
+    return Scheduler(BlockAllocator(blocks + 1, block_size), max_seqs, step_tokens, max_model_len=256,
+                     prefill_speculation=prefill_speculation)
 
 
 def seq(i: int, prompt: list[int], max_new: int = 4) -> Sequence:
@@ -185,8 +187,7 @@ def test_without_admit_wait_steps_every_request_is_admitted_at_once():
 def test_speculative_step_continues_prefills_and_admits_without_the_last_tokens():
     # speculate() plans step t+1 before step t is read back: decodes of t's sampled rows (fed on the
     # device), the next chunk of a prompt t left unfinished, and an admission of a waiting request.
-    s = make(block_size=4, step_tokens=8)
-    s.prefill_speculation = True
+    s = make(block_size=4, step_tokens=8, prefill_speculation=True)
     a, b = seq(0, list(range(6)), max_new=3), seq(1, list(range(100, 120)), max_new=2)
     s.add(a)
     s.add(b)
@@ -208,8 +209,7 @@ def test_speculative_step_continues_prefills_and_admits_without_the_last_tokens(
 def test_a_speculative_decode_row_is_no_parent_for_a_fork():
     # A request whose tokens equal a running sequence's tokens so far must not sample from that
     # sequence's speculative row: that row follows one more token (the one being fed on the device).
-    s = make(block_size=4, step_tokens=64)
-    s.prefill_speculation = True
+    s = make(block_size=4, step_tokens=64, prefill_speculation=True)
     a = seq(0, list(range(10)), max_new=5)
     s.add(a)
     t, _ = step(s)  # a prefilled, token 7 sampled

@@ -11,9 +11,9 @@ A launched step is an `InFlight`: nothing waits for it until `complete`.
 Async steps: `speculate` launches the step that follows a launched one before that one's tokens
 are on the host (`Scheduler.speculate` plans it: the decodes of the sequences the launched step
 samples, and with prefill speculation the next prefill chunks and admissions too). The decodes'
-input ids are copied on the device from the launched step's sampled ids. The host's bookkeeping of step t (stop checks, finished
-requests, the next launch) then runs while the device computes step t+1, instead of the device
-idling through it.
+input ids are copied on the device from the launched step's sampled ids. The host's bookkeeping
+of step t (stop checks, finished requests, the next launch) then runs while the device computes
+step t+1, instead of the device idling through it.
 """
 
 from __future__ import annotations

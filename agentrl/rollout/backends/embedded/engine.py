@@ -165,6 +165,7 @@ class EmbeddedEngine:
         self.admit_wait_steps = (8 if self.cuda_graphs else 0) if admit_wait_steps is None else admit_wait_steps
         self.vocab_size = self.runner.embed.shape[0]
         self.kv_cache_tokens = kv_cache_tokens or self._default_kv_tokens()
+        self._kv_tokens_per_gib = 2**30 // self._kv_bytes_per_token()  # fixed for the engine: reported each step
         self.weight_version = 0
         self.stats = EngineStats()
         self._steps = DeviceSteps(self.runner, block_size, max_batch_size, self.cuda_graphs)
@@ -398,15 +399,13 @@ class EmbeddedEngine:
             self._post(seq.payload, exc)
 
     # -- sizing and metrics --------------------------------------------------------------------
-    @property
-    def _kv_tokens_per_gib(self) -> int:
-        """Tokens of KV cache one GiB holds for this model (all layers' K and V, the engine's dtype)."""
+    def _kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache one token takes (all layers' K and V, the engine's dtype)."""
         r = self.runner
-        return 2**30 // PagedKVCache.bytes_per_token(r.num_layers, r.num_kv_heads, r.head_dim, r.dtype)
+        return PagedKVCache.bytes_per_token(r.num_layers, r.num_kv_heads, r.head_dim, r.dtype)
 
     def _default_kv_tokens(self) -> int:
-        r = self.runner
-        per_token = PagedKVCache.bytes_per_token(r.num_layers, r.num_kv_heads, r.head_dim, r.dtype)
+        per_token = self._kv_bytes_per_token()
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = int(free * _GPU_KV_FRACTION)
@@ -417,9 +416,8 @@ class EmbeddedEngine:
     def _new_scheduler(self) -> Scheduler:
         blocks = -(-self.kv_cache_tokens // self.block_size) + 1  # + the reserved null block
         alloc = BlockAllocator(blocks, self.block_size, self.enable_prefix_caching)
-        sched = Scheduler(alloc, self.max_batch_size, self.max_step_tokens, self.max_model_len, self.admit_wait_steps)
-        sched.prefill_speculation = self.async_prefill
-        return sched
+        return Scheduler(alloc, self.max_batch_size, self.max_step_tokens, self.max_model_len, self.admit_wait_steps,
+                         prefill_speculation=self.async_prefill)
 
     def _update_extra(self) -> None:
         s, graphs = self._sched, self._steps.graphs

@@ -102,10 +102,11 @@ class Scheduler:
             several times faster, so admitting each trickling request at once (multi-turn episodes whose
             tool calls return at different times) would make nearly every step an eager one. 0 admits
             at once (the CPU default, where no step is replayed).
+        prefill_speculation: `speculate` also plans prefill chunks and admissions (see there).
     """
 
     def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_step_tokens: int, max_model_len: int,
-                 admit_wait_steps: int = 0):
+                 admit_wait_steps: int = 0, prefill_speculation: bool = False):
         self.alloc = allocator
         self.bs = allocator.block_size
         self.max_num_seqs = max_num_seqs
@@ -117,7 +118,7 @@ class Scheduler:
         self._inflight: dict[int, Sequence] = {}  # hash of a block being prefilled -> its owner
         self.counters = {"preemptions": 0, "forks": 0, "deferrals": 0, "held_admissions": 0}
         self.admit_wait_steps = admit_wait_steps
-        self.prefill_speculation = False  # speculate(): also plan prefill chunks and admissions
+        self.prefill_speculation = prefill_speculation
         self.steps = 0  # schedule() calls and speculative steps that admit
 
     @property
@@ -155,6 +156,15 @@ class Scheduler:
         if not preempted:
             self._admit(plan, budget)
         return plan
+
+    def _grow_from_free(self, seq: Sequence, upto: int) -> bool:
+        """Give `seq` blocks for `upto` tokens from free blocks only (no preemption); False if too few are free."""
+        need = -(-upto // self.bs) - len(seq.blocks)
+        if need > self.alloc.num_free:
+            return False
+        if need > 0:
+            self._append_blocks(seq, self.alloc.allocate(need))
+        return True
 
     def _grow(self, seq: Sequence, upto: int) -> bool:
         """Give `seq` blocks for `upto` tokens, preempting the youngest sequences; False if `seq` itself went."""
@@ -282,7 +292,7 @@ class Scheduler:
         prefill = self.prefill_speculation
         if self.waiting and not prefill:
             return None
-        chunks, src, rest, row, bs = [], [], [], -1, self.bs
+        chunks, src, rest, row = [], [], [], -1
         for c in plan.chunks:
             seq = c.seq
             row += c.sample
@@ -296,34 +306,33 @@ class Scheduler:
                 continue
             if start + 1 - seq.prompt_len >= seq.max_new:
                 continue
-            if start + 1 > len(seq.blocks) * bs:
-                if self.alloc.num_free < 1:
-                    return None  # blocks taken so far stay with their sequences: the next step needs them too
-                self._append_blocks(seq, self.alloc.allocate(1))
+            if not self._grow_from_free(seq, start + 1):
+                return None  # blocks taken so far stay with their sequences: the next step needs them too
             chunks.append(Chunk(seq, start, 1, True))
             src.append(row)
         if prefill:
-            spec = StepPlan(chunks)
-            in_plan = {id(c.seq) for c in plan.chunks}
-            rest += [(seq, seq.num_computed) for seq in self.running if id(seq) not in in_plan]
-            budget = self.max_step_tokens - len(chunks)
-            for seq, start in rest:
-                n = min(len(seq.tokens) - start, budget)
-                if n <= 0:
-                    continue
-                if start + n > len(seq.blocks) * bs:
-                    need = -(-(start + n) // bs) - len(seq.blocks)
-                    if self.alloc.num_free < need:
-                        return None
-                    self._append_blocks(seq, self.alloc.allocate(need))
-                chunks.append(Chunk(seq, start, n, start + n == len(seq.tokens)))
-                budget -= n
-            self.steps += 1
-            self._admit(spec, budget)
-            return (spec, src) if spec.chunks else None
-        if not chunks:
-            return None
-        return StepPlan(chunks), src
+            return self._speculate_prefill(plan, chunks, src, rest)
+        return (StepPlan(chunks), src) if chunks else None
+
+    def _speculate_prefill(self, plan: StepPlan, chunks: list[Chunk], src: list[int],
+                           rest: list[tuple[Sequence, int]]) -> tuple[StepPlan, list[int]] | None:
+        """`speculate`'s prefill part: after the fed decodes in `chunks`, the next chunks of `rest`
+        (sequence, first token not yet computed) and of running sequences `plan` left out, then admissions."""
+        spec = StepPlan(chunks)
+        in_plan = {id(c.seq) for c in plan.chunks}
+        rest += [(seq, seq.num_computed) for seq in self.running if id(seq) not in in_plan]
+        budget = self.max_step_tokens - len(chunks)
+        for seq, start in rest:
+            n = min(len(seq.tokens) - start, budget)
+            if n <= 0:
+                continue
+            if not self._grow_from_free(seq, start + n):
+                return None
+            chunks.append(Chunk(seq, start, n, start + n == len(seq.tokens)))
+            budget -= n
+        self.steps += 1
+        self._admit(spec, budget)
+        return (spec, src) if spec.chunks else None
 
     def finish_step(self, plan: StepPlan, tokens: list[int], logprobs: list[float], version: int) -> list[Sequence]:
         """Record the step: computed tokens, newly full blocks, sampled tokens. Returns finished sequences.
