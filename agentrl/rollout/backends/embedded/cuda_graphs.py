@@ -32,7 +32,7 @@ import torch
 from agentrl.rollout.backends.embedded.attention import StepMetadata
 from agentrl.rollout.backends.embedded.kv_cache import PagedKVCache
 from agentrl.rollout.backends.embedded.model_runner import ModelRunner, StepInputs
-from agentrl.rollout.backends.embedded.scheduler import Chunk
+from agentrl.rollout.backends.embedded.sequences import Chunk
 
 
 def batch_buckets(max_batch: int) -> list[int]:

@@ -26,8 +26,9 @@ from agentrl.rollout.backends.embedded.cuda_graphs import DecodeGraphs
 from agentrl.rollout.backends.embedded.kv_cache import PagedKVCache
 from agentrl.rollout.backends.embedded.model_runner import ModelRunner
 from agentrl.rollout.backends.embedded.sampling import SamplingBatch, sample
-from agentrl.rollout.backends.embedded.scheduler import Scheduler, StepPlan
-from agentrl.rollout.backends.embedded.scheduler import Sequence as Seq
+from agentrl.rollout.backends.embedded.scheduler import Scheduler
+from agentrl.rollout.backends.embedded.sequences import Sequence as Seq
+from agentrl.rollout.backends.embedded.sequences import StepPlan
 from agentrl.rollout.backends.embedded.step_inputs import build_step_inputs
 from agentrl.rollout.backends.embedded.transfer import to_device
 

@@ -4,7 +4,8 @@ It runs wherever SGLang and vLLM are not installed (CPU, tests, laptops) and is 
 other backends are held to. The parts, each in its own module:
 
 - `kv_cache.py`: the block pool, reference counts and the prefix cache of full blocks;
-- `scheduler.py`: continuous batching under the KV budget (admission, preemption, shared prefixes);
+- `sequences.py` + `scheduler.py`: what a step is made of (a request's state, its chunk, the plan), and
+  continuous batching under the KV budget (admission, preemption, shared prefixes, speculative steps);
 - `step_inputs.py` + `model_runner.py` + `attention.py`: one forward pass over a flat batch of
   decode tokens and prefill chunks, writing and reading the paged cache;
 - `architectures.py` + `model_weights.py` + `layer_ops.py`: the table of model families the
@@ -54,7 +55,7 @@ from agentrl.rollout.backends.embedded.kv_cache import BlockAllocator, PagedKVCa
 from agentrl.rollout.backends.embedded.model_runner import ModelRunner
 from agentrl.rollout.backends.embedded.sampling import StopStrings, validate
 from agentrl.rollout.backends.embedded.scheduler import Scheduler
-from agentrl.rollout.backends.embedded.scheduler import Sequence as Seq
+from agentrl.rollout.backends.embedded.sequences import Sequence as Seq
 from agentrl.rollout.engine import EngineStats, Generation, SamplingParams, check_prompt
 
 _CPU_KV_BYTES = 256 * 2**20  # default KV budget on CPU

@@ -16,7 +16,7 @@ import torch
 
 from agentrl.rollout.backends.embedded.attention import StepMetadata
 from agentrl.rollout.backends.embedded.model_runner import StepInputs
-from agentrl.rollout.backends.embedded.scheduler import Chunk, StepPlan
+from agentrl.rollout.backends.embedded.sequences import Chunk, StepPlan
 from agentrl.rollout.backends.embedded.transfer import to_device
 
 
