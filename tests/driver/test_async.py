@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+import agentrl.driver.async_ as async_module
+import agentrl.driver.loop as loop_module
 from agentrl.config import load_config
 from agentrl.driver.async_ import AsyncCollector
 from agentrl.driver.loop import train
@@ -105,15 +107,48 @@ def _check_bounded_staleness(history: list[dict], overlap: bool = True) -> None:
         versions = {k: v for k, v in m.items() if k.startswith("staleness/") and k[10:].isdigit()}
         assert sum(versions.values()) == m["tokens/trainer/trained"] > 0  # every trained token has a version
         assert "time/trainer/wait_rollout" in m
-    # Step 2's episodes start as soon as step 1's are handed over, while step 1 trains (a CPU update
-    # takes far longer than the first tokens of a 16-token episode): they carry version 0 tokens.
+    # Step 2's episodes start as soon as step 1's are handed over, while step 1 trains; with the pushes
+    # held until they have sampled a token (`pushes_wait_for_the_next_play`), they carry version 0 tokens.
     assert history[0]["staleness/max"] == 0
     if overlap:
         assert max(m["staleness/max"] for m in history[1:]) == 1
 
 
+@pytest.fixture
+def pushes_wait_for_the_next_play(monkeypatch):
+    """Hold each weight push until the producer has sampled a token of the step it is playing.
+
+    Without it the overlap is a race: on a loaded machine the trainer's thread can finish a (fast,
+    tiny-model) update and push before the producer's thread has sampled anything, and then no token
+    is one version old. The producer cannot be blocked by this wait: it plays step `v` under version
+    `v - 1`, which the gate allows, and a play that finishes ends the wait as well.
+    """
+    real_collect, real_push = async_module.collect, loop_module.push_weights
+    plays: dict[int, list] = {}  # step -> [engine tokens when its play began, play finished]
+
+    def collect(rollout, step):
+        plays[step] = [rollout.engine.stats.generated_tokens, False]
+        try:
+            return real_collect(rollout, step)
+        finally:
+            plays[step][1] = True
+
+    def push_weights(trainer, rollout, version):
+        deadline = time.monotonic() + 60.0
+        while version in range(1, rollout.cfg.train.steps) and time.monotonic() < deadline:
+            began, finished = plays.get(version, (None, False))
+            if finished or (began is not None and rollout.engine.stats.generated_tokens > began):
+                break
+            time.sleep(0.005)
+        return real_push(trainer, rollout, version=version)
+
+    monkeypatch.setattr(async_module, "collect", collect)
+    monkeypatch.setattr(loop_module, "push_weights", push_weights)
+
+
 @pytest.mark.parametrize("correction", [ASYNC[1:], ["algorithm.old_logprobs=rollout"]], ids=["tis", "rollout_ratio"])
-def test_an_asynchronous_run_trains_with_bounded_staleness(stopping_model_dir, tmp_path, correction):
+def test_an_asynchronous_run_trains_with_bounded_staleness(stopping_model_dir, tmp_path, correction,
+                                                           pushes_wait_for_the_next_play):
     result = train(_cfg(stopping_model_dir, tmp_path, ASYNC[0], *correction, "train.max_staleness=1"))
     _check_bounded_staleness(result["history"])
     assert (tmp_path / "final" / "config.json").is_file()
