@@ -86,6 +86,17 @@ def check_prompt(prompt: Sequence[int], max_model_len: int, vocab_size: int | No
         raise EngineError(f"prompt token ids must be in [0, {vocab_size}); got min {min(prompt)}, max {max(prompt)}")
 
 
+def load_tokenizer_or_none(path: str):
+    """The tokenizer saved with the model at `path`, or None (then a backend refuses stop strings with
+    a clear error instead of failing at load)."""
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+
+
 @dataclass
 class EngineStats:
     """Counters a backend keeps for metrics."""

@@ -11,7 +11,8 @@ other backends are held to. The parts, each in its own module:
 - `architectures.py` + `model_weights.py` + `layer_ops.py`: the table of model families the
   forward pass implements (anything else is refused at load), their weights, their layers' parts;
 - `sampling.py`: batched sampling with per-row parameters, logprobs in float32;
-- `device_steps.py`: launching a step on the device, the speculative next step, reading tokens back.
+- `device_steps.py`: launching a step on the device, the speculative next step, reading tokens back;
+- `sizing.py`: the defaults that depend on the device (KV-cache budget, tokens per step).
 
 This module is the front: `generate` is a coroutine that hands the request to one background
 thread, which runs model steps back to back while any request is in flight (requests join and
@@ -56,9 +57,9 @@ from agentrl.rollout.backends.embedded.model_runner import ModelRunner
 from agentrl.rollout.backends.embedded.sampling import StopStrings, validate
 from agentrl.rollout.backends.embedded.scheduler import Scheduler
 from agentrl.rollout.backends.embedded.sequences import Sequence as Seq
-from agentrl.rollout.engine import EngineStats, Generation, SamplingParams, check_prompt
+from agentrl.rollout.backends.embedded.sizing import default_kv_tokens, default_step_tokens, kv_bytes_per_token
+from agentrl.rollout.engine import EngineStats, Generation, SamplingParams, check_prompt, load_tokenizer_or_none
 
-_CPU_KV_BYTES = 256 * 2**20  # default KV budget on CPU
 # Engines whose thread ran; at exit each is closed, so no engine thread is still unwinding (and
 # freeing tensors) while the interpreter finalizes, which aborts the process ("terminate called
 # without an active exception", exit 134) after a run that had finished.
@@ -70,9 +71,6 @@ def _close_live_engines() -> None:
     for engine in list(_LIVE_ENGINES):
         engine.abort()
         engine._join(timeout=10.0)
-_GPU_KV_FRACTION = 0.5  # default share of free accelerator memory for the KV cache
-_GPU_STEP_TOKENS = 16384  # default max_step_tokens on CUDA (H200 sweep, docs/benchmarks.md)
-_CPU_STEP_TOKENS = 4096  # on CPU, where long prompts are rare and every test and quickstart number was made
 
 
 @dataclass(frozen=True)
@@ -107,11 +105,10 @@ class EmbeddedEngine:
         max_batch_size: Most sequences running at once.
         max_model_len: Longest prompt + response accepted.
         block_size: Tokens per KV block (the unit of sharing and of allocation).
-        kv_cache_tokens: KV budget in tokens; default: 512 MiB worth on CPU, half the free memory on CUDA.
+        kv_cache_tokens: KV budget in tokens; default: 256 MiB worth on CPU, half the free memory on CUDA.
         max_step_tokens: Most tokens one step computes (long prompts are prefilled in chunks);
-            default 16,384 on CUDA, 4,096 on CPU. On an H200 (Qwen2-0.5B shape) 16,384 beat 4,096 on
-            every shape measured, 256-token prompts to 32k (+8% to +22% new tokens/s; 32,768 adds
-            0-7% more at 4k-32k prompts for twice the activation memory); docs/benchmarks.md.
+            default 16,384 on CUDA (on an H200 it beat 4,096 at every prompt length measured, 256 to
+            32k tokens: +8% to +22% new tokens/s; docs/benchmarks.md), 4,096 on CPU.
         enable_prefix_caching: Share and reuse KV blocks of common prefixes (GRPO groups, later turns).
         tokenizer: For stop strings; loaded from `model` when it is a path.
         cuda_graphs: On CUDA, replay decode-only steps from CUDA graphs captured per batch-size
@@ -144,7 +141,7 @@ class EmbeddedEngine:
 
             check_model_type(AutoConfig.from_pretrained(model))  # refuse before reading any weight
             path, model = model, AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
-            tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(path)
+            tokenizer = tokenizer if tokenizer is not None else load_tokenizer_or_none(path)
         resolve_architecture(model, max_model_len)  # refuse before taking any accelerator memory
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:  # pin "cuda" to the GPU it means now
@@ -154,9 +151,7 @@ class EmbeddedEngine:
         self.max_batch_size = max_batch_size
         self.max_model_len = max_model_len
         self.block_size = block_size
-        if max_step_tokens is None:
-            max_step_tokens = _GPU_STEP_TOKENS if self.device.type == "cuda" else _CPU_STEP_TOKENS
-        self.max_step_tokens = max(max_step_tokens, max_batch_size)
+        self.max_step_tokens = max(max_step_tokens or default_step_tokens(self.device), max_batch_size)
         self.enable_prefix_caching = enable_prefix_caching
         self.async_steps = self.device.type == "cuda" if async_steps is None else async_steps
         self.async_prefill = self.async_steps if async_prefill is None else async_prefill
@@ -165,8 +160,9 @@ class EmbeddedEngine:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and self.runner.graph_safe
         self.admit_wait_steps = (8 if self.cuda_graphs else 0) if admit_wait_steps is None else admit_wait_steps
         self.vocab_size = self.runner.embed.shape[0]
-        self.kv_cache_tokens = kv_cache_tokens or self._default_kv_tokens()
-        self._kv_tokens_per_gib = 2**30 // self._kv_bytes_per_token()  # fixed for the engine: reported each step
+        self.kv_cache_tokens = kv_cache_tokens or default_kv_tokens(self.runner, self.device, max_model_len,
+                                                                    max_batch_size)
+        self._kv_tokens_per_gib = 2**30 // kv_bytes_per_token(self.runner)  # fixed for the engine: reported each step
         self.weight_version = 0
         self.stats = EngineStats()
         self._steps = DeviceSteps(self.runner, block_size, max_batch_size, self.cuda_graphs)
@@ -400,20 +396,6 @@ class EmbeddedEngine:
             self._post(seq.payload, exc)
 
     # -- sizing and metrics --------------------------------------------------------------------
-    def _kv_bytes_per_token(self) -> int:
-        """Bytes of KV cache one token takes (all layers' K and V, the engine's dtype)."""
-        r = self.runner
-        return PagedKVCache.bytes_per_token(r.num_layers, r.num_kv_heads, r.head_dim, r.dtype)
-
-    def _default_kv_tokens(self) -> int:
-        per_token = self._kv_bytes_per_token()
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * _GPU_KV_FRACTION)
-        else:
-            budget = _CPU_KV_BYTES
-        return max(self.max_model_len, min(budget // per_token, self.max_batch_size * self.max_model_len))
-
     def _new_scheduler(self) -> Scheduler:
         blocks = -(-self.kv_cache_tokens // self.block_size) + 1  # + the reserved null block
         alloc = BlockAllocator(blocks, self.block_size, self.enable_prefix_caching)
@@ -433,12 +415,3 @@ class EmbeddedEngine:
             **{k: float(v) for k, v in s.counters.items()},
         )
 
-
-def _load_tokenizer(path: str):
-    """The tokenizer saved with the model, or None (then stop strings are refused with a clear error)."""
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        return None

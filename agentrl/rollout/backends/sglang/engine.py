@@ -58,7 +58,7 @@ from agentrl.rollout.backends.managed import ManagedServer, ServerSpec
 from agentrl.rollout.backends.sglang import protocol as P
 from agentrl.rollout.backends.sglang.transport import HttpTransport, InProcessTransport
 from agentrl.rollout.backends.sglang.weights import WeightFolder, run_alongside, tensors_for_engine
-from agentrl.rollout.engine import EngineStats, Generation, SamplingParams, check_prompt
+from agentrl.rollout.engine import EngineStats, Generation, SamplingParams, check_prompt, load_tokenizer_or_none
 
 logger = logging.getLogger(__name__)
 
@@ -356,12 +356,7 @@ class SGLangEngine:
     def _stop_tokenizer(self):
         if not self._tokenizer_tried:
             self._tokenizer_tried = True
-            try:
-                from transformers import AutoTokenizer
-
-                self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-            except (OSError, ValueError):
-                self._tokenizer = None
+            self._tokenizer = load_tokenizer_or_none(self.model_path)
         return self._tokenizer
 
     @staticmethod

@@ -39,7 +39,7 @@ from agentrl.rollout.backends.managed import ManagedServer, ServerSpec
 from agentrl.rollout.backends.vllm import launch, weights
 from agentrl.rollout.backends.vllm.loop_thread import LoopThread
 from agentrl.rollout.backends.vllm.params import Delta, check_logprob_contract
-from agentrl.rollout.engine import EngineStats, Generation, SamplingParams, check_prompt
+from agentrl.rollout.engine import EngineStats, Generation, SamplingParams, check_prompt, load_tokenizer_or_none
 
 _DRAIN_S = 0.05  # after a pause: time for the last step's outputs to reach the front (see the docstring)
 _CONTROL_TIMEOUT_S = 1800.0  # a reload, sleep or wake of a large model is slow, but bounded
@@ -110,7 +110,7 @@ class VLLMEngine:
         self.opts, passthrough = launch.BackendOptions.split(options)
         self.model_path = model_path
         self.max_model_len = max_model_len
-        self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model_path)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer_or_none(model_path)
         self.vocab_size = _vocab_size(model_path)
         self.weight_version = 0
         self.stats = EngineStats()
@@ -332,16 +332,6 @@ class VLLMEngine:
     def _update_extra(self) -> None:
         self.stats.extra.update(cached_prompt_tokens=float(self._cached_prompt_tokens),
                                 prefix_cache_hit_rate=self._cached_prompt_tokens / max(1, self.stats.prompt_tokens))
-
-
-def _load_tokenizer(path: str):
-    """The tokenizer saved with the model, or None (then stop strings are refused with a clear error)."""
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        return None
 
 
 def _vocab_size(path: str) -> int | None:
