@@ -31,7 +31,7 @@ from agentrl.errors import EngineError
 from agentrl.rollout.backends.embedded import EmbeddedEngine
 from agentrl.rollout.engine import SamplingParams
 from tests.hf_reference import assert_greedy_matches, assert_logprobs_match
-from tests.model_families import ALL, VOCAB, build_family_model, family_config
+from tests.model_families import ALL, VOCAB, build_family_model
 
 DEVICE = os.environ.get("AGENTRL_TEST_DEVICE", "cpu")
 TOL = 1e-4 if DEVICE == "cpu" else 2e-3

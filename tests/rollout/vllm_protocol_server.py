@@ -30,7 +30,6 @@ Run: python vllm_protocol_server.py --model DIR --port N [--dtype float32] [--ma
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys

@@ -96,7 +96,7 @@ def moe(h: torch.Tensor, router_w: torch.Tensor, gate_up: torch.Tensor, down: to
     Args:
         router_w: [E, H]; gate_up: [E, 2I, H]; down: [E, H, I].
     """
-    N, k = h.shape[0], spec.moe.top_k
+    k = spec.moe.top_k
     logits = F.linear(h, router_w)  # [N, E]
     weights, experts = torch.topk(torch.softmax(logits, -1, dtype=torch.float32), k, dim=-1)  # [N, k]
     if spec.moe.norm_topk_prob:
