@@ -7,6 +7,12 @@ import os
 import pytest
 import torch
 
+# Ray starts its workers at nice 15 by default, so on a 2-core CI machine a rollout worker waits for
+# any normal-priority work (this process training, another test's subprocess) and the Ray tests'
+# health checks and deadlines measure the scheduler, not the code. The suite's Ray (and the
+# `agentrl train` subprocesses it starts, which inherit this) gives workers the driver's priority.
+os.environ.setdefault("RAY_worker_niceness", "0")
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:

@@ -122,12 +122,13 @@ def test_crash_at_start_is_a_start_error_with_the_log_tail_and_command(tmp_path)
 
 
 def test_a_server_that_hangs_times_out_and_is_killed(tmp_path):
-    server = ManagedServer("hung", standin, spec(tmp_path, "--hang", startup_timeout_s=3.0), health_timeout_s=1.0)
+    # 8 s: the stand-in (two interpreters start) must be up and say so in its log before the timeout
+    server = ManagedServer("hung", standin, spec(tmp_path, "--hang", startup_timeout_s=8.0), health_timeout_s=1.0)
     t0 = time.monotonic()
-    with pytest.raises(ServerStartError, match="did not answer /health within startup_timeout_s=3") as err:
+    with pytest.raises(ServerStartError, match="did not answer /health within startup_timeout_s=8") as err:
         server.start()
     elapsed = time.monotonic() - t0
-    assert 3.0 <= elapsed < 3.0 + 1.0 + 11.0  # the timeout, one probe and the SIGTERM grace at most
+    assert 8.0 <= elapsed < 8.0 + 1.0 + 11.0  # the timeout, one probe and the SIGTERM grace at most
     assert "listening, never answering" in str(err.value)
     pid = int(str(err.value).split("standin[")[1].split("]")[0])
     assert not alive(pid)

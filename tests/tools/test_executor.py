@@ -16,6 +16,7 @@ from agentrl.tools.core import ToolCall, ToolPolicy, tool
 from agentrl.tools.executor import ToolExecutor
 from agentrl.tools.limits import abandoned_calls
 from agentrl.tools.parsers import parse_hermes
+from agentrl.tools.threads import AbandonableThread
 
 
 @tool
@@ -210,9 +211,11 @@ def test_a_tools_own_typed_error_keeps_its_kind_and_is_bounded():
 
 
 # -- timeouts, abandoned threads -------------------------------------------------------------
-def _hanging_tool(release: threading.Event, name: str = "stuck", cap: int = 8):
+def _hanging_tool(release: threading.Event, name: str = "stuck", cap: int = 8, started: list | None = None):
     def stuck() -> str:
         """Wait for the test to let go."""
+        if started is not None:
+            started.append(name)
         release.wait(30)
         return "late"
 
@@ -220,21 +223,21 @@ def _hanging_tool(release: threading.Event, name: str = "stuck", cap: int = 8):
 
 
 def test_sync_timeout_returns_on_time_and_the_thread_is_accounted_for(caplog):
-    release = threading.Event()
-    stuck = _hanging_tool(release, cap=2)
+    release, started = threading.Event(), []
+    stuck = _hanging_tool(release, cap=2, started=started)
     ex = ToolExecutor([stuck])
     try:
         for expected_running in (1, 2):
             t0 = time.perf_counter()
             [r] = asyncio.run(ex.execute([ToolCall("stuck", {})]))
-            assert time.perf_counter() - t0 < 1.0  # 0.2 s timeout; the thread is not waited for
+            assert time.perf_counter() - t0 < 10.0  # 0.2 s timeout; the thread (held 30 s) is not waited for
             assert r.content == "Error (timeout): 'stuck' did not finish within 0.2 s; its thread is still running"
             assert abandoned_calls() == {"stuck": expected_running}
         assert "tool 'stuck': a call passed its 0.2 s timeout" in caplog.text
-        # At the cap, calls are refused at once instead of piling up threads.
-        t0 = time.perf_counter()
+        # At the cap, calls are refused at once instead of piling up threads: no third thread starts.
         [r] = asyncio.run(ex.execute([ToolCall("stuck", {})]))
-        assert time.perf_counter() - t0 < 0.15 and r.error_kind == ToolErrorKind.UNAVAILABLE  # no 0.2 s wait
+        assert r.error_kind == ToolErrorKind.UNAVAILABLE and abandoned_calls() == {"stuck": 2}
+        assert len(started) == 2
         assert "2 earlier calls passed their 0.2 s timeout and are still running" in r.content
         assert ex.error_counts == {"timeout": 2, "unavailable": 1}
     finally:
@@ -247,17 +250,26 @@ def test_sync_timeout_returns_on_time_and_the_thread_is_accounted_for(caplog):
     assert r.content == "late"
 
 
-def test_a_result_past_the_limit_is_a_timeout_even_when_a_busy_loop_notices_late():
+def test_a_result_past_the_limit_is_a_timeout_even_when_a_busy_loop_notices_late(monkeypatch):
     @tool(policy=ToolPolicy(timeout_s=0.2))
     def slowish() -> str:
         """Take 0.3 s."""
         time.sleep(0.3)
         return "late"
 
+    returned = threading.Event()  # set once the call's thread has handed its result over
+    real_run = AbandonableThread._run
+
+    def run(self):
+        real_run(self)
+        returned.set()
+
+    monkeypatch.setattr(AbandonableThread, "_run", run)
+
     async def main():
         call = asyncio.ensure_future(ToolExecutor([slowish]).execute([ToolCall("slowish", {})]))
         await asyncio.sleep(0.01)  # the call's thread has started
-        time.sleep(0.5)  # the loop is busy: by the time it looks, the tool has returned
+        assert returned.wait(30)  # the loop is busy: by the time it looks, the tool has returned
         return await call
 
     [r] = asyncio.run(main())

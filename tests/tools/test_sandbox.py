@@ -251,7 +251,8 @@ def test_concurrent_runs_do_not_see_each_other():
     reader = "import os, time\ntime.sleep(0.5)\nprint(sorted(os.listdir('/tmp')), sorted(os.listdir('.')))"
 
     async def both():
-        return await asyncio.gather(run_python(writer, FAST), run_python(reader, FAST))
+        roomy = dataclasses.replace(FAST, wall_seconds=10.0)  # the writer sleeps 1 s: FAST's 2 s is tight on a loaded machine
+        return await asyncio.gather(run_python(writer, roomy), run_python(reader, roomy))
 
     wrote, read = asyncio.run(both())
     assert wrote.stdout == "wrote\n" and read.stdout == "['work'] []\n", (wrote, read)
