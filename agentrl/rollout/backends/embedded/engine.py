@@ -414,4 +414,3 @@ class EmbeddedEngine:
             kv_blocks_peak=float(max(s.alloc.peak_used, self.stats.extra.get("kv_blocks_peak", 0.0))),
             **{k: float(v) for k, v in s.counters.items()},
         )
-
