@@ -77,7 +77,7 @@ def test_a_tool_that_hangs_in_one_episode_of_64_on_a_ray_worker_does_not_hold_th
                                                                                        tmp_path, tag):
     hang = tmp_path / "hang"
     cfg = _cfg(stopping_model_dir, tmp_path / "run", "rollout.prompts_per_step=8", "rollout.samples_per_prompt=8",
-               "failures.episode_timeout_s=3", f"env.kwargs.hang_file={hang}")
+               "failures.episode_timeout_s=8", f"env.kwargs.hang_file={hang}")
     with open_sides(cfg, [(cfg.env.train_split, "env.train_split")]) as (rollout, trainer):
         hang.write_text("")  # armed once the driver's checks have reset the env on a few tasks
         sandboxes, done = set(), threading.Event()
@@ -97,10 +97,10 @@ def test_a_tool_that_hangs_in_one_episode_of_64_on_a_ray_worker_does_not_hold_th
         assert rollout.worker_metrics() == {}  # a hung tool is the episode's failure, not its worker's
         _step_on_the_sound_episodes(rollout, trainer, kept)
     assert len(running) >= 4  # GCS, raylet, the two workers (and Ray's agents): the count sees them
-    assert 3 <= seconds < 3 + 40  # the deadline, the other episodes, a busy machine; not the minute
+    assert 8 <= seconds < 8 + 40  # the deadline, the other episodes, a busy machine; not the minute
     assert metrics["failures/episode_deadline"] == metrics["episode_errors"] == 1 and metrics["failures/dropped"] == 1
     assert metrics["failures/retried"] == 0 and metrics["trained_episodes"] == len(kept) == 63
-    assert metrics["error_samples"] == ["1x the episode did not finish within 3 s (failures.episode_timeout_s); it was "
+    assert metrics["error_samples"] == ["1x the episode did not finish within 8 s (failures.episode_timeout_s); it was "
                                         "waiting on the env's reset"]
     assert all(t.failure is None for t in kept)
 
