@@ -211,7 +211,8 @@ def test_a_tools_own_typed_error_keeps_its_kind_and_is_bounded():
 
 
 # -- timeouts, abandoned threads -------------------------------------------------------------
-def _hanging_tool(release: threading.Event, name: str = "stuck", cap: int = 8, started: list | None = None):
+def _hanging_tool(release: threading.Event, name: str = "stuck", cap: int = 8, started: list | None = None,
+                  timeout_s: float = 0.2):
     def stuck() -> str:
         """Wait for the test to let go."""
         if started is not None:
@@ -219,26 +220,28 @@ def _hanging_tool(release: threading.Event, name: str = "stuck", cap: int = 8, s
         release.wait(30)
         return "late"
 
-    return tool(stuck, name=name, policy=ToolPolicy(timeout_s=0.2, max_abandoned=cap))
+    return tool(stuck, name=name, policy=ToolPolicy(timeout_s=timeout_s, max_abandoned=cap))
 
 
 def test_sync_timeout_returns_on_time_and_the_thread_is_accounted_for(caplog):
     release, started = threading.Event(), []
-    stuck = _hanging_tool(release, cap=2, started=started)
+    stuck = _hanging_tool(release, cap=2, started=started, timeout_s=2.0)  # 2 s: room to tell "at once" apart
     ex = ToolExecutor([stuck])
     try:
         for expected_running in (1, 2):
             t0 = time.perf_counter()
             [r] = asyncio.run(ex.execute([ToolCall("stuck", {})]))
-            assert time.perf_counter() - t0 < 10.0  # 0.2 s timeout; the thread (held 30 s) is not waited for
-            assert r.content == "Error (timeout): 'stuck' did not finish within 0.2 s; its thread is still running"
+            assert time.perf_counter() - t0 < 10.0  # 2 s timeout; the thread (held 30 s) is not waited for
+            assert r.content == "Error (timeout): 'stuck' did not finish within 2 s; its thread is still running"
             assert abandoned_calls() == {"stuck": expected_running}
-        assert "tool 'stuck': a call passed its 0.2 s timeout" in caplog.text
+        assert "tool 'stuck': a call passed its 2 s timeout" in caplog.text
         # At the cap, calls are refused at once instead of piling up threads: no third thread starts.
+        t0 = time.perf_counter()
         [r] = asyncio.run(ex.execute([ToolCall("stuck", {})]))
+        assert time.perf_counter() - t0 < 2.0  # no wait for the 2 s timeout
         assert r.error_kind == ToolErrorKind.UNAVAILABLE and abandoned_calls() == {"stuck": 2}
         assert len(started) == 2
-        assert "2 earlier calls passed their 0.2 s timeout and are still running" in r.content
+        assert "2 earlier calls passed their 2 s timeout and are still running" in r.content
         assert ex.error_counts == {"timeout": 2, "unavailable": 1}
     finally:
         release.set()

@@ -151,7 +151,8 @@ class EmbeddedEngine:
         self.max_batch_size = max_batch_size
         self.max_model_len = max_model_len
         self.block_size = block_size
-        self.max_step_tokens = max(max_step_tokens or default_step_tokens(self.device), max_batch_size)
+        step_tokens = default_step_tokens(self.device) if max_step_tokens is None else max_step_tokens
+        self.max_step_tokens = max(step_tokens, max_batch_size)
         self.enable_prefix_caching = enable_prefix_caching
         self.async_steps = self.device.type == "cuda" if async_steps is None else async_steps
         self.async_prefill = self.async_steps if async_prefill is None else async_prefill
